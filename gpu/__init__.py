@@ -1,0 +1,1 @@
+"""GPU admission and the cross-process GPU semaphore (see the GPU issue)."""

@@ -1,0 +1,81 @@
+"""The composition root: builds clients, the registry, the worker and the sidecar from Settings."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from pydantic import SecretStr
+from redis.asyncio import Redis
+
+from handlers.tasks import Worker, WorkerConfig
+from ops.embedded import embedded_redis
+from ops.settings import Settings, redact_url
+from ops.sidecar import Sidecar
+from providers.echo import EchoProvider
+from providers.registry import ModelRegistry
+from streams.keys import Keys
+
+log = logging.getLogger(__name__)
+
+
+def build_registry(settings: Settings) -> ModelRegistry:
+    registry = ModelRegistry()
+    registry.register(
+        "echo", EchoProvider(tokens_per_s=settings.echo_tokens_per_s, slots=settings.echo_slots)
+    )
+    return registry
+
+
+def redis_client(url: str) -> Redis:
+    # socket timeout above the longest blocking read; keepalive checks for half-open links
+    return Redis.from_url(
+        url, socket_timeout=15, socket_connect_timeout=5, health_check_interval=15,
+        retry_on_timeout=False, max_connections=64,
+    )  # fmt: skip
+
+
+def build_worker(settings: Settings, client: Redis, registry: ModelRegistry) -> Worker:
+    served = registry.bindings(settings.pools)
+    slots = settings.worker_slots or max((b.concurrency for b in served), default=1)
+    config = WorkerConfig(
+        consumer=settings.consumer_name(), pools=settings.pools, partitions=settings.partitions,
+        slots=slots, block_ms=settings.block_ms, aging_ms=settings.aging_ms,
+        lease_ttl_ms=settings.lease_ttl_ms, reclaim_interval_ms=settings.reclaim_interval_ms,
+        max_attempts=settings.max_attempts, status_ttl_s=settings.status_ttl_s,
+        max_prompt_bytes=settings.max_prompt_bytes, max_metadata_bytes=settings.max_metadata_bytes,
+        shutdown_grace_s=settings.shutdown_grace_s,
+    )  # fmt: skip
+    return Worker(client=client, keys=Keys(settings.namespace), registry=registry, config=config)
+
+
+@contextlib.asynccontextmanager
+async def resolved_redis(settings: Settings, *, allow_embedded: bool) -> AsyncIterator[Settings]:
+    """Settings with a Redis URL: the configured one, or an embedded server's."""
+    if settings.redis_url is not None or not allow_embedded:
+        settings.redis_url_value  # noqa: B018 - raises a clear error when unset
+        yield settings
+        return
+    async with embedded_redis(settings.data_dir) as url:
+        print(f"sop-llm: no SOP_REDIS_URL set; embedded Redis at {url} (data in {settings.data_dir})", flush=True)  # noqa: T201
+        yield settings.model_copy(update={"redis_url": SecretStr(url)})
+
+
+async def serve(settings: Settings, stop: asyncio.Event, *, worker: bool, sidecar: bool, allow_embedded: bool = False) -> None:
+    """Run the worker and/or the sidecar until ``stop`` is set; resources close in reverse order."""
+    async with contextlib.AsyncExitStack() as stack:
+        settings = await stack.enter_async_context(resolved_redis(settings, allow_embedded=allow_embedded))
+        url = settings.redis_url_value
+        log.info("connecting", extra={"redis": redact_url(url), "namespace": settings.namespace})
+        client = redis_client(url)
+        stack.push_async_callback(client.aclose)
+        the_worker = build_worker(settings, client, build_registry(settings)) if worker else None
+        async with asyncio.TaskGroup() as tg:
+            if sidecar:
+                side = Sidecar(client=client, settings=settings, worker=the_worker)
+                await stack.enter_async_context(side.running())
+            if the_worker is not None:
+                tg.create_task(the_worker.run(stop))
+            await stop.wait()

@@ -1,0 +1,110 @@
+"""Settings: the one place that reads the environment (``SOP_`` prefix, ``.env`` file)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from streams.keys import DEFAULT_PARTITIONS
+from streams.producer import ProducerConfig
+
+CommaList = Annotated[tuple[str, ...], NoDecode]
+
+
+def _split(value: object) -> object:
+    if isinstance(value, str):
+        return tuple(p.strip() for p in value.split(",") if p.strip())
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SOP_", env_file=".env", extra="ignore")
+
+    redis_url: SecretStr | None = Field(
+        default=None,
+        description="Redis URL (redis:// or rediss://, may carry a password). Unset: `sop-llm up` "
+        "starts an embedded Redis.",
+    )
+    namespace: str = Field(default="sop", description="Key namespace; its keys share one hash tag.")
+    partitions: CommaList = Field(default=DEFAULT_PARTITIONS, description="Priority partitions, highest first.")
+    pools: CommaList = Field(default=("default",), description="Pools this worker serves.")
+    pool: str = Field(default="default", description="Pool the SDK and CLI submit to.")
+    models_file: Path | None = Field(default=None, description="TOML file of model specs.")
+
+    sidecar_host: str = "127.0.0.1"
+    sidecar_port: int = Field(default=8080, ge=0, le=65535)
+    sidecar_token: SecretStr | None = Field(default=None, description="Bearer token the sidecar requires.")
+
+    echo_tokens_per_s: float = Field(default=0.0, ge=0.0)
+    echo_slots: int = Field(default=64, ge=1)
+    worker_slots: int | None = Field(default=None, ge=1, description="Tasks at a time per worker; default: the largest model concurrency.")
+    worker_name: str | None = Field(default=None, description="Consumer name; default host-pid-random.")
+
+    max_prompt_bytes: int = Field(default=1 << 20, ge=1)
+    max_metadata_bytes: int = Field(default=16 << 10, ge=1)
+    status_ttl_s: int = Field(default=86_400, ge=1, description="Status record / idempotency key lifetime after the terminal state.")
+    max_attempts: int = Field(default=3, ge=1)
+    lease_ttl_ms: int = Field(default=10_000, ge=300)
+    reclaim_interval_ms: int = Field(default=2_000, ge=50)
+    block_ms: int = Field(default=1_000, ge=1)
+    aging_ms: int = Field(default=30_000, ge=0, description="Aging rule threshold; 0 turns aging off.")
+    shutdown_grace_s: float = Field(default=30.0, ge=0.0)
+
+    data_dir: Path = Field(default=Path(".sop-data"), description="Where the embedded Redis keeps its data.")
+    log_format: str = Field(default="json", pattern="^(json|console)$")
+    log_level: str = "INFO"
+    webhook_secrets: SecretStr | None = Field(default=None, description="Signing secrets, comma-separated, newest first (whsec_...).")
+    webhook_allow: CommaList = Field(default=(), description="Hosts or networks the SSRF guard lets through.")
+    webhook_timeout_s: float = Field(default=15.0, gt=0)
+    webhook_schedule_s: CommaList = Field(default=("0", "5", "300", "1800", "7200", "18000", "36000"), description="Delay before each delivery attempt, in seconds.")
+    webhook_concurrency: int = Field(default=32, ge=1)
+    webhook_max_body_bytes: int = Field(default=256 << 10, ge=1024)
+    webhook_thin: bool = Field(default=False, description="Send only ids, not the whole outcome.")
+
+    _split_lists = field_validator("partitions", "pools", "webhook_allow", "webhook_schedule_s", mode="before")(_split)
+
+    @field_validator("partitions", "pools")
+    @classmethod
+    def _not_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("at least one name is required")
+        return value
+
+    @property
+    def redis_url_value(self) -> str:
+        if self.redis_url is None:
+            raise ValueError("SOP_REDIS_URL is not set")
+        return self.redis_url.get_secret_value()
+
+    def consumer_name(self) -> str:
+        return self.worker_name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+    def producer_config(self) -> ProducerConfig:
+        return ProducerConfig(
+            redis_url=self.redis_url_value,
+            namespace=self.namespace,
+            pool=self.pool,
+            partitions=self.partitions,
+            default_priority=self.partitions[len(self.partitions) // 2],
+            max_prompt_bytes=self.max_prompt_bytes,
+            max_metadata_bytes=self.max_metadata_bytes,
+        )
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***``, for logs and messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc = f"{netloc}:{parts.port}"
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))

@@ -1,0 +1,142 @@
+"""The aiohttp sidecar: task status, queue figures and health."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from redis.asyncio import Redis
+
+from ops.settings import Settings
+from schemas.task import TASK_ID_PATTERN
+from streams.entries import text
+from streams.keys import TASK_GROUP, Keys
+from streams.status import read_status
+
+if TYPE_CHECKING:
+    from handlers.tasks import Worker
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_OPEN_PATHS = frozenset({"/health/live"})
+_TASK_ID_RE = re.compile(TASK_ID_PATTERN)
+
+
+def _json_error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": code, "message": message}, status=status)
+
+
+class Sidecar:
+    def __init__(self, *, client: Redis, settings: Settings, worker: Worker | None = None) -> None:
+        self._client = client
+        self._settings = settings
+        self._keys = Keys(settings.namespace)
+        self._worker = worker
+        self._token = settings.sidecar_token.get_secret_value().encode() if settings.sidecar_token else None
+        self.port: int | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._auth], client_max_size=64 << 10)
+        app.router.add_get("/v1/tasks/{task_id}", self.task)
+        app.router.add_get("/v1/queue", self.queue)
+        app.router.add_get("/health/live", self.live)
+        app.router.add_get("/health/ready", self.ready)
+        return app
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self._token is not None and request.path not in _OPEN_PATHS:
+            given = request.headers.get("Authorization", "")
+            expected = b"Bearer " + self._token
+            if not hmac.compare_digest(given.encode(), expected):
+                return _json_error(401, "unauthorized", "a valid bearer token is required")
+        return await handler(request)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Sidecar]:
+        runner = web.AppRunner(self.app(), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self._settings.sidecar_host, self._settings.sidecar_port)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else self._settings.sidecar_port
+        try:
+            yield self
+        finally:
+            await runner.cleanup()
+
+    async def task(self, request: web.Request) -> web.Response:
+        task_id = request.match_info["task_id"]
+        if not _TASK_ID_RE.match(task_id):
+            return _json_error(400, "invalid_task_id", "task id has an invalid form")
+        record = await read_status(self._client, self._keys, task_id)
+        if record is None:
+            return _json_error(404, "not_found", f"no task {task_id} (never seen, or expired)")
+        return web.json_response(text=record.model_dump_json(exclude_none=True))
+
+    async def queue(self, request: web.Request) -> web.Response:
+        return web.json_response({"partitions": await queue_figures(self._client, self._keys, self._settings)})
+
+    async def live(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "live"})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        problems = []
+        try:
+            await self._client.ping()
+            streams = [self._keys.tasks(p, q) for q in self._settings.partitions for p in self._settings.pools]
+            pipe = self._client.pipeline(transaction=False)
+            for s in streams:
+                pipe.xinfo_groups(s)
+            for s, groups in zip(streams, await pipe.execute(raise_on_error=False), strict=True):
+                if isinstance(groups, Exception) or not any(text(g["name"]) == TASK_GROUP for g in groups):
+                    problems.append(f"consumer group missing on {s}")
+        except (OSError, ConnectionError, TimeoutError) as exc:
+            problems.append(f"redis unreachable: {type(exc).__name__}")
+        except Exception as exc:  # a RedisError of any kind means "not ready", never a 500
+            problems.append(f"redis error: {type(exc).__name__}")
+        if self._worker is not None and not self._worker.ready:
+            problems.append("worker not started")
+        if problems:
+            return web.json_response({"status": "not_ready", "problems": problems}, status=503)
+        return web.json_response({"status": "ready"})
+
+
+async def queue_figures(client: Redis, keys: Keys, settings: Settings) -> list[dict[str, Any]]:
+    """Depth, lag, pending and oldest-pending age per partition (XINFO GROUPS + XPENDING)."""
+    rows = [(pool, part, keys.tasks(pool, part)) for part in settings.partitions for pool in settings.pools]
+    pipe = client.pipeline(transaction=False)
+    for _, _, s in rows:
+        pipe.xlen(s)
+        pipe.xinfo_groups(s)
+        pipe.xpending(s, TASK_GROUP)
+    replies = await pipe.execute(raise_on_error=False)
+    now = int(time.time() * 1000)
+    out = []
+    for i, (pool, part, stream) in enumerate(rows):
+        length, groups, pending = replies[3 * i : 3 * i + 3]
+        group = None
+        if not isinstance(groups, Exception):
+            group = next((g for g in groups if text(g["name"]) == TASK_GROUP), None)
+        row: dict[str, Any] = {
+            "stream": stream, "pool": pool, "partition": part,
+            "length": 0 if isinstance(length, Exception) else int(length),
+            "group": group is not None, "pending": 0, "lag": None,
+            "oldest_pending_age_ms": None, "consumers": 0,
+        }  # fmt: skip
+        if group is not None:
+            row["consumers"] = int(group["consumers"])
+            lag = group.get("lag")
+            row["lag"] = int(lag) if lag is not None else None
+            row["last_delivered_id"] = text(group["last-delivered-id"])
+        if not isinstance(pending, Exception) and pending and pending.get("pending"):
+            row["pending"] = int(pending["pending"])
+            oldest = text(pending["min"])
+            row["oldest_pending_age_ms"] = max(0, now - int(oldest.split("-", 1)[0]))
+        out.append(row)
+    return out

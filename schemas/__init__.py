@@ -1,0 +1,60 @@
+"""Wire models of sop-llm: task events, results, status records, webhook jobs, dead letters."""
+
+from schemas.errors import (
+    DuplicateTaskIdError,
+    ErrorCode,
+    IdempotencyConflictError,
+    InvalidTaskError,
+    ModelNotFoundError,
+    SopError,
+    WaitTimeoutError,
+)
+from schemas.result import (
+    TERMINAL_STATES,
+    DeadLetter,
+    ErrorInfo,
+    FinishReason,
+    StatusRecord,
+    TaskResult,
+    TaskState,
+    Usage,
+    WebhookJob,
+)
+from schemas.task import (
+    ChatMessage,
+    JsonSchemaSpec,
+    ResponseFormat,
+    TaskEvent,
+    TaskId,
+    describe_validation_error,
+    parse_task_event,
+)
+from schemas.wire import WIRE_VERSION, EventType
+
+__all__ = [
+    "TERMINAL_STATES",
+    "WIRE_VERSION",
+    "ChatMessage",
+    "DeadLetter",
+    "DuplicateTaskIdError",
+    "ErrorCode",
+    "ErrorInfo",
+    "IdempotencyConflictError",
+    "InvalidTaskError",
+    "EventType",
+    "FinishReason",
+    "JsonSchemaSpec",
+    "ModelNotFoundError",
+    "ResponseFormat",
+    "SopError",
+    "StatusRecord",
+    "TaskEvent",
+    "TaskId",
+    "TaskResult",
+    "TaskState",
+    "Usage",
+    "WaitTimeoutError",
+    "WebhookJob",
+    "describe_validation_error",
+    "parse_task_event",
+]

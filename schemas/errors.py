@@ -1,0 +1,74 @@
+"""Error codes carried by failed results, and the root of sop-llm's exception tree."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    """Why a task ended ``failed`` (or was refused at intake).
+
+    The codes are part of the wire format: producers in any language branch on them.
+    """
+
+    # input problems: the task can never succeed as written
+    INVALID_EVENT = "invalid_event"
+    MODEL_NOT_FOUND = "model_not_found"
+    IDEMPOTENCY_CONFLICT = "idempotency_conflict"
+    DUPLICATE_TASK_ID = "duplicate_task_id"
+    # execution problems
+    MAX_ATTEMPTS = "max_attempts"
+    RATE_LIMITED = "rate_limited"
+    OVERLOADED = "overloaded"
+    TIMEOUT = "timeout"
+    AUTH = "auth"
+    BAD_REQUEST = "bad_request"
+    CONTEXT_LENGTH = "context_length"
+    CONTENT_FILTER = "content_filter"
+    SCHEMA_INVALID = "schema_invalid"
+    INTERNAL = "internal"
+
+
+class SopError(Exception):
+    """Root of every exception sop-llm raises on purpose. ``code`` is the wire error code."""
+
+    code: ErrorCode = ErrorCode.INTERNAL
+
+    def __init__(self, message: str, *, code: ErrorCode | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class InvalidTaskError(SopError, ValueError):
+    """The task event is malformed: bad JSON, a schema violation, an unknown partition..."""
+
+    code = ErrorCode.INVALID_EVENT
+
+
+class ModelNotFoundError(SopError, LookupError):
+    code = ErrorCode.MODEL_NOT_FOUND
+
+
+class IdempotencyConflictError(SopError):
+    """The idempotency key is already bound to a task with a different payload."""
+
+    code = ErrorCode.IDEMPOTENCY_CONFLICT
+
+    def __init__(self, message: str, *, task_id: str) -> None:
+        super().__init__(message)
+        self.task_id = task_id
+
+
+class DuplicateTaskIdError(SopError):
+    code = ErrorCode.DUPLICATE_TASK_ID
+
+
+class WaitTimeoutError(SopError, TimeoutError):
+    """A task did not reach a terminal state within the time asked for."""
+
+    code = ErrorCode.TIMEOUT

@@ -1,0 +1,112 @@
+"""Terminal outcomes, status records, webhook jobs and dead letters."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
+
+from schemas.errors import ErrorCode
+
+
+class TaskState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset(
+    {TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED, TaskState.EXPIRED}
+)
+
+FinishReason = Literal["stop", "length", "cancelled", "deadline", "error"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Usage(_Strict):
+    input_tokens: Annotated[int, Field(ge=0)] = 0
+    output_tokens: Annotated[int, Field(ge=0)] = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+class ErrorInfo(_Strict):
+    code: ErrorCode
+    message: str
+
+
+class TaskResult(_Strict):
+    """The one terminal entry a task gets on ``{ns}:results``."""
+
+    v: Literal[1] = 1
+    task_id: str
+    state: TaskState
+    model: str | None = None
+    text: str | None = None
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    queued_ms: Annotated[int, Field(ge=0)] = 0
+    run_ms: Annotated[int, Field(ge=0)] = 0
+    worker: str | None = None
+    attempts: Annotated[int, Field(ge=0)] = 0
+    error: ErrorInfo | None = None
+    metadata: dict[str, JsonValue] | None = None
+    finished_at: int = Field(description="milliseconds since the epoch")
+
+
+class StatusRecord(_Strict):
+    """The status hash ``{ns}:task:<id>``, decoded."""
+
+    task_id: str
+    state: TaskState
+    model: str | None = None
+    stream: str | None = None
+    entry_id: str | None = None
+    created_at: int | None = None
+    started_at: int | None = None
+    finished_at: int | None = None
+    attempts: int = 0
+    worker: str | None = None
+    duplicate_of: str | None = None
+    result: TaskResult | None = None
+
+
+class WebhookJob(_Strict):
+    """An entry on ``{ns}:webhooks``: one delivery of one outcome to one URL."""
+
+    v: Literal[1] = 1
+    delivery_id: str
+    task_id: str
+    url: str
+    event: str
+    payload: TaskResult
+    created_at: int
+
+
+class DeadLetter(_Strict):
+    """An entry on ``{ns}:dead``: a task event that could not be run, with its provenance."""
+
+    v: Literal[1] = 1
+    source_stream: str
+    entry_id: str
+    task_id: str | None = None
+    reason: ErrorCode
+    message: str
+    attempts: int = 0
+    fields: dict[str, str] = Field(
+        description="the raw entry; values that are not UTF-8 are given as 'base64:' + data"
+    )
+    dead_at: int

@@ -1,0 +1,64 @@
+"""Stream entries as read from Redis (raw bytes, decoded lazily)."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Any
+
+from schemas.wire import FIELD_DATA, FIELD_TRACEPARENT, FIELD_TYPE
+
+
+def text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One stream entry. Field values stay bytes: producers may send anything."""
+
+    stream: str
+    entry_id: str
+    fields: dict[str, bytes]
+
+    @classmethod
+    def from_reply(cls, stream: str, entry_id: bytes | str, raw: Any) -> Entry:
+        fields: dict[str, bytes] = {}
+        if raw:
+            items = raw.items() if isinstance(raw, dict) else zip(raw[::2], raw[1::2], strict=True)
+            for k, v in items:
+                key = k.decode("utf-8", "replace") if isinstance(k, bytes) else str(k)
+                fields[key] = v if isinstance(v, bytes) else str(v).encode()
+        return cls(stream=stream, entry_id=text(entry_id), fields=fields)
+
+    @property
+    def type(self) -> str | None:
+        raw = self.fields.get(FIELD_TYPE)
+        return raw.decode("utf-8", "replace") if raw is not None else None
+
+    @property
+    def data(self) -> bytes | None:
+        return self.fields.get(FIELD_DATA)
+
+    @property
+    def traceparent(self) -> str:
+        raw = self.fields.get(FIELD_TRACEPARENT)
+        return raw.decode("ascii", "replace")[:128] if raw else ""
+
+    @property
+    def timestamp_ms(self) -> int:
+        """When Redis accepted the entry (the time part of its id)."""
+        return int(self.entry_id.split("-", 1)[0])
+
+    def printable_fields(self, limit: int = 64 << 10) -> dict[str, str]:
+        """The raw fields for a dead letter: UTF-8 kept, anything else base64, long values cut."""
+        out: dict[str, str] = {}
+        for key, value in self.fields.items():
+            try:
+                shown = value.decode()
+            except UnicodeDecodeError:
+                shown = "base64:" + base64.b64encode(value).decode()
+            if len(shown) > limit:
+                shown = shown[:limit] + f"...[{len(value)} bytes in all]"
+            out[key] = shown
+        return out

@@ -1,0 +1,117 @@
+"""Every Redis name sop-llm uses, built in one place.
+
+All keys of a namespace share the hash tag ``{<namespace>}`` so the multi-key Lua scripts stay
+legal on Redis Cluster; a second namespace is a full, isolated copy.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final
+
+TASK_GROUP: Final = "workers"
+WEBHOOK_GROUP: Final = "webhook-senders"
+
+DEFAULT_NAMESPACE: Final = "sop"
+DEFAULT_POOL: Final = "default"
+DEFAULT_PARTITIONS: Final = ("high", "normal", "low")
+
+# status-hash fields
+F_STATE: Final = "state"
+F_TASK_ID: Final = "task_id"
+F_MODEL: Final = "model"
+F_STREAM: Final = "stream"
+F_ENTRY_ID: Final = "entry_id"
+F_CREATED_AT: Final = "created_at"
+F_STARTED_AT: Final = "started_at"
+F_FINISHED_AT: Final = "finished_at"
+F_ATTEMPTS: Final = "attempts"
+F_WORKER: Final = "worker"
+F_RESULT: Final = "result"
+F_DUPLICATE_OF: Final = "duplicate_of"
+
+_NAMESPACE_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key builder for one namespace."""
+
+    namespace: str = DEFAULT_NAMESPACE
+
+    def __post_init__(self) -> None:
+        if not _NAMESPACE_RE.match(self.namespace):
+            raise ValueError(f"invalid namespace {self.namespace!r}")
+
+    @property
+    def prefix(self) -> str:
+        return "{" + self.namespace + "}"
+
+    def tasks(self, pool: str, partition: str) -> str:
+        return f"{self.prefix}:tasks:{pool}:{partition}"
+
+    @property
+    def results(self) -> str:
+        return f"{self.prefix}:results"
+
+    def results_for(self, reply_to: str) -> str:
+        return f"{self.prefix}:results:{reply_to}"
+
+    @property
+    def webhooks(self) -> str:
+        return f"{self.prefix}:webhooks"
+
+    @property
+    def webhooks_delayed(self) -> str:
+        return f"{self.prefix}:webhooks:delayed"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.prefix}:dead"
+
+    @property
+    def webhooks_dead(self) -> str:
+        return f"{self.prefix}:webhooks:dead"
+
+    def task(self, task_id: str) -> str:
+        return f"{self.prefix}:task:{task_id}"
+
+    def task_tokens(self, task_id: str) -> str:
+        return f"{self.prefix}:task:{task_id}:tokens"
+
+    def idem(self, key: str) -> str:
+        return f"{self.prefix}:idem:{key}"
+
+    @property
+    def models(self) -> str:
+        return f"{self.prefix}:models"
+
+    def gpu(self, host: str, index: int) -> str:
+        return f"{self.prefix}:gpu:{host}:{index}"
+
+    def worker(self, consumer: str) -> str:
+        return f"{self.prefix}:worker:{consumer}"
+
+    @property
+    def worker_pattern(self) -> str:
+        return f"{self.prefix}:worker:*"
+
+    @property
+    def all_pattern(self) -> str:
+        """SCAN pattern matching every key of the namespace."""
+        return self.prefix.replace("{", "\\{").replace("}", "\\}") + ":*"
+
+    def derived_task_id(self, pool: str, partition: str, entry_id: str) -> str:
+        """The documented id of a task published without ``task_id``: ``<pool>.<partition>.<entry id>``."""
+        return f"{pool}.{partition}.{entry_id}"
+
+    def parse_tasks_stream(self, stream: str) -> tuple[str, str]:
+        """``(pool, partition)`` of a task-partition stream name. Raises ``ValueError``."""
+        head = f"{self.prefix}:tasks:"
+        if not stream.startswith(head):
+            raise ValueError(f"{stream!r} is not a task stream of namespace {self.namespace!r}")
+        pool, _, partition = stream[len(head):].partition(":")
+        if not pool or not partition:
+            raise ValueError(f"{stream!r} is not a task stream of namespace {self.namespace!r}")
+        return pool, partition

@@ -1,0 +1,139 @@
+"""Worker leases and reclaiming.
+
+Each worker keeps ``{ns}:worker:<consumer>`` alive with a TTL (renewed by a background loop,
+so a long generation keeps it alive). Entries pending for a consumer whose lease has expired
+are claimed by a live worker: an entry is never taken merely because it is idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Sequence
+
+from redis.asyncio import Redis
+
+from streams.entries import Entry, text
+from streams.keys import TASK_GROUP, Keys
+from streams.topology import Backoff
+
+log = logging.getLogger(__name__)
+
+# an entry just claimed by another live reclaimer has an idle time below this, so two
+# reclaimers racing for the same dead worker's entry cannot both take it
+_CLAIM_MIN_IDLE_MS = 200
+
+
+class Lease:
+    def __init__(self, *, client: Redis, keys: Keys, consumer: str, ttl_ms: int, info: dict[str, str]) -> None:
+        self._client = client
+        self._key = keys.worker(consumer)
+        self._ttl_ms = ttl_ms
+        self._info = json.dumps(info)
+
+    async def renew(self) -> None:
+        await self._client.set(self._key, self._info, px=self._ttl_ms)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Renew every third of the TTL until ``stop`` is set; connection trouble is retried."""
+        backoff = Backoff(base=0.1, cap=self._ttl_ms / 3000)
+        while not stop.is_set():
+            try:
+                async with asyncio.timeout(self._ttl_ms / 3000):
+                    await self.renew()
+                backoff.reset()
+                delay = self._ttl_ms / 3000
+            except (OSError, TimeoutError, ConnectionError) as exc:
+                if backoff.failures == 0:
+                    log.warning("lease renewal failed", extra={"error": repr(exc)})
+                delay = backoff.next_delay()
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+            except TimeoutError:
+                pass
+
+    async def release(self) -> None:
+        await self._client.delete(self._key)
+
+
+class Reclaimer:
+    def __init__(
+        self,
+        *,
+        client: Redis,
+        keys: Keys,
+        streams: Sequence[str],
+        consumer: str,
+        group: str = TASK_GROUP,
+    ) -> None:
+        self._client = client
+        self._keys = keys
+        self._streams = list(streams)
+        self._consumer = consumer
+        self._group = group
+
+    async def reclaim(self, free: int) -> list[Entry]:
+        """Claim up to ``free`` entries pending for consumers whose lease has expired, highest
+        partition first. Consumers with an expired lease and nothing pending are removed."""
+        claimed: list[Entry] = []
+        for stream in self._streams:
+            if free - len(claimed) <= 0:
+                break
+            try:
+                consumers = await self._client.xinfo_consumers(stream, self._group)
+            except Exception as exc:  # a stream or group that does not exist (yet)
+                if "NOGROUP" in str(exc) or "no such key" in str(exc).lower():
+                    continue
+                raise
+            others = [
+                (text(c["name"]), int(c["pending"]))
+                for c in consumers
+                if text(c["name"]) != self._consumer
+            ]
+            if not others:
+                continue
+            pipe = self._client.pipeline(transaction=False)
+            for name, _ in others:
+                pipe.exists(self._keys.worker(name))
+            alive = await pipe.execute()
+            for (name, pending), is_alive in zip(others, alive, strict=True):
+                if is_alive:
+                    continue
+                if pending == 0:
+                    await self._client.xgroup_delconsumer(stream, self._group, name)
+                    continue
+                claimed.extend(await self._claim_from(stream, name, free - len(claimed)))
+                if free - len(claimed) <= 0:
+                    break
+        return claimed
+
+    async def _claim_from(self, stream: str, owner: str, count: int) -> list[Entry]:
+        rows = await self._client.xpending_range(
+            stream, self._group, min="-", max="+", count=count, consumername=owner
+        )
+        ids = [text(r["message_id"]) for r in rows]
+        if not ids:
+            return []
+        reply = await self._client.xclaim(
+            stream, self._group, self._consumer, _CLAIM_MIN_IDLE_MS, ids
+        )
+        entries = []
+        deleted = []
+        for item in reply or []:
+            if item is None:
+                continue
+            eid, fields = item
+            if fields is None:
+                # trimmed or deleted while pending (Redis 6.2 reports it; 7.x drops it itself)
+                deleted.append(text(eid))
+                continue
+            entries.append(Entry.from_reply(stream, eid, fields))
+        if deleted:
+            await self._client.xack(stream, self._group, *deleted)
+        if entries:
+            log.warning(
+                "reclaimed entries of an expired worker",
+                extra={"stream": stream, "owner": owner, "count": len(entries)},
+            )
+        return entries

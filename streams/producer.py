@@ -1,0 +1,214 @@
+"""The Python producer SDK: a convenience over the wire format, not a requirement.
+
+    async with Producer(settings) as p:
+        task_id = await p.submit("echo", "hello world", priority="high")
+        result = await p.wait(task_id, timeout=30)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Self
+
+from pydantic import ValidationError
+from redis.asyncio import Redis
+
+from schemas.errors import DuplicateTaskIdError, IdempotencyConflictError, InvalidTaskError, WaitTimeoutError
+from schemas.result import StatusRecord, TaskResult
+from schemas.task import (
+    CTX_MAX_METADATA_BYTES,
+    CTX_MAX_PROMPT_BYTES,
+    DEFAULT_MAX_METADATA_BYTES,
+    DEFAULT_MAX_PROMPT_BYTES,
+    TaskEvent,
+    TaskId,
+    describe_validation_error,
+)
+from schemas.wire import FIELD_DATA, EventType
+from streams.entries import text
+from streams.keys import DEFAULT_PARTITIONS, DEFAULT_POOL, Keys
+from streams.scripts import SUBMIT_SCRIPT
+from streams.status import read_status
+
+
+@dataclass(frozen=True, slots=True)
+class ProducerConfig:
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    namespace: str = "sop"
+    pool: str = DEFAULT_POOL
+    partitions: Sequence[str] = DEFAULT_PARTITIONS
+    default_priority: str = "normal"
+    max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES
+    max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES
+    socket_timeout_s: float = 30.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class HasProducerConfig(Protocol):
+    def producer_config(self) -> ProducerConfig: ...
+
+
+class Producer:
+    """Submits tasks and reads their outcomes. Use as an async context manager."""
+
+    def __init__(
+        self,
+        config: ProducerConfig | HasProducerConfig | None = None,
+        *,
+        client: Redis | None = None,
+    ) -> None:
+        if config is None:
+            config = ProducerConfig()
+        elif not isinstance(config, ProducerConfig):
+            config = config.producer_config()
+        self._config = config
+        self.keys = Keys(config.namespace)
+        self._own_client = client is None
+        self._client = client or Redis.from_url(
+            config.redis_url,
+            socket_timeout=config.socket_timeout_s,
+            socket_connect_timeout=10,
+            health_check_interval=30,
+        )
+
+    @property
+    def client(self) -> Redis:
+        return self._client
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._own_client:
+            await self._client.aclose()
+
+    def build(self, model: str, prompt: str | None = None, **fields: Any) -> TaskEvent:
+        """Validate a task as :meth:`submit` would. Raises :class:`InvalidTaskError`."""
+        try:
+            return TaskEvent.model_validate(
+                {"model": model, "prompt": prompt, **fields},
+                context={
+                    CTX_MAX_PROMPT_BYTES: self._config.max_prompt_bytes,
+                    CTX_MAX_METADATA_BYTES: self._config.max_metadata_bytes,
+                },
+            )
+        except ValidationError as exc:
+            raise InvalidTaskError(describe_validation_error(exc)) from exc
+
+    async def submit(self, model: str | TaskEvent, prompt: str | None = None, **fields: Any) -> TaskId:
+        """Publish a task and return its id.
+
+        ``fields`` are any :class:`~schemas.task.TaskEvent` fields (``messages``, ``priority``,
+        ``temperature``, ``idempotency_key``...). With an ``idempotency_key``, a second submission
+        of the same payload returns the first task's id and runs nothing.
+
+        Raises :class:`InvalidTaskError` (bad field, unknown partition),
+        :class:`IdempotencyConflictError` (key bound to another payload) and
+        :class:`DuplicateTaskIdError` (``task_id`` already in use).
+        """
+        event = model if isinstance(model, TaskEvent) else self.build(model, prompt, **fields)
+        priority = event.priority or self._config.default_priority
+        if priority not in self._config.partitions:
+            raise InvalidTaskError(
+                f"priority: {priority!r} is not a partition (have {', '.join(self._config.partitions)})"
+            )
+        task_id = event.task_id or f"t-{uuid.uuid4().hex}"
+        if event.task_id is None:
+            event = event.model_copy(update={"task_id": task_id})
+        stream = self.keys.tasks(event.pool or self._config.pool, priority)
+        keys = [stream, self.keys.task(task_id)]
+        if event.idempotency_key is not None:
+            keys.append(self.keys.idem(event.idempotency_key))
+        reply = await SUBMIT_SCRIPT(
+            self._client,
+            keys,
+            [
+                task_id,
+                event.payload_hash(),
+                EventType.TASK_SUBMITTED.value,
+                event.to_wire(),
+                event.model,
+                int(time.time() * 1000),
+                "",
+            ],
+        )
+        verdict, owner = text(reply[0]), text(reply[1])
+        if verdict == "conflict":
+            raise IdempotencyConflictError(
+                f"idempotency_key {event.idempotency_key!r} is bound to task {owner} "
+                "with a different payload",
+                task_id=owner,
+            )
+        if verdict == "exists":
+            raise DuplicateTaskIdError(f"task_id {owner!r} is already in use")
+        return TaskId(owner)
+
+    async def status(self, task_id: str) -> StatusRecord | None:
+        return await read_status(self._client, self.keys, task_id)
+
+    async def wait(self, task_id: str, *, timeout: float) -> TaskResult:
+        """The terminal result of ``task_id``. Raises :class:`WaitTimeoutError` after ``timeout`` s.
+
+        Watches the shared ``results`` stream; services that wait on many tasks read their own
+        ``reply_to`` stream with :meth:`results` instead."""
+        deadline = time.monotonic() + timeout
+        newest = await self._client.xrevrange(self.keys.results, count=1)
+        last = text(newest[0][0]) if newest else "0-0"
+        record = await self.status(task_id)
+        if record is not None and record.result is not None:
+            return record.result
+        needle = json.dumps(task_id).encode()
+        while (left := deadline - time.monotonic()) > 0:
+            reply = await self._client.xread(
+                {self.keys.results: last}, count=500, block=max(1, int(min(left, 5.0) * 1000))
+            )
+            for _, messages in reply or []:
+                for eid, fields in messages:
+                    last = text(eid)
+                    data = fields.get(FIELD_DATA.encode(), b"")
+                    if needle in data:
+                        result = TaskResult.model_validate_json(data)
+                        if result.task_id == task_id:
+                            return result
+        raise WaitTimeoutError(f"task {task_id} did not finish within {timeout} s")
+
+    async def results(
+        self,
+        *,
+        reply_to: str | None = None,
+        group: str | None = None,
+        consumer: str = "sdk",
+        start: str = "$",
+        block_ms: int = 5000,
+    ) -> AsyncIterator[TaskResult]:
+        """Results as they arrive, forever. With ``group``, read through that consumer group
+        (created on first use, from the start of the stream) and acknowledge each result after
+        the loop body has taken it: at least once."""
+        stream = self.keys.results_for(reply_to) if reply_to else self.keys.results
+        if group is not None:
+            try:
+                await self._client.xgroup_create(stream, group, id="0", mkstream=True)
+            except Exception as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+        last = start
+        while True:
+            if group is None:
+                reply = await self._client.xread({stream: last}, count=100, block=block_ms)
+            else:
+                reply = await self._client.xreadgroup(
+                    group, consumer, {stream: ">"}, count=100, block=block_ms
+                )
+            for _, messages in reply or []:
+                for eid, fields in messages:
+                    last = text(eid)
+                    yield TaskResult.model_validate_json(fields[FIELD_DATA.encode()])
+                    if group is not None:
+                        await self._client.xack(stream, group, eid)

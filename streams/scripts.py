@@ -1,0 +1,247 @@
+"""The Lua scripts that make intake, start and the terminal write atomic.
+
+Every key a script touches is passed in ``KEYS`` (all share the namespace hash tag), so the
+scripts are legal on Redis Cluster. They run on Redis 6.2 and later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any, Final
+
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
+
+EncodableT = str | bytes | int | float
+
+_TERMINAL_LUA: Final = """
+local function terminal(s)
+  return s == 'completed' or s == 'failed' or s == 'cancelled' or s == 'expired'
+end
+"""
+
+# Intake through the SDK: idempotency check, status record and XADD in one step.
+# KEYS: stream, status[, idem]
+# ARGV: task_id, payload_hash, type, data, model, now_ms, traceparent ('' = none)
+SUBMIT: Final = """
+if #KEYS >= 3 then
+  local cur = redis.call('GET', KEYS[3])
+  if cur then
+    local sep = string.find(cur, ' ', 1, true)
+    local h, tid = string.sub(cur, 1, sep - 1), string.sub(cur, sep + 1)
+    if h == ARGV[2] then return {'duplicate', tid} end
+    return {'conflict', tid}
+  end
+end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {'exists', ARGV[1]} end
+local id
+if ARGV[7] ~= '' then
+  id = redis.call('XADD', KEYS[1], '*', 'type', ARGV[3], 'data', ARGV[4], 'traceparent', ARGV[7])
+else
+  id = redis.call('XADD', KEYS[1], '*', 'type', ARGV[3], 'data', ARGV[4])
+end
+redis.call('HSET', KEYS[2], 'state', 'queued', 'task_id', ARGV[1], 'model', ARGV[5],
+  'stream', KEYS[1], 'entry_id', id, 'created_at', ARGV[6], 'attempts', 0)
+if #KEYS >= 3 then
+  -- no TTL yet: like the status record, the key's lifetime starts at the terminal state
+  redis.call('SET', KEYS[3], ARGV[2] .. ' ' .. ARGV[1])
+end
+return {'new', ARGV[1], id}
+"""
+
+# A worker is about to run an entry.
+# KEYS: status, source stream[, idem]
+# ARGV: group, entry_id, task_id, worker, now_ms, max_attempts, model, payload_hash,
+#       created_ms, ttl_s
+# Returns {'run', attempts} | {'done', state} | {'duplicate', task_id}
+#       | {'conflict', task_id} | {'exhausted', attempts}
+BEGIN: Final = _TERMINAL_LUA + """
+local st = redis.call('HGET', KEYS[1], 'state')
+if terminal(st) then
+  redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
+  return {'done', st}
+end
+local eid = redis.call('HGET', KEYS[1], 'entry_id')
+if st and eid and eid ~= ARGV[2] and redis.call('HEXISTS', KEYS[1], 'duplicate_of') == 0 then
+  -- a second entry carrying the same task id: the first one owns the task
+  redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
+  return {'duplicate', ARGV[3]}
+end
+if #KEYS >= 3 then
+  local cur = redis.call('GET', KEYS[3])
+  if cur then
+    local sep = string.find(cur, ' ', 1, true)
+    local h, tid = string.sub(cur, 1, sep - 1), string.sub(cur, sep + 1)
+    if tid ~= ARGV[3] then
+      if h ~= ARGV[8] then return {'conflict', tid} end
+      -- same key, same payload, published again by plain XADD: point at the first task
+      redis.call('HSET', KEYS[1], 'task_id', ARGV[3], 'duplicate_of', tid, 'entry_id', ARGV[2])
+      redis.call('EXPIRE', KEYS[1], ARGV[10])
+      redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
+      return {'duplicate', tid}
+    end
+  else
+    redis.call('SET', KEYS[3], ARGV[8] .. ' ' .. ARGV[3])
+  end
+end
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('HSET', KEYS[1], 'state', 'running', 'task_id', ARGV[3], 'model', ARGV[7],
+  'stream', KEYS[2], 'entry_id', ARGV[2], 'started_at', ARGV[5], 'worker', ARGV[4])
+redis.call('HSETNX', KEYS[1], 'created_at', ARGV[9])
+if attempts > tonumber(ARGV[6]) then return {'exhausted', attempts} end
+return {'run', attempts}
+"""
+
+# The terminal write: status, results entry (and reply_to copy), webhook job, dead letter and
+# XACK, all or nothing. A task already terminal gets no second result.
+# KEYS: status, results, source stream, webhooks, dead[, reply stream][, idem]
+# ARGV: group, entry_id, state, type, result_json, ttl_s, traceparent, webhook_json,
+#       dead_json, finished_at, has_reply, has_idem, task_id
+# Returns 1 when written, 0 when the task was already terminal.
+FINISH: Final = _TERMINAL_LUA + """
+local st = redis.call('HGET', KEYS[1], 'state')
+local nkey = 6
+local reply, idem
+if ARGV[11] == '1' then reply = KEYS[nkey]; nkey = nkey + 1 end
+if ARGV[12] == '1' then idem = KEYS[nkey] end
+local function tagged(fields)
+  if ARGV[7] ~= '' then
+    table.insert(fields, 'traceparent'); table.insert(fields, ARGV[7])
+  end
+  return fields
+end
+if ARGV[9] ~= '' then
+  redis.call('XADD', KEYS[5], '*', unpack(tagged({'type', 'task.dead', 'data', ARGV[9]})))
+end
+if terminal(st) then
+  redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
+  return 0
+end
+redis.call('HSET', KEYS[1], 'state', ARGV[3], 'result', ARGV[5], 'finished_at', ARGV[10],
+  'task_id', ARGV[13])
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+local fields = tagged({'type', ARGV[4], 'data', ARGV[5]})
+redis.call('XADD', KEYS[2], '*', unpack(fields))
+if reply then redis.call('XADD', reply, '*', unpack(fields)) end
+if ARGV[8] ~= '' then
+  redis.call('XADD', KEYS[4], '*', unpack(tagged({'type', 'webhook.delivery', 'data', ARGV[8]})))
+end
+if idem then redis.call('EXPIRE', idem, ARGV[6]) end
+redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
+return 1
+"""
+
+# Pull-when-ready read: fill `count` slots from the partitions in the order given, taking at
+# most ARGV[4] from the first one when it is > 0 (the aged partition, see dispatch).
+# KEYS: partition streams in read order. ARGV: group, consumer, count, first_limit
+# Returns {{{key index, entries}...}, last ids (only when nothing was found)}
+READ: Final = """
+local left = tonumber(ARGV[3])
+local out = {}
+for i, key in ipairs(KEYS) do
+  if left <= 0 then break end
+  local n = left
+  if i == 1 and tonumber(ARGV[4]) > 0 and tonumber(ARGV[4]) < n then n = tonumber(ARGV[4]) end
+  local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', n, 'STREAMS', key, '>')
+  if r then
+    local entries = r[1][2]
+    table.insert(out, {i, entries})
+    left = left - #entries
+  end
+end
+if #out > 0 then return {out, {}} end
+-- nothing waiting: the newest id of each stream, so the caller can block for what comes next
+local last = {}
+for _, key in ipairs(KEYS) do
+  local r = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+  if #r > 0 then table.insert(last, r[1][1]) else table.insert(last, '0-0') end
+end
+return {out, last}
+"""
+
+# Server time (ms), then the id of the next undelivered entry of each partition ('' when
+# none), for the aging rule. KEYS: partition streams. ARGV: group
+HEADS: Final = """
+local t = redis.call('TIME')
+local out = {tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))}
+for i, key in ipairs(KEYS) do
+  local head = ''
+  if redis.call('EXISTS', key) == 1 then
+    local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', key)
+    if ok then
+      for _, g in ipairs(groups) do
+        local name, last
+        for j = 1, #g, 2 do
+          if g[j] == 'name' then name = g[j + 1] end
+          if g[j] == 'last-delivered-id' then last = g[j + 1] end
+        end
+        if name == ARGV[1] then
+          local r = redis.call('XRANGE', key, '(' .. last, '+', 'COUNT', 1)
+          if #r > 0 then head = r[1][1] end
+        end
+      end
+    end
+  end
+  table.insert(out, head)
+end
+return out
+"""
+
+
+class LuaScript:
+    """A script called by SHA, loaded again on demand after a server restart (NOSCRIPT)."""
+
+    __slots__ = ("name", "sha", "source")
+
+    def __init__(self, name: str, source: str) -> None:
+        self.name = name
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    async def __call__(
+        self, client: Redis, keys: Sequence[str], args: Sequence[EncodableT]
+    ) -> Any:
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+        except NoScriptError:
+            await client.script_load(self.source)
+            return await client.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+
+
+ScriptCall = tuple[LuaScript, Sequence[str], Sequence[EncodableT]]
+
+
+async def run_batch(client: Redis, calls: Sequence[ScriptCall]) -> list[Any]:
+    """Run several script calls in one round trip (pipelined, not a transaction).
+
+    Each call stays atomic on its own. Calls refused with NOSCRIPT did not run, so they are
+    loaded and sent again; any other error is returned in place of that call's reply.
+    """
+    replies: list[Any] = [None] * len(calls)
+    todo = list(range(len(calls)))
+    for _ in range(2):
+        pipe = client.pipeline(transaction=False)
+        for i in todo:
+            script, keys, args = calls[i]
+            pipe.evalsha(script.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+        out = await pipe.execute(raise_on_error=False)
+        missing = []
+        for i, reply in zip(todo, out, strict=True):
+            if isinstance(reply, NoScriptError):
+                missing.append(i)
+            else:
+                replies[i] = reply
+        if not missing:
+            return replies
+        for script in {calls[i][0] for i in missing}:
+            await client.script_load(script.source)
+        todo = missing
+    raise NoScriptError("scripts could not be loaded")
+
+
+SUBMIT_SCRIPT: Final = LuaScript("submit", SUBMIT)
+BEGIN_SCRIPT: Final = LuaScript("begin", BEGIN)
+FINISH_SCRIPT: Final = LuaScript("finish", FINISH)
+READ_SCRIPT: Final = LuaScript("read", READ)
+HEADS_SCRIPT: Final = LuaScript("heads", HEADS)
