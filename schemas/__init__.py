@@ -19,6 +19,7 @@ from schemas.result import (
     TaskState,
     Usage,
     WebhookJob,
+    WebhookStatus,
 )
 from schemas.task import (
     ChatMessage,
@@ -55,6 +56,7 @@ __all__ = [
     "Usage",
     "WaitTimeoutError",
     "WebhookJob",
+    "WebhookStatus",
     "describe_validation_error",
     "parse_task_event",
 ]

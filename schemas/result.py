@@ -67,6 +67,15 @@ class TaskResult(_Strict):
     finished_at: int = Field(description="milliseconds since the epoch")
 
 
+class WebhookStatus(_Strict):
+    """The delivery log of a task's webhook, as far as the status record keeps it."""
+
+    state: Literal["pending", "delivered", "failed"]
+    attempts: int = 0
+    last_status_code: int | None = None
+    last_error: str | None = None
+
+
 class StatusRecord(_Strict):
     """The status hash ``{ns}:task:<id>``, decoded."""
 
@@ -82,6 +91,7 @@ class StatusRecord(_Strict):
     worker: str | None = None
     duplicate_of: str | None = None
     result: TaskResult | None = None
+    webhook: WebhookStatus | None = None
 
 
 class WebhookJob(_Strict):

@@ -30,6 +30,11 @@ F_ATTEMPTS: Final = "attempts"
 F_WORKER: Final = "worker"
 F_RESULT: Final = "result"
 F_DUPLICATE_OF: Final = "duplicate_of"
+# webhook delivery log, written by the webhook sender into the task's status hash
+F_WEBHOOK_STATE: Final = "webhook_state"  # pending | delivered | failed
+F_WEBHOOK_ATTEMPTS: Final = "webhook_attempts"
+F_WEBHOOK_LAST_STATUS: Final = "webhook_last_status"  # HTTP status code, or "" when none came back
+F_WEBHOOK_LAST_ERROR: Final = "webhook_last_error"  # error class of the last failed attempt
 
 _NAMESPACE_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}$")
 

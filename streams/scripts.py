@@ -126,6 +126,7 @@ redis.call('XADD', KEYS[2], '*', unpack(fields))
 if reply then redis.call('XADD', reply, '*', unpack(fields)) end
 if ARGV[8] ~= '' then
   redis.call('XADD', KEYS[4], '*', unpack(tagged({'type', 'webhook.delivery', 'data', ARGV[8]})))
+  redis.call('HSET', KEYS[1], 'webhook_state', 'pending', 'webhook_attempts', 0)
 end
 if idem then redis.call('EXPIRE', idem, ARGV[6]) end
 redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])

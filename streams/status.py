@@ -6,7 +6,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from schemas.result import StatusRecord, TaskResult, TaskState
+from schemas.result import StatusRecord, TaskResult, TaskState, WebhookStatus
 from streams import keys as k
 from streams.entries import text
 
@@ -35,6 +35,14 @@ def decode_status(task_id: str, raw: dict[Any, Any]) -> StatusRecord | None:
         worker=f.get(k.F_WORKER),
         duplicate_of=f.get(k.F_DUPLICATE_OF),
         result=TaskResult.model_validate_json(f[k.F_RESULT]) if f.get(k.F_RESULT) else None,
+        webhook=WebhookStatus(
+            state=f[k.F_WEBHOOK_STATE],  # type: ignore[arg-type]
+            attempts=num(k.F_WEBHOOK_ATTEMPTS) or 0,
+            last_status_code=num(k.F_WEBHOOK_LAST_STATUS),
+            last_error=f.get(k.F_WEBHOOK_LAST_ERROR) or None,
+        )
+        if f.get(k.F_WEBHOOK_STATE)
+        else None,
     )
 
 
