@@ -48,6 +48,7 @@ class WorkerConfig:
     slots: int
     block_ms: int = 1000
     aging_ms: int = 30_000
+    aging_check_ms: int = 1_000
     lease_ttl_ms: int = 10_000
     reclaim_interval_ms: int = 2_000
     max_attempts: int = 3
@@ -73,7 +74,7 @@ class Worker:
         self._streams = streams
         self._reader = PriorityReader(
             client=client, streams=streams, consumer=config.consumer,
-            block_ms=config.block_ms, aging_ms=config.aging_ms,
+            block_ms=config.block_ms, aging_ms=config.aging_ms, aging_check_ms=config.aging_check_ms,
         )  # fmt: skip
         self._reclaimer = Reclaimer(client=client, keys=keys, streams=streams, consumer=config.consumer)
         self._lease = Lease(

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ async def embedded_redis(data_dir: Path) -> AsyncIterator[str]:
                     async with asyncio.timeout(1):
                         await client.ping()
                     break
-                except (OSError, ConnectionError, TimeoutError):
+                except (OSError, RedisError, TimeoutError):
                     await asyncio.sleep(0.05)
             else:
                 raise RuntimeError("embedded redis-server did not answer")

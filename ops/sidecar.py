@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from ops.settings import Settings
 from schemas.task import TASK_ID_PATTERN
@@ -96,10 +97,8 @@ class Sidecar:
             for s, groups in zip(streams, await pipe.execute(raise_on_error=False), strict=True):
                 if isinstance(groups, Exception) or not any(text(g["name"]) == TASK_GROUP for g in groups):
                     problems.append(f"consumer group missing on {s}")
-        except (OSError, ConnectionError, TimeoutError) as exc:
+        except (OSError, RedisError, TimeoutError) as exc:
             problems.append(f"redis unreachable: {type(exc).__name__}")
-        except Exception as exc:  # a RedisError of any kind means "not ready", never a 500
-            problems.append(f"redis error: {type(exc).__name__}")
         if self._worker is not None and not self._worker.ready:
             problems.append("worker not started")
         if problems:

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Sequence
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from streams.entries import Entry, text
 from streams.keys import TASK_GROUP, Keys
@@ -44,7 +45,7 @@ class Lease:
                     await self.renew()
                 backoff.reset()
                 delay = self._ttl_ms / 3000
-            except (OSError, TimeoutError, ConnectionError) as exc:
+            except (OSError, TimeoutError, RedisError) as exc:
                 if backoff.failures == 0:
                     log.warning("lease renewal failed", extra={"error": repr(exc)})
                 delay = backoff.next_delay()

@@ -188,9 +188,12 @@ class Producer:
         start: str = "$",
         block_ms: int = 5000,
     ) -> AsyncIterator[TaskResult]:
-        """Results as they arrive, forever. With ``group``, read through that consumer group
-        (created on first use, from the start of the stream) and acknowledge each result after
-        the loop body has taken it: at least once."""
+        """Results as they arrive, forever.
+
+        With ``group``, read through that consumer group (created on first use, from the start of
+        the stream): at least once. A result is acknowledged when the loop asks for the next one;
+        one the loop did not finish with (a ``break``, a crash) stays pending and is delivered
+        again first by the next ``results()`` of the same group and consumer."""
         stream = self.keys.results_for(reply_to) if reply_to else self.keys.results
         if group is not None:
             try:
@@ -199,13 +202,18 @@ class Producer:
                 if "BUSYGROUP" not in str(exc):
                     raise
         last = start
+        backlog = True  # a group consumer first re-reads what it left unacknowledged
         while True:
             if group is None:
                 reply = await self._client.xread({stream: last}, count=100, block=block_ms)
             else:
                 reply = await self._client.xreadgroup(
-                    group, consumer, {stream: ">"}, count=100, block=block_ms
-                )
+                    group, consumer, {stream: "0" if backlog else ">"}, count=100,
+                    block=None if backlog else block_ms,
+                )  # fmt: skip
+                if backlog and not any(messages for _, messages in reply or []):
+                    backlog = False
+                    continue
             for _, messages in reply or []:
                 for eid, fields in messages:
                     last = text(eid)

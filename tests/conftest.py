@@ -124,10 +124,15 @@ def worker_env(redis_url: str, namespace: str, **extra: Any) -> dict[str, str]:
 
 
 def spawn_cli(args: list[str], env: dict[str, str], log: Path | None = None) -> subprocess.Popen[bytes]:
-    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(
-        [sys.executable, "-m", "ops.cli", *args], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
-    )
+    if log is None:
+        return subprocess.Popen(
+            [sys.executable, "-m", "ops.cli", *args], env=env, cwd=ROOT,
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "ops.cli", *args], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+        )
 
 
 async def wait_for(predicate: Any, timeout: float, interval: float = 0.02) -> Any:

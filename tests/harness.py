@@ -1,0 +1,81 @@
+"""Running a real worker in-process against a test's namespace."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from redis.asyncio import Redis
+
+from handlers.tasks import Worker, WorkerConfig
+from providers.echo import EchoProvider
+from providers.registry import ModelRegistry
+from schemas.result import TaskResult
+from streams.keys import Keys
+
+
+def echo_registry(tokens_per_s: float = 0.0, slots: int = 64) -> ModelRegistry:
+    registry = ModelRegistry()
+    registry.register("echo", EchoProvider(tokens_per_s=tokens_per_s, slots=slots))
+    return registry
+
+
+@contextlib.asynccontextmanager
+async def running_worker(
+    client: Redis,
+    keys: Keys,
+    *,
+    slots: int = 8,
+    tokens_per_s: float = 0.0,
+    registry: ModelRegistry | None = None,
+    consumer: str = "w1",
+    **config: Any,
+) -> AsyncIterator[Worker]:
+    settings: dict[str, Any] = {
+        "consumer": consumer, "pools": ("default",), "partitions": ("high", "normal", "low"),
+        "slots": slots, "block_ms": 200, "lease_ttl_ms": 2_000, "reclaim_interval_ms": 200,
+        "aging_ms": 0, "shutdown_grace_s": 5.0,
+    }  # fmt: skip
+    settings.update(config)
+    worker = Worker(
+        client=client, keys=keys, registry=registry or echo_registry(tokens_per_s, slots),
+        config=WorkerConfig(**settings),
+    )  # fmt: skip
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        async with asyncio.timeout(10):
+            while not worker.ready:
+                if task.done():
+                    task.result()
+                await asyncio.sleep(0.01)
+        yield worker
+    finally:
+        stop.set()
+        async with asyncio.timeout(30):
+            await task
+
+
+async def results(client: Redis, keys: Keys) -> list[TaskResult]:
+    """Every entry of the results stream, in order."""
+    out = []
+    for _, fields in await client.xrange(keys.results):
+        out.append(TaskResult.model_validate_json(fields[b"data"]))
+    return out
+
+
+async def wait_results(client: Redis, keys: Keys, count: int, timeout: float = 15.0) -> list[TaskResult]:
+    async with asyncio.timeout(timeout):
+        while await client.xlen(keys.results) < count:
+            await asyncio.sleep(0.02)
+    return await results(client, keys)
+
+
+async def xadd_task(client: Redis, keys: Keys, data: Any, *, partition: str = "normal", type_: str = "task.submitted") -> str:
+    """Publish like a plain-XADD producer in any language would."""
+    raw = data if isinstance(data, (str, bytes)) else json.dumps(data)
+    entry_id = await client.xadd(keys.tasks("default", partition), {"type": type_, "data": raw})
+    return entry_id.decode()

@@ -1,0 +1,86 @@
+"""The atomic terminal write and reclaiming, straight against Redis."""
+
+from __future__ import annotations
+
+import asyncio
+
+from redis.asyncio import Redis
+
+from schemas.result import TaskResult, TaskState, WebhookJob
+from streams.entries import Entry
+from streams.keys import TASK_GROUP, Keys
+from streams.leases import Lease, Reclaimer
+from streams.outcome import Finish, Outcomes, Start
+from streams.topology import ensure_groups
+
+
+async def _one_entry(client: Redis, keys: Keys, consumer: str) -> Entry:
+    stream = keys.tasks("default", "normal")
+    await ensure_groups(client, [stream], TASK_GROUP)
+    await client.xadd(stream, {"type": "task.submitted", "data": '{"model":"echo","prompt":"x"}'})
+    reply = await client.xreadgroup(TASK_GROUP, consumer, {stream: ">"}, count=1)
+    eid, fields = reply[0][1][0]
+    return Entry.from_reply(stream, eid, fields)
+
+
+def _result(task_id: str, worker: str) -> TaskResult:
+    return TaskResult(task_id=task_id, state=TaskState.COMPLETED, text=worker, finished_at=1, worker=worker)
+
+
+async def test_two_racing_attempts_write_one_result(client: Redis, keys: Keys) -> None:
+    entry = await _one_entry(client, keys, "a")
+    a = Outcomes(client=client, keys=keys, worker="a", status_ttl_s=60, max_attempts=3)
+    b = Outcomes(client=client, keys=keys, worker="b", status_ttl_s=60, max_attempts=3)
+    [ra] = await a.begin([Start(entry=entry, task_id="t1", model="echo")], now_ms=1)
+    [rb] = await b.begin([Start(entry=entry, task_id="t1", model="echo")], now_ms=2)
+    assert (ra.verdict, ra.attempts, rb.verdict, rb.attempts) == ("run", 1, "run", 2)
+    job = WebhookJob(delivery_id="d1", task_id="t1", url="https://x.test/h", event="task.completed",
+                     payload=_result("t1", "a"), created_at=1)  # fmt: skip
+    won = await asyncio.gather(
+        a.finish(Finish(entry=entry, result=_result("t1", "a"), webhook=job, reply_to="svc")),
+        b.finish(Finish(entry=entry, result=_result("t1", "b"), webhook=job, reply_to="svc")),
+    )
+    assert sorted(won) == [False, True]
+    assert await client.xlen(keys.results) == 1
+    assert await client.xlen(keys.results_for("svc")) == 1
+    assert await client.xlen(keys.webhooks) == 1
+    assert (await client.xpending(entry.stream, TASK_GROUP))["pending"] == 0
+    # a late third attempt is told the task is done and acks without writing
+    [rc] = await b.begin([Start(entry=entry, task_id="t1", model="echo")], now_ms=3)
+    assert rc.verdict == "done" and rc.other == "completed"
+    assert 0 < await client.ttl(keys.task("t1")) <= 60
+
+
+async def test_attempt_limit_backstop(client: Redis, keys: Keys) -> None:
+    entry = await _one_entry(client, keys, "a")
+    o = Outcomes(client=client, keys=keys, worker="a", status_ttl_s=60, max_attempts=2)
+    verdicts = [(await o.begin([Start(entry=entry, task_id="t2", model="echo")], now_ms=1))[0].verdict for _ in range(3)]
+    assert verdicts == ["run", "run", "exhausted"]
+
+
+async def test_reclaim_only_from_expired_leases(client: Redis, keys: Keys) -> None:
+    entry = await _one_entry(client, keys, "alive")
+    alive = Lease(client=client, keys=keys, consumer="alive", ttl_ms=5_000, info={})
+    await alive.renew()
+    reclaimer = Reclaimer(client=client, keys=keys, streams=[entry.stream], consumer="rescuer")
+    await asyncio.sleep(0.3)  # idle for longer than the claim guard: idleness alone must not matter
+    assert await reclaimer.reclaim(10) == []
+    await alive.release()  # the owner's lease is gone: now it may be claimed
+    [claimed] = await reclaimer.reclaim(10)
+    assert claimed.entry_id == entry.entry_id and claimed.fields == entry.fields
+    assert await reclaimer.reclaim(10) == []  # the next pass prunes the dead, now empty, consumer
+    consumers = {c["name"]: c["pending"] for c in await client.xinfo_consumers(entry.stream, TASK_GROUP)}
+    assert consumers == {b"rescuer": 1}
+
+
+async def test_reclaim_respects_free_slots(client: Redis, keys: Keys) -> None:
+    stream = keys.tasks("default", "normal")
+    await ensure_groups(client, [stream], TASK_GROUP)
+    for _ in range(5):
+        await client.xadd(stream, {"type": "task.submitted", "data": "{}"})
+    await client.xreadgroup(TASK_GROUP, "dead", {stream: ">"}, count=5)
+    await asyncio.sleep(0.25)
+    reclaimer = Reclaimer(client=client, keys=keys, streams=[stream], consumer="r")
+    assert len(await reclaimer.reclaim(2)) == 2
+    pending = await client.xpending(stream, TASK_GROUP)
+    assert {c["name"]: c["pending"] for c in pending["consumers"]} == {b"dead": 3, b"r": 2}
