@@ -63,7 +63,9 @@ class WorkerConfig:
 
 
 class Worker:
-    def __init__(self, *, client: Redis, keys: Keys, registry: ModelRegistry, config: WorkerConfig) -> None:
+    def __init__(
+        self, *, client: Redis, keys: Keys, registry: ModelRegistry, config: WorkerConfig
+    ) -> None:
         if config.slots < 1:
             raise ValueError("a worker needs at least one slot")
         self._client = client
@@ -73,18 +75,30 @@ class Worker:
         streams = config.streams(keys)
         self._streams = streams
         self._reader = PriorityReader(
-            client=client, streams=streams, consumer=config.consumer,
-            block_ms=config.block_ms, aging_ms=config.aging_ms, aging_check_ms=config.aging_check_ms,
-        )  # fmt: skip
-        self._reclaimer = Reclaimer(client=client, keys=keys, streams=streams, consumer=config.consumer)
+            client=client,
+            streams=streams,
+            consumer=config.consumer,
+            block_ms=config.block_ms,
+            aging_ms=config.aging_ms,
+            aging_check_ms=config.aging_check_ms,
+        )
+        self._reclaimer = Reclaimer(
+            client=client, keys=keys, streams=streams, consumer=config.consumer
+        )
         self._lease = Lease(
-            client=client, keys=keys, consumer=config.consumer, ttl_ms=config.lease_ttl_ms,
+            client=client,
+            keys=keys,
+            consumer=config.consumer,
+            ttl_ms=config.lease_ttl_ms,
             info={"pools": ",".join(config.pools), "slots": str(config.slots)},
-        )  # fmt: skip
+        )
         self._outcomes = Outcomes(
-            client=client, keys=keys, worker=config.consumer,
-            status_ttl_s=config.status_ttl_s, max_attempts=config.max_attempts,
-        )  # fmt: skip
+            client=client,
+            keys=keys,
+            worker=config.consumer,
+            status_ttl_s=config.status_ttl_s,
+            max_attempts=config.max_attempts,
+        )
         self._inflight: set[asyncio.Task[None]] = set()
         self._slot_freed = asyncio.Event()
         self._intake = asyncio.Lock()
@@ -138,7 +152,9 @@ class Worker:
                     await ensure_groups(self._client, self._streams, TASK_GROUP)
                     await self._lease.renew()
                 self._ready = True
-                log.info("worker started", extra={"consumer": self.consumer, "slots": self._config.slots})
+                log.info(
+                    "worker started", extra={"consumer": self.consumer, "slots": self._config.slots}
+                )
                 return
             except _REDIS_TROUBLE as exc:
                 if backoff.failures == 0:
@@ -148,11 +164,15 @@ class Worker:
     async def _drain(self) -> None:
         if self._inflight:
             log.info("draining", extra={"inflight": len(self._inflight)})
-            _, pending = await asyncio.wait(set(self._inflight), timeout=self._config.shutdown_grace_s)
+            _, pending = await asyncio.wait(
+                set(self._inflight), timeout=self._config.shutdown_grace_s
+            )
             for task in pending:
                 task.cancel()
             if pending:
-                log.warning("grace period over, leaving tasks pending", extra={"count": len(pending)})
+                log.warning(
+                    "grace period over, leaving tasks pending", extra={"count": len(pending)}
+                )
                 await asyncio.wait(pending)
 
     async def _consume(self, stop: asyncio.Event, tg: asyncio.TaskGroup) -> None:
@@ -208,24 +228,36 @@ class Worker:
         """Begin a read batch in one round trip and start a task per runnable entry."""
         cfg = self._config
         prepared = [
-            prepare(e, keys=self._keys, max_prompt_bytes=cfg.max_prompt_bytes,
-                    max_metadata_bytes=cfg.max_metadata_bytes)
+            prepare(
+                e,
+                keys=self._keys,
+                max_prompt_bytes=cfg.max_prompt_bytes,
+                max_metadata_bytes=cfg.max_metadata_bytes,
+            )
             for e in entries
-        ]  # fmt: skip
+        ]
         valid = [p for p in prepared if p.event is not None]
         starts = [
             Start(
-                entry=p.entry, task_id=p.task_id, model=p.model,
+                entry=p.entry,
+                task_id=p.task_id,
+                model=p.model,
                 payload_hash=p.event.payload_hash() if p.event.idempotency_key is not None else "",
                 idempotency_key=p.event.idempotency_key,
             )
-            for p in valid if p.event is not None
-        ]  # fmt: skip
-        replies = dict(zip((id(p) for p in valid), await self._outcomes.begin(starts, now_ms()), strict=True))
+            for p in valid
+            if p.event is not None
+        ]
+        replies = dict(
+            zip((id(p) for p in valid), await self._outcomes.begin(starts, now_ms()), strict=True)
+        )
         for p in prepared:
             reply = replies.get(id(p), BeginReply("run", attempts=1))
             if reply.verdict in ("done", "duplicate"):
-                log.info("entry skipped", extra={"task_id": p.task_id, "verdict": reply.verdict, "other": reply.other})
+                log.info(
+                    "entry skipped",
+                    extra={"task_id": p.task_id, "verdict": reply.verdict, "other": reply.other},
+                )
                 continue
             task = tg.create_task(self._handle(p, reply))
             self._inflight.add(task)
@@ -242,14 +274,20 @@ class Worker:
             result = self._failed(p, begin.attempts, started, p.error_code, p.error)
         elif begin.verdict == "conflict":
             result = self._failed(
-                p, begin.attempts, started, ErrorCode.IDEMPOTENCY_CONFLICT,
+                p,
+                begin.attempts,
+                started,
+                ErrorCode.IDEMPOTENCY_CONFLICT,
                 f"idempotency_key is bound to task {begin.other} with a different payload",
-            )  # fmt: skip
+            )
         elif begin.verdict == "exhausted":
             result = self._failed(
-                p, begin.attempts, started, ErrorCode.MAX_ATTEMPTS,
+                p,
+                begin.attempts,
+                started,
+                ErrorCode.MAX_ATTEMPTS,
                 f"delivered {begin.attempts} times, over the limit of {self._config.max_attempts}",
-            )  # fmt: skip
+            )
         else:
             result = await self._execute(p, begin.attempts, started)
         await self._write(p, result)
@@ -259,39 +297,65 @@ class Worker:
         assert event is not None
         deadline = p.deadline_ms()
         if deadline is not None and started >= deadline:
-            return self._result(p, attempts, started, TaskState.EXPIRED, finish_reason="deadline", text="")
+            return self._result(
+                p, attempts, started, TaskState.EXPIRED, finish_reason="deadline", text=""
+            )
         parts: list[str] = []
         try:
             binding = self._registry.resolve(event.model)
             request = GenerationRequest(
-                model=event.model, prompt=event.prompt, messages=event.messages,
-                temperature=event.temperature, top_p=event.top_p, max_tokens=event.max_tokens,
-                stop=tuple(event.stop or ()), seed=event.seed, response_format=event.response_format,
-            )  # fmt: skip
+                model=event.model,
+                prompt=event.prompt,
+                messages=event.messages,
+                temperature=event.temperature,
+                top_p=event.top_p,
+                max_tokens=event.max_tokens,
+                stop=tuple(event.stop or ()),
+                seed=event.seed,
+                response_format=event.response_format,
+            )
             timeout = None if deadline is None else max(0.0, (deadline - now_ms()) / 1000)
             async with asyncio.timeout(timeout):
                 async with binding.limit:
                     gen = await binding.provider.generate(request, on_delta=parts.append)
         except TimeoutError:
             return self._result(
-                p, attempts, started, TaskState.EXPIRED, finish_reason="deadline", text="".join(parts)
+                p,
+                attempts,
+                started,
+                TaskState.EXPIRED,
+                finish_reason="deadline",
+                text="".join(parts),
             )
         except SopError as exc:
             return self._failed(p, attempts, started, exc.code, exc.message)
         except Exception as exc:
             # a provider bug must not take the worker down: the task fails, the loop goes on
             log.exception("provider raised an unexpected error")
-            return self._failed(p, attempts, started, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            return self._failed(
+                p, attempts, started, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+            )
         return self._result(
-            p, attempts, started, TaskState.COMPLETED,
-            text=gen.text, finish_reason=gen.finish_reason, usage=gen.usage,
-        )  # fmt: skip
+            p,
+            attempts,
+            started,
+            TaskState.COMPLETED,
+            text=gen.text,
+            finish_reason=gen.finish_reason,
+            usage=gen.usage,
+        )
 
-    def _failed(self, p: Prepared, attempts: int, started: int, code: ErrorCode, message: str) -> TaskResult:
+    def _failed(
+        self, p: Prepared, attempts: int, started: int, code: ErrorCode, message: str
+    ) -> TaskResult:
         return self._result(
-            p, attempts, started, TaskState.FAILED, finish_reason="error",
+            p,
+            attempts,
+            started,
+            TaskState.FAILED,
+            finish_reason="error",
             error=ErrorInfo(code=code, message=message),
-        )  # fmt: skip
+        )
 
     def _result(
         self,
@@ -327,22 +391,37 @@ class Worker:
     async def _write(self, p: Prepared, result: TaskResult) -> None:
         event = p.event
         dead = None
-        if result.error is not None and (result.error.code in _INPUT_ERRORS or result.error.code == ErrorCode.MAX_ATTEMPTS):
+        if result.error is not None and (
+            result.error.code in _INPUT_ERRORS or result.error.code == ErrorCode.MAX_ATTEMPTS
+        ):
             dead = DeadLetter(
-                source_stream=p.entry.stream, entry_id=p.entry.entry_id, task_id=p.task_id,
-                reason=result.error.code, message=result.error.message, attempts=result.attempts,
-                fields=p.entry.printable_fields(), dead_at=result.finished_at,
-            )  # fmt: skip
+                source_stream=p.entry.stream,
+                entry_id=p.entry.entry_id,
+                task_id=p.task_id,
+                reason=result.error.code,
+                message=result.error.message,
+                attempts=result.attempts,
+                fields=p.entry.printable_fields(),
+                dead_at=result.finished_at,
+            )
         webhook = None
         if event is not None and event.webhook_url:
             webhook = WebhookJob(
-                delivery_id=f"msg_{uuid.uuid4().hex}", task_id=p.task_id, url=event.webhook_url,
-                event=f"task.{result.state.value}", payload=result, created_at=result.finished_at,
-            )  # fmt: skip
+                delivery_id=f"msg_{uuid.uuid4().hex}",
+                task_id=p.task_id,
+                url=event.webhook_url,
+                event=f"task.{result.state.value}",
+                payload=result,
+                created_at=result.finished_at,
+            )
         fin = Finish(
-            entry=p.entry, result=result, reply_to=event.reply_to if event else None,
-            idempotency_key=event.idempotency_key if event else None, webhook=webhook, dead=dead,
-        )  # fmt: skip
+            entry=p.entry,
+            result=result,
+            reply_to=event.reply_to if event else None,
+            idempotency_key=event.idempotency_key if event else None,
+            webhook=webhook,
+            dead=dead,
+        )
         # the final write is shielded: a shutdown does not cut it in half; Redis trouble is
         # retried until it lands (the entry stays pending meanwhile, so nothing is lost)
         backoff = Backoff(base=0.05, cap=2.0)
@@ -355,7 +434,10 @@ class Worker:
                 await backoff.sleep()
                 continue
             if written:
-                log.info("task finished", extra={"state": result.state.value, "attempts": result.attempts})
+                log.info(
+                    "task finished",
+                    extra={"state": result.state.value, "attempts": result.attempts},
+                )
             else:
                 log.info("task already finished by another attempt")
             return
@@ -363,4 +445,3 @@ class Worker:
     async def _finish(self, fin: Finish) -> bool:
         async with asyncio.timeout(15):
             return await self._outcomes.finish(fin)
-

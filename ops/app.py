@@ -32,22 +32,33 @@ def build_registry(settings: Settings) -> ModelRegistry:
 def redis_client(url: str) -> Redis:
     # socket timeout above the longest blocking read; keepalive checks for half-open links
     return Redis.from_url(
-        url, socket_timeout=15, socket_connect_timeout=5, health_check_interval=15,
-        retry_on_timeout=False, max_connections=64,
-    )  # fmt: skip
+        url,
+        socket_timeout=15,
+        socket_connect_timeout=5,
+        health_check_interval=15,
+        retry_on_timeout=False,
+        max_connections=64,
+    )
 
 
 def build_worker(settings: Settings, client: Redis, registry: ModelRegistry) -> Worker:
     served = registry.bindings(settings.pools)
     slots = settings.worker_slots or max((b.concurrency for b in served), default=1)
     config = WorkerConfig(
-        consumer=settings.consumer_name(), pools=settings.pools, partitions=settings.partitions,
-        slots=slots, block_ms=settings.block_ms, aging_ms=settings.aging_ms,
-        lease_ttl_ms=settings.lease_ttl_ms, reclaim_interval_ms=settings.reclaim_interval_ms,
-        max_attempts=settings.max_attempts, status_ttl_s=settings.status_ttl_s,
-        max_prompt_bytes=settings.max_prompt_bytes, max_metadata_bytes=settings.max_metadata_bytes,
+        consumer=settings.consumer_name(),
+        pools=settings.pools,
+        partitions=settings.partitions,
+        slots=slots,
+        block_ms=settings.block_ms,
+        aging_ms=settings.aging_ms,
+        lease_ttl_ms=settings.lease_ttl_ms,
+        reclaim_interval_ms=settings.reclaim_interval_ms,
+        max_attempts=settings.max_attempts,
+        status_ttl_s=settings.status_ttl_s,
+        max_prompt_bytes=settings.max_prompt_bytes,
+        max_metadata_bytes=settings.max_metadata_bytes,
         shutdown_grace_s=settings.shutdown_grace_s,
-    )  # fmt: skip
+    )
     return Worker(client=client, keys=Keys(settings.namespace), registry=registry, config=config)
 
 
@@ -59,14 +70,26 @@ async def resolved_redis(settings: Settings, *, allow_embedded: bool) -> AsyncIt
         yield settings
         return
     async with embedded_redis(settings.data_dir) as url:
-        print(f"sop-llm: no SOP_REDIS_URL set; embedded Redis at {url} (data in {settings.data_dir})", flush=True)  # noqa: T201
+        print(  # noqa: T201 - the user must see where the embedded Redis listens
+            f"sop-llm: no SOP_REDIS_URL set; embedded Redis at {url} (data in {settings.data_dir})",
+            flush=True,
+        )
         yield settings.model_copy(update={"redis_url": SecretStr(url)})
 
 
-async def serve(settings: Settings, stop: asyncio.Event, *, worker: bool, sidecar: bool, allow_embedded: bool = False) -> None:
+async def serve(
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    worker: bool,
+    sidecar: bool,
+    allow_embedded: bool = False,
+) -> None:
     """Run the worker and/or the sidecar until ``stop`` is set; resources close in reverse order."""
     async with contextlib.AsyncExitStack() as stack:
-        settings = await stack.enter_async_context(resolved_redis(settings, allow_embedded=allow_embedded))
+        settings = await stack.enter_async_context(
+            resolved_redis(settings, allow_embedded=allow_embedded)
+        )
         url = settings.redis_url_value
         log.info("connecting", extra={"redis": redact_url(url), "namespace": settings.namespace})
         client = redis_client(url)

@@ -8,7 +8,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -17,15 +17,19 @@ from ops import logs
 from ops.app import redis_client, serve
 from ops.settings import Settings
 from schemas.errors import SopError
-from streams.entries import text
+from streams.entries import entries_from_read
 from streams.keys import Keys
 from streams.producer import Producer
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sop-llm", description="LLM inference executor over Redis Streams")
+    p = argparse.ArgumentParser(
+        prog="sop-llm", description="LLM inference executor over Redis Streams"
+    )
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="worker + sidecar in one process (embedded Redis when none is configured)")
+    sub.add_parser(
+        "up", help="worker + sidecar in one process (embedded Redis when none is configured)"
+    )
     sub.add_parser("worker", help="run a worker")
     sub.add_parser("sidecar", help="run the HTTP sidecar")
 
@@ -44,10 +48,16 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("task_id")
 
     t = sub.add_parser("tail", help="follow a stream (default: results)")
-    t.add_argument("stream", nargs="?", default="results", help="results, dead, webhooks, or a full key")
-    t.add_argument("--from", dest="start", default="$", help="entry id to start after ($: new only, 0: all)")
+    t.add_argument(
+        "stream", nargs="?", default="results", help="results, dead, webhooks, or a full key"
+    )
+    t.add_argument(
+        "--from", dest="start", default="$", help="entry id to start after ($: new only, 0: all)"
+    )
     t.add_argument("--count", type=int, default=0, help="stop after this many entries")
-    t.add_argument("--timeout", type=float, default=0, help="stop after this many seconds without entries")
+    t.add_argument(
+        "--timeout", type=float, default=0, help="stop after this many seconds without entries"
+    )
     return p
 
 
@@ -114,22 +124,29 @@ async def _tail(settings: Settings, args: argparse.Namespace) -> int:
             reply = await client.xread({stream: last}, count=100, block=block)
             if not reply and args.timeout:
                 return 0
-            for _, messages in reply or []:
-                for eid, fields in messages:
-                    last = text(eid)
-                    doc: dict[str, Any] = {"id": last}
-                    for k, v in fields.items():
-                        value = v.decode("utf-8", "replace")
-                        try:
-                            doc[text(k)] = json.loads(value) if text(k) == "data" else value
-                        except ValueError:
-                            doc[text(k)] = value
-                    print(json.dumps(doc), flush=True)
-                    seen += 1
-                    if args.count and seen >= args.count:
-                        return 0
+            for entry in entries_from_read(reply):
+                last = entry.entry_id
+                doc: dict[str, Any] = {"id": last}
+                for key, raw in entry.fields.items():
+                    value = raw.decode("utf-8", "replace")
+                    try:
+                        doc[key] = json.loads(value) if key == "data" else value
+                    except ValueError:
+                        doc[key] = value
+                print(json.dumps(doc), flush=True)
+                seen += 1
+                if args.count and seen >= args.count:
+                    return 0
     finally:
         await client.aclose()
+
+
+def runner(coro: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop  # optional speed-up
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -140,12 +157,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sop-llm: invalid settings: {exc}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level, settings.log_format)
-    try:
-        import uvloop  # noqa: PLC0415 - optional speed-up
-
-        runner = uvloop.run
-    except ImportError:
-        runner = asyncio.run
     try:
         match args.command:
             case "up":

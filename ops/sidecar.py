@@ -37,7 +37,9 @@ class Sidecar:
         self._settings = settings
         self._keys = Keys(settings.namespace)
         self._worker = worker
-        self._token = settings.sidecar_token.get_secret_value().encode() if settings.sidecar_token else None
+        self._token = (
+            settings.sidecar_token.get_secret_value().encode() if settings.sidecar_token else None
+        )
         self.port: int | None = None
 
     def app(self) -> web.Application:
@@ -81,7 +83,9 @@ class Sidecar:
         return web.json_response(text=record.model_dump_json(exclude_none=True))
 
     async def queue(self, request: web.Request) -> web.Response:
-        return web.json_response({"partitions": await queue_figures(self._client, self._keys, self._settings)})
+        return web.json_response(
+            {"partitions": await queue_figures(self._client, self._keys, self._settings)}
+        )
 
     async def live(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "live"})
@@ -90,12 +94,18 @@ class Sidecar:
         problems = []
         try:
             await self._client.ping()
-            streams = [self._keys.tasks(p, q) for q in self._settings.partitions for p in self._settings.pools]
+            streams = [
+                self._keys.tasks(p, q)
+                for q in self._settings.partitions
+                for p in self._settings.pools
+            ]
             pipe = self._client.pipeline(transaction=False)
             for s in streams:
                 pipe.xinfo_groups(s)
             for s, groups in zip(streams, await pipe.execute(raise_on_error=False), strict=True):
-                if isinstance(groups, Exception) or not any(text(g["name"]) == TASK_GROUP for g in groups):
+                if isinstance(groups, Exception) or not any(
+                    text(g["name"]) == TASK_GROUP for g in groups
+                ):
                     problems.append(f"consumer group missing on {s}")
         except (OSError, RedisError, TimeoutError) as exc:
             problems.append(f"redis unreachable: {type(exc).__name__}")
@@ -108,7 +118,11 @@ class Sidecar:
 
 async def queue_figures(client: Redis, keys: Keys, settings: Settings) -> list[dict[str, Any]]:
     """Depth, lag, pending and oldest-pending age per partition (XINFO GROUPS + XPENDING)."""
-    rows = [(pool, part, keys.tasks(pool, part)) for part in settings.partitions for pool in settings.pools]
+    rows = [
+        (pool, part, keys.tasks(pool, part))
+        for part in settings.partitions
+        for pool in settings.pools
+    ]
     pipe = client.pipeline(transaction=False)
     for _, _, s in rows:
         pipe.xlen(s)
@@ -123,11 +137,16 @@ async def queue_figures(client: Redis, keys: Keys, settings: Settings) -> list[d
         if not isinstance(groups, Exception):
             group = next((g for g in groups if text(g["name"]) == TASK_GROUP), None)
         row: dict[str, Any] = {
-            "stream": stream, "pool": pool, "partition": part,
+            "stream": stream,
+            "pool": pool,
+            "partition": part,
             "length": 0 if isinstance(length, Exception) else int(length),
-            "group": group is not None, "pending": 0, "lag": None,
-            "oldest_pending_age_ms": None, "consumers": 0,
-        }  # fmt: skip
+            "group": group is not None,
+            "pending": 0,
+            "lag": None,
+            "oldest_pending_age_ms": None,
+            "consumers": 0,
+        }
         if group is not None:
             row["consumers"] = int(group["consumers"])
             lag = group.get("lag")

@@ -23,7 +23,14 @@ class ModelRegistry:
     def __init__(self) -> None:
         self._models: dict[str, ModelBinding] = {}
 
-    def register(self, name: str, provider: Provider, *, pool: str = "default", concurrency: int | None = None) -> None:
+    def register(
+        self,
+        name: str,
+        provider: Provider,
+        *,
+        pool: str = "default",
+        concurrency: int | None = None,
+    ) -> None:
         n = concurrency or provider.capabilities.max_concurrency
         if n < 1:
             raise ValueError("concurrency must be >= 1")
@@ -35,7 +42,9 @@ class ModelRegistry:
             return self._models[name]
         except KeyError:
             known = ", ".join(sorted(self._models)) or "none"
-            raise ModelNotFoundError(f"model: {name!r} is not registered (known: {known})") from None
+            raise ModelNotFoundError(
+                f"model: {name!r} is not registered (known: {known})"
+            ) from None
 
     def names(self) -> list[str]:
         return sorted(self._models)

@@ -91,7 +91,10 @@ class TaskEvent(_Strict):
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     max_tokens: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
-    stop: Annotated[list[Annotated[str, StringConstraints(min_length=1)]], Field(max_length=16)] | None = None
+    stop: (
+        Annotated[list[Annotated[str, StringConstraints(min_length=1)]], Field(max_length=16)]
+        | None
+    ) = None
     seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
     priority: NameStr | None = None
     pool: NameStr | None = None
@@ -136,9 +139,7 @@ class TaskEvent(_Strict):
             size = self.prompt_bytes()
             if size > max_prompt:
                 field = "prompt" if self.prompt is not None else "messages"
-                raise ValueError(
-                    f"{field} is {size} bytes, over the limit of {max_prompt} bytes"
-                )
+                raise ValueError(f"{field} is {size} bytes, over the limit of {max_prompt} bytes")
         max_meta = ctx.get(CTX_MAX_METADATA_BYTES)
         if max_meta is not None and self.metadata is not None:
             size = _json_bytes(self.metadata)
@@ -185,5 +186,8 @@ def parse_task_event(
     """Validate a ``data`` field. Raises :class:`pydantic.ValidationError`."""
     return TaskEvent.model_validate_json(
         data,
-        context={CTX_MAX_PROMPT_BYTES: max_prompt_bytes, CTX_MAX_METADATA_BYTES: max_metadata_bytes},
+        context={
+            CTX_MAX_PROMPT_BYTES: max_prompt_bytes,
+            CTX_MAX_METADATA_BYTES: max_metadata_bytes,
+        },
     )

@@ -2,7 +2,14 @@
 
 from streams.dispatch import PriorityReader
 from streams.entries import Entry
-from streams.keys import DEFAULT_NAMESPACE, DEFAULT_PARTITIONS, DEFAULT_POOL, TASK_GROUP, WEBHOOK_GROUP, Keys
+from streams.keys import (
+    DEFAULT_NAMESPACE,
+    DEFAULT_PARTITIONS,
+    DEFAULT_POOL,
+    TASK_GROUP,
+    WEBHOOK_GROUP,
+    Keys,
+)
 from streams.leases import Lease, Reclaimer
 from streams.outcome import BeginReply, Finish, Outcomes, Start
 from streams.producer import Producer, ProducerConfig

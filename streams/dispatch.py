@@ -19,7 +19,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from streams.entries import Entry, text
+from streams.entries import Entry, entries_from_read, text
 from streams.keys import TASK_GROUP
 from streams.scripts import HEADS_SCRIPT, READ_SCRIPT
 from streams.topology import ensure_groups, is_missing_group
@@ -107,14 +107,14 @@ class PriorityReader:
             # a blocked XREADGROUP is served by the first stream that receives an entry and
             # returns at most COUNT from each stream that already has some: never more than
             # `free` entries
-            reply = await self._client.xreadgroup(
+            reply: Any = await self._client.xreadgroup(
                 self._group,
                 self._consumer,
                 dict.fromkeys(streams, ">"),
                 count=1,
                 block=self._block_ms,
             )
-            return _entries(reply)
+            return entries_from_read(reply)
         # fewer slots than partitions: wait without reading (XREAD from the newest ids seen),
         # then take the entries in priority order through the script
         reply = await self._client.xread(
@@ -149,16 +149,3 @@ class PriorityReader:
                 "aging rule", extra={"promoted": promoted, "age_ms": oldest[0] if oldest else 0}
             )
         self._promoted = promoted
-
-
-def _entries(reply: Any) -> list[Entry]:
-    out: list[Entry] = []
-    if not reply:
-        return out
-    items = reply.items() if isinstance(reply, dict) else reply
-    for stream, messages in items:
-        name = text(stream)
-        out.extend(Entry.from_reply(name, eid, fields) for eid, fields in messages)
-    return out
-
-

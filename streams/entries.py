@@ -62,3 +62,22 @@ class Entry:
                 shown = shown[:limit] + f"...[{len(value)} bytes in all]"
             out[key] = shown
         return out
+
+
+def entries_from_read(reply: Any) -> list[Entry]:
+    """The entries of an XREAD / XREADGROUP reply (RESP2 list or RESP3 map), in order."""
+    out: list[Entry] = []
+    if not reply:
+        return out
+    items = reply.items() if isinstance(reply, dict) else reply
+    for stream, messages in items:
+        name = text(stream)
+        out.extend(Entry.from_reply(name, eid, fields) for eid, fields in messages or ())
+    return out
+
+
+def entries_from_range(stream: str, reply: Any) -> list[Entry]:
+    """The entries of an XRANGE / XREVRANGE / XCLAIM reply (deleted entries left out)."""
+    return [
+        Entry.from_reply(stream, eid, fields) for eid, fields in reply or () if fields is not None
+    ]

@@ -116,7 +116,7 @@ class Keys:
         head = f"{self.prefix}:tasks:"
         if not stream.startswith(head):
             raise ValueError(f"{stream!r} is not a task stream of namespace {self.namespace!r}")
-        pool, _, partition = stream[len(head):].partition(":")
+        pool, _, partition = stream[len(head) :].partition(":")
         if not pool or not partition:
             raise ValueError(f"{stream!r} is not a task stream of namespace {self.namespace!r}")
         return pool, partition

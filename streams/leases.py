@@ -8,9 +8,11 @@ are claimed by a live worker: an entry is never taken merely because it is idle.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -27,7 +29,9 @@ _CLAIM_MIN_IDLE_MS = 200
 
 
 class Lease:
-    def __init__(self, *, client: Redis, keys: Keys, consumer: str, ttl_ms: int, info: dict[str, str]) -> None:
+    def __init__(
+        self, *, client: Redis, keys: Keys, consumer: str, ttl_ms: int, info: dict[str, str]
+    ) -> None:
         self._client = client
         self._key = keys.worker(consumer)
         self._ttl_ms = ttl_ms
@@ -49,10 +53,8 @@ class Lease:
                 if backoff.failures == 0:
                     log.warning("lease renewal failed", extra={"error": repr(exc)})
                 delay = backoff.next_delay()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
-            except TimeoutError:
-                pass
 
     async def release(self) -> None:
         await self._client.delete(self._key)
@@ -110,13 +112,13 @@ class Reclaimer:
         return claimed
 
     async def _claim_from(self, stream: str, owner: str, count: int) -> list[Entry]:
-        rows = await self._client.xpending_range(
+        rows: list[Any] = await self._client.xpending_range(
             stream, self._group, min="-", max="+", count=count, consumername=owner
         )
-        ids = [text(r["message_id"]) for r in rows]
+        ids: list[str | bytes | int | memoryview] = [text(r["message_id"]) for r in rows]
         if not ids:
             return []
-        reply = await self._client.xclaim(
+        reply: Any = await self._client.xclaim(
             stream, self._group, self._consumer, _CLAIM_MIN_IDLE_MS, ids
         )
         entries = []

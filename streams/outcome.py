@@ -18,7 +18,7 @@ from schemas.result import DeadLetter, TaskResult, WebhookJob
 from schemas.wire import EventType
 from streams.entries import Entry, text
 from streams.keys import TASK_GROUP, Keys
-from streams.scripts import BEGIN_SCRIPT, FINISH_SCRIPT, ScriptCall, run_batch
+from streams.scripts import BEGIN_SCRIPT, FINISH_SCRIPT, EncodableT, ScriptCall, run_batch
 
 Verdict = Literal["run", "done", "duplicate", "conflict", "exhausted"]
 
@@ -89,10 +89,18 @@ class Outcomes:
             keys = [self._keys.task(s.task_id), s.entry.stream]
             if s.idempotency_key is not None:
                 keys.append(self._keys.idem(s.idempotency_key))
-            args = [
-                self._group, s.entry.entry_id, s.task_id, self._worker, now_ms,
-                self._max_attempts, s.model, s.payload_hash, s.entry.timestamp_ms, self._ttl,
-            ]  # fmt: skip
+            args: list[EncodableT] = [
+                self._group,
+                s.entry.entry_id,
+                s.task_id,
+                self._worker,
+                now_ms,
+                self._max_attempts,
+                s.model,
+                s.payload_hash,
+                s.entry.timestamp_ms,
+                self._ttl,
+            ]
             calls.append((BEGIN_SCRIPT, keys, args))
         replies = await run_batch(self._client, calls)
         out = []
@@ -118,7 +126,11 @@ class Outcomes:
             batch, self._queue = self._queue, []
             try:
                 replies = await run_batch(self._client, [call for call, _ in batch])
-            except BaseException as exc:
+            except asyncio.CancelledError:
+                for _, fut in batch:
+                    fut.cancel()
+                raise
+            except Exception as exc:  # handed to every caller of the batch, raised there
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(exc)
@@ -139,7 +151,7 @@ class Outcomes:
             keys.append(k.results_for(fin.reply_to))
         if fin.idempotency_key is not None:
             keys.append(k.idem(fin.idempotency_key))
-        args = [
+        args: list[EncodableT] = [
             self._group,
             fin.entry.entry_id,
             result.state.value,

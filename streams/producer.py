@@ -1,8 +1,8 @@
 """The Python producer SDK: a convenience over the wire format, not a requirement.
 
-    async with Producer(settings) as p:
-        task_id = await p.submit("echo", "hello world", priority="high")
-        result = await p.wait(task_id, timeout=30)
+async with Producer(settings) as p:
+    task_id = await p.submit("echo", "hello world", priority="high")
+    result = await p.wait(task_id, timeout=30)
 """
 
 from __future__ import annotations
@@ -10,14 +10,19 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Self
 
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from schemas.errors import DuplicateTaskIdError, IdempotencyConflictError, InvalidTaskError, WaitTimeoutError
+from schemas.errors import (
+    DuplicateTaskIdError,
+    IdempotencyConflictError,
+    InvalidTaskError,
+    WaitTimeoutError,
+)
 from schemas.result import StatusRecord, TaskResult
 from schemas.task import (
     CTX_MAX_METADATA_BYTES,
@@ -28,8 +33,8 @@ from schemas.task import (
     TaskId,
     describe_validation_error,
 )
-from schemas.wire import FIELD_DATA, EventType
-from streams.entries import text
+from schemas.wire import EventType
+from streams.entries import entries_from_range, entries_from_read, text
 from streams.keys import DEFAULT_PARTITIONS, DEFAULT_POOL, Keys
 from streams.scripts import SUBMIT_SCRIPT
 from streams.status import read_status
@@ -102,7 +107,9 @@ class Producer:
         except ValidationError as exc:
             raise InvalidTaskError(describe_validation_error(exc)) from exc
 
-    async def submit(self, model: str | TaskEvent, prompt: str | None = None, **fields: Any) -> TaskId:
+    async def submit(
+        self, model: str | TaskEvent, prompt: str | None = None, **fields: Any
+    ) -> TaskId:
         """Publish a task and return its id.
 
         ``fields`` are any :class:`~schemas.task.TaskEvent` fields (``messages``, ``priority``,
@@ -116,9 +123,8 @@ class Producer:
         event = model if isinstance(model, TaskEvent) else self.build(model, prompt, **fields)
         priority = event.priority or self._config.default_priority
         if priority not in self._config.partitions:
-            raise InvalidTaskError(
-                f"priority: {priority!r} is not a partition (have {', '.join(self._config.partitions)})"
-            )
+            have = ", ".join(self._config.partitions)
+            raise InvalidTaskError(f"priority: {priority!r} is not a partition (have {have})")
         task_id = event.task_id or f"t-{uuid.uuid4().hex}"
         if event.task_id is None:
             event = event.model_copy(update={"task_id": task_id})
@@ -159,8 +165,10 @@ class Producer:
         Watches the shared ``results`` stream; services that wait on many tasks read their own
         ``reply_to`` stream with :meth:`results` instead."""
         deadline = time.monotonic() + timeout
-        newest = await self._client.xrevrange(self.keys.results, count=1)
-        last = text(newest[0][0]) if newest else "0-0"
+        newest = entries_from_range(
+            self.keys.results, await self._client.xrevrange(self.keys.results, count=1)
+        )
+        last = newest[0].entry_id if newest else "0-0"
         record = await self.status(task_id)
         if record is not None and record.result is not None:
             return record.result
@@ -169,14 +177,13 @@ class Producer:
             reply = await self._client.xread(
                 {self.keys.results: last}, count=500, block=max(1, int(min(left, 5.0) * 1000))
             )
-            for _, messages in reply or []:
-                for eid, fields in messages:
-                    last = text(eid)
-                    data = fields.get(FIELD_DATA.encode(), b"")
-                    if needle in data:
-                        result = TaskResult.model_validate_json(data)
-                        if result.task_id == task_id:
-                            return result
+            for entry in entries_from_read(reply):
+                last = entry.entry_id
+                data = entry.data or b""
+                if needle in data:
+                    result = TaskResult.model_validate_json(data)
+                    if result.task_id == task_id:
+                        return result
         raise WaitTimeoutError(f"task {task_id} did not finish within {timeout} s")
 
     async def results(
@@ -187,7 +194,7 @@ class Producer:
         consumer: str = "sdk",
         start: str = "$",
         block_ms: int = 5000,
-    ) -> AsyncIterator[TaskResult]:
+    ) -> AsyncGenerator[TaskResult, None]:
         """Results as they arrive, forever.
 
         With ``group``, read through that consumer group (created on first use, from the start of
@@ -204,6 +211,7 @@ class Producer:
         last = start
         backlog = True  # a group consumer first re-reads what it left unacknowledged
         while True:
+            reply: Any
             if group is None:
                 reply = await self._client.xread({stream: last}, count=100, block=block_ms)
             else:
@@ -211,12 +219,12 @@ class Producer:
                     group, consumer, {stream: "0" if backlog else ">"}, count=100,
                     block=None if backlog else block_ms,
                 )  # fmt: skip
-                if backlog and not any(messages for _, messages in reply or []):
-                    backlog = False
-                    continue
-            for _, messages in reply or []:
-                for eid, fields in messages:
-                    last = text(eid)
-                    yield TaskResult.model_validate_json(fields[FIELD_DATA.encode()])
-                    if group is not None:
-                        await self._client.xack(stream, group, eid)
+            entries = entries_from_read(reply)
+            if group is not None and backlog and not entries:
+                backlog = False
+                continue
+            for entry in entries:
+                last = entry.entry_id
+                yield TaskResult.model_validate_json(entry.data or b"")
+                if group is not None:
+                    await self._client.xack(stream, group, entry.entry_id)

@@ -56,7 +56,9 @@ return {'new', ARGV[1], id}
 #       created_ms, ttl_s
 # Returns {'run', attempts} | {'done', state} | {'duplicate', task_id}
 #       | {'conflict', task_id} | {'exhausted', attempts}
-BEGIN: Final = _TERMINAL_LUA + """
+BEGIN: Final = (
+    _TERMINAL_LUA
+    + """
 local st = redis.call('HGET', KEYS[1], 'state')
 if terminal(st) then
   redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
@@ -92,6 +94,7 @@ redis.call('HSETNX', KEYS[1], 'created_at', ARGV[9])
 if attempts > tonumber(ARGV[6]) then return {'exhausted', attempts} end
 return {'run', attempts}
 """
+)
 
 # The terminal write: status, results entry (and reply_to copy), webhook job, dead letter and
 # XACK, all or nothing. A task already terminal gets no second result.
@@ -99,7 +102,9 @@ return {'run', attempts}
 # ARGV: group, entry_id, state, type, result_json, ttl_s, traceparent, webhook_json,
 #       dead_json, finished_at, has_reply, has_idem, task_id
 # Returns 1 when written, 0 when the task was already terminal.
-FINISH: Final = _TERMINAL_LUA + """
+FINISH: Final = (
+    _TERMINAL_LUA
+    + """
 local st = redis.call('HGET', KEYS[1], 'state')
 local nkey = 6
 local reply, idem
@@ -132,6 +137,7 @@ if idem then redis.call('EXPIRE', idem, ARGV[6]) end
 redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
 return 1
 """
+)
 
 # Pull-when-ready read: fill `count` slots from the partitions in the order given, taking at
 # most ARGV[4] from the first one when it is > 0 (the aged partition, see dispatch).
@@ -200,14 +206,12 @@ class LuaScript:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
-    async def __call__(
-        self, client: Redis, keys: Sequence[str], args: Sequence[EncodableT]
-    ) -> Any:
+    async def __call__(self, client: Redis, keys: Sequence[str], args: Sequence[EncodableT]) -> Any:
         try:
-            return await client.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:
             await client.script_load(self.source)
-            return await client.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
 
 
 ScriptCall = tuple[LuaScript, Sequence[str], Sequence[EncodableT]]
@@ -225,7 +229,7 @@ async def run_batch(client: Redis, calls: Sequence[ScriptCall]) -> list[Any]:
         pipe = client.pipeline(transaction=False)
         for i in todo:
             script, keys, args = calls[i]
-            pipe.evalsha(script.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
         out = await pipe.execute(raise_on_error=False)
         missing = []
         for i, reply in zip(todo, out, strict=True):

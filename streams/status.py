@@ -36,7 +36,7 @@ def decode_status(task_id: str, raw: dict[Any, Any]) -> StatusRecord | None:
         duplicate_of=f.get(k.F_DUPLICATE_OF),
         result=TaskResult.model_validate_json(f[k.F_RESULT]) if f.get(k.F_RESULT) else None,
         webhook=WebhookStatus(
-            state=f[k.F_WEBHOOK_STATE],  # type: ignore[arg-type]
+            state=f[k.F_WEBHOOK_STATE],
             attempts=num(k.F_WEBHOOK_ATTEMPTS) or 0,
             last_status_code=num(k.F_WEBHOOK_LAST_STATUS),
             last_error=f.get(k.F_WEBHOOK_LAST_ERROR) or None,
@@ -52,11 +52,11 @@ async def read_status(client: Redis, keys: k.Keys, task_id: str) -> StatusRecord
     A plain-XADD duplicate (same idempotency key and payload as an earlier task) answers with
     the earlier task's record, its ``duplicate_of`` naming that task.
     """
-    raw = await client.hgetall(keys.task(task_id))  # type: ignore[misc]
+    raw = await client.hgetall(keys.task(task_id))
     alias = raw.get(k.F_DUPLICATE_OF.encode()) if raw else None
     if alias:
         original = text(alias)
-        record = decode_status(original, await client.hgetall(keys.task(original)))  # type: ignore[misc]
+        record = decode_status(original, await client.hgetall(keys.task(original)))
         if record is None:
             return None
         return record.model_copy(update={"duplicate_of": original})

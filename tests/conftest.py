@@ -80,10 +80,22 @@ class RedisServer:
         assert exe, "redis-server is required on PATH for private-server tests"
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
-             "--save", "", "--appendonly", "yes" if self.appendonly else "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.workdir),
+                "--save",
+                "",
+                "--appendonly",
+                "yes" if self.appendonly else "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -123,15 +135,24 @@ def worker_env(redis_url: str, namespace: str, **extra: Any) -> dict[str, str]:
     return env
 
 
-def spawn_cli(args: list[str], env: dict[str, str], log: Path | None = None) -> subprocess.Popen[bytes]:
+def spawn_cli(
+    args: list[str], env: dict[str, str], log: Path | None = None
+) -> subprocess.Popen[bytes]:
     if log is None:
         return subprocess.Popen(
-            [sys.executable, "-m", "ops.cli", *args], env=env, cwd=ROOT,
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [sys.executable, "-m", "ops.cli", *args],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
     with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(
-            [sys.executable, "-m", "ops.cli", *args], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "ops.cli", *args],
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
 
 

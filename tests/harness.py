@@ -14,6 +14,7 @@ from handlers.tasks import Worker, WorkerConfig
 from providers.echo import EchoProvider
 from providers.registry import ModelRegistry
 from schemas.result import TaskResult
+from streams.entries import Entry, entries_from_range, text
 from streams.keys import Keys
 
 
@@ -35,15 +36,23 @@ async def running_worker(
     **config: Any,
 ) -> AsyncIterator[Worker]:
     settings: dict[str, Any] = {
-        "consumer": consumer, "pools": ("default",), "partitions": ("high", "normal", "low"),
-        "slots": slots, "block_ms": 200, "lease_ttl_ms": 2_000, "reclaim_interval_ms": 200,
-        "aging_ms": 0, "shutdown_grace_s": 5.0,
-    }  # fmt: skip
+        "consumer": consumer,
+        "pools": ("default",),
+        "partitions": ("high", "normal", "low"),
+        "slots": slots,
+        "block_ms": 200,
+        "lease_ttl_ms": 2_000,
+        "reclaim_interval_ms": 200,
+        "aging_ms": 0,
+        "shutdown_grace_s": 5.0,
+    }
     settings.update(config)
     worker = Worker(
-        client=client, keys=keys, registry=registry or echo_registry(tokens_per_s, slots),
+        client=client,
+        keys=keys,
+        registry=registry or echo_registry(tokens_per_s, slots),
         config=WorkerConfig(**settings),
-    )  # fmt: skip
+    )
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
     try:
@@ -61,21 +70,32 @@ async def running_worker(
 
 async def results(client: Redis, keys: Keys) -> list[TaskResult]:
     """Every entry of the results stream, in order."""
-    out = []
-    for _, fields in await client.xrange(keys.results):
-        out.append(TaskResult.model_validate_json(fields[b"data"]))
-    return out
+    entries = entries_from_range(keys.results, await client.xrange(keys.results))
+    return [TaskResult.model_validate_json(e.data or b"") for e in entries]
 
 
-async def wait_results(client: Redis, keys: Keys, count: int, timeout: float = 15.0) -> list[TaskResult]:
+async def stream_entries(client: Redis, stream: str) -> list[Entry]:
+    return entries_from_range(stream, await client.xrange(stream))
+
+
+async def wait_results(
+    client: Redis, keys: Keys, count: int, timeout: float = 15.0
+) -> list[TaskResult]:
     async with asyncio.timeout(timeout):
         while await client.xlen(keys.results) < count:
             await asyncio.sleep(0.02)
     return await results(client, keys)
 
 
-async def xadd_task(client: Redis, keys: Keys, data: Any, *, partition: str = "normal", type_: str = "task.submitted") -> str:
+async def xadd_task(
+    client: Redis,
+    keys: Keys,
+    data: Any,
+    *,
+    partition: str = "normal",
+    type_: str = "task.submitted",
+) -> str:
     """Publish like a plain-XADD producer in any language would."""
     raw = data if isinstance(data, (str, bytes)) else json.dumps(data)
     entry_id = await client.xadd(keys.tasks("default", partition), {"type": type_, "data": raw})
-    return entry_id.decode()
+    return text(entry_id)

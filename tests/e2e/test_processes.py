@@ -16,23 +16,41 @@ from redis.asyncio import Redis
 from schemas.result import TaskState
 from streams.keys import Keys
 from streams.producer import Producer, ProducerConfig
-from tests.conftest import ROOT, RedisServer, free_port, spawn_cli, terminating, wait_for, worker_env
+from tests.conftest import (
+    ROOT,
+    RedisServer,
+    free_port,
+    spawn_cli,
+    terminating,
+    wait_for,
+    worker_env,
+)
 from tests.harness import results
 
 
 async def test_sigkill_mid_task_is_finished_once_by_another_worker(
     client: Redis, keys: Keys, redis_url: str, tmp_path: Path
 ) -> None:
-    env = worker_env(redis_url, keys.namespace, echo_tokens_per_s=10, lease_ttl_ms=1000,
-                     reclaim_interval_ms=200, block_ms=200)  # fmt: skip
+    env = worker_env(
+        redis_url,
+        keys.namespace,
+        echo_tokens_per_s=10,
+        lease_ttl_ms=1000,
+        reclaim_interval_ms=200,
+        block_ms=200,
+    )
     p = Producer(ProducerConfig(namespace=keys.namespace), client=client)
-    with terminating(spawn_cli(["worker"], {**env, "SOP_WORKER_NAME": "victim"}, tmp_path / "a.log")) as a:
+    with terminating(
+        spawn_cli(["worker"], {**env, "SOP_WORKER_NAME": "victim"}, tmp_path / "a.log")
+    ) as a:
         task_id = await p.submit("echo", "one two three", max_tokens=30)  # 3 s at 10 tokens/s
         await wait_for(lambda: client.hget(keys.task(task_id), "state"), 10)
         await wait_for(lambda: _running_on(client, keys, task_id, "victim"), 10)
         a.send_signal(signal.SIGKILL)
         a.wait(5)
-    with terminating(spawn_cli(["worker"], {**env, "SOP_WORKER_NAME": "rescuer"}, tmp_path / "b.log")):
+    with terminating(
+        spawn_cli(["worker"], {**env, "SOP_WORKER_NAME": "rescuer"}, tmp_path / "b.log")
+    ):
         result = await p.wait(task_id, timeout=20)
         # room for a wrong second result to show up before counting
         await asyncio.sleep(0.5)
@@ -46,7 +64,6 @@ async def test_flushall_while_workers_run(tmp_path: Path, private_redis: RedisSe
     ns = "flush"
     env = worker_env(private_redis.url, ns, block_ms=100)
     client = Redis.from_url(private_redis.url)
-    keys = Keys(ns)
     p = Producer(ProducerConfig(redis_url=private_redis.url, namespace=ns), client=client)
     try:
         with terminating(spawn_cli(["worker"], env, tmp_path / "w.log")) as proc:
@@ -75,12 +92,21 @@ async def _running_on(client: Redis, keys: Keys, task_id: str, worker: str) -> b
 async def _up_roundtrip(tmp_path: Path, path_env: str) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SOP_")}
     port = free_port()
-    env.update(PATH=path_env, SOP_SIDECAR_PORT=str(port), SOP_LOG_FORMAT="console",
-               SOP_DATA_DIR=str(tmp_path / "data"), PYTHONUNBUFFERED="1")  # fmt: skip
+    env.update(
+        PATH=path_env,
+        SOP_SIDECAR_PORT=str(port),
+        SOP_LOG_FORMAT="console",
+        SOP_DATA_DIR=str(tmp_path / "data"),
+        PYTHONUNBUFFERED="1",
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ops.cli", "up"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        [sys.executable, "-m", "ops.cli", "up"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     assert proc.stdout is not None
     lines: list[str] = []
     try:
@@ -95,6 +121,7 @@ async def _up_roundtrip(tmp_path: Path, path_env: str) -> str:
         client = Redis.from_url(url)
         try:
             async with aiohttp.ClientSession() as http:
+
                 async def ready() -> bool:
                     try:
                         async with http.get(f"http://127.0.0.1:{port}/health/ready") as r:
@@ -110,7 +137,7 @@ async def _up_roundtrip(tmp_path: Path, path_env: str) -> str:
                 async with http.get(f"http://127.0.0.1:{port}/v1/tasks/{task_id}") as r:
                     assert r.status == 200
                     assert (await r.json())["state"] == "completed"
-            return (await client.info("server"))["redis_version"]
+            return str((await client.info("server"))["redis_version"])
         finally:
             await client.aclose()
     finally:

@@ -29,10 +29,15 @@ async def _run(script: str, port: int, tmp: Path) -> str:
     wrapper.write_text(f'#!/bin/sh\nexec {real} -p {port} "$@"\n')
     wrapper.chmod(0o755)
     proc = await asyncio.create_subprocess_exec(
-        "bash", "-euo", "pipefail", "-c", script,
+        "bash",
+        "-euo",
+        "pipefail",
+        "-c",
+        script,
         env={"PATH": f"{wrapper.parent}:/usr/bin:/bin"},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
     out, _ = await asyncio.wait_for(proc.communicate(), 20)
     assert proc.returncode == 0, out.decode()
     return out.decode()

@@ -13,7 +13,7 @@ from streams.keys import Keys
 from streams.producer import Producer, ProducerConfig
 from streams.status import read_status
 from tests.conftest import wait_for
-from tests.harness import results, running_worker, wait_results, xadd_task
+from tests.harness import results, running_worker, stream_entries, wait_results, xadd_task
 
 
 def producer(client: Redis, keys: Keys) -> Producer:
@@ -25,7 +25,7 @@ async def test_strict_priority_with_one_slot(client: Redis, keys: Keys) -> None:
     async with running_worker(client, keys, slots=1, tokens_per_s=100, aging_ms=0):
         blocker = await p.submit("echo", "hold the slot", max_tokens=40)  # ~0.4 s
         await wait_for(lambda: _state(client, keys, blocker, "running"), 5)
-        order = {}
+        order: dict[str, str] = {}
         for prio in ("low", "normal", "high"):
             for i in range(10):
                 order[await p.submit("echo", f"{prio} {i}", priority=prio, max_tokens=1)] = prio
@@ -37,9 +37,13 @@ async def test_strict_priority_with_one_slot(client: Redis, keys: Keys) -> None:
 
 async def test_aging_rule_lets_an_old_low_task_through(client: Redis, keys: Keys) -> None:
     p = producer(client, keys)
-    async with running_worker(client, keys, slots=1, tokens_per_s=100, aging_ms=300, aging_check_ms=50):
+    async with running_worker(
+        client, keys, slots=1, tokens_per_s=100, aging_ms=300, aging_check_ms=50
+    ):
         low = await p.submit("echo", "old low task", priority="low", max_tokens=1)
-        highs = [await p.submit("echo", f"high {i}", priority="high", max_tokens=5) for i in range(40)]
+        highs = [
+            await p.submit("echo", f"high {i}", priority="high", max_tokens=5) for i in range(40)
+        ]
         done = await wait_results(client, keys, 41, timeout=30)
     ids = [r.task_id for r in done]
     # 40 high tasks take ~2 s; the low one ages past 300 ms and goes well before the last high
@@ -81,23 +85,36 @@ async def test_malformed_plain_xadd_events_are_answered_and_worker_goes_on(
         "not-json": ("{nope", "event: Invalid JSON"),
         "no-model": (json.dumps({"task_id": "no-model", "prompt": "x"}), "model: Field required"),
         "unknown-field": (
-            json.dumps({"task_id": "unknown-field", "model": "echo", "prompt": "x", "colour": "red"}),
+            json.dumps(
+                {"task_id": "unknown-field", "model": "echo", "prompt": "x", "colour": "red"}
+            ),
             "colour: Extra inputs are not permitted",
         ),
-        "too-big": (json.dumps({"task_id": "too-big", "model": "echo", "prompt": big}), "over the limit of 1000 bytes"),
-        "unknown-model": (json.dumps({"task_id": "unknown-model", "model": "gpt-9", "prompt": "x"}), "'gpt-9' is not registered"),
+        "too-big": (
+            json.dumps({"task_id": "too-big", "model": "echo", "prompt": big}),
+            "over the limit of 1000 bytes",
+        ),
+        "unknown-model": (
+            json.dumps({"task_id": "unknown-model", "model": "gpt-9", "prompt": "x"}),
+            "'gpt-9' is not registered",
+        ),
     }
     entry_ids = {name: await xadd_task(client, keys, data) for name, (data, _) in bad.items()}
     await xadd_task(client, keys, {"task_id": "good-1", "model": "echo", "prompt": "fine"})
     wrong_type = await xadd_task(client, keys, {"model": "echo", "prompt": "x"}, type_="task.oops")
     async with running_worker(client, keys, max_prompt_bytes=1000):
         done = {r.task_id: r for r in await wait_results(client, keys, 7)}
-        await xadd_task(client, keys, {"task_id": "good-2", "model": "echo", "prompt": "still alive"})
+        await xadd_task(
+            client, keys, {"task_id": "good-2", "model": "echo", "prompt": "still alive"}
+        )
         await wait_results(client, keys, 8)
     assert (await read_status(client, keys, "good-2")).state == TaskState.COMPLETED  # type: ignore[union-attr]
     assert done["good-1"].state == TaskState.COMPLETED
     not_json_id = f"default.normal.{entry_ids['not-json']}"
-    expected = {**{k: v for k, (_, v) in bad.items() if k != "not-json"}, not_json_id: bad["not-json"][1]}
+    expected = {
+        **{k: v for k, (_, v) in bad.items() if k != "not-json"},
+        not_json_id: bad["not-json"][1],
+    }
     expected[f"default.normal.{wrong_type}"] = "type: expected 'task.submitted'"
     for task_id, message in expected.items():
         result = done[task_id]
@@ -106,7 +123,10 @@ async def test_malformed_plain_xadd_events_are_answered_and_worker_goes_on(
         code = "model_not_found" if task_id == "unknown-model" else "invalid_event"
         assert result.error.code == code, task_id
         assert message in result.error.message, (task_id, result.error.message)
-    dead = [DeadLetter.model_validate_json(f[b"data"]) for _, f in await client.xrange(keys.dead)]
+    dead = [
+        DeadLetter.model_validate_json(e.data or b"")
+        for e in await stream_entries(client, keys.dead)
+    ]
     assert {d.task_id for d in dead} == set(expected)
     for d in dead:
         assert d.source_stream == keys.tasks("default", "normal")
@@ -125,8 +145,8 @@ async def test_entry_that_is_not_utf8_is_dead_lettered(client: Redis, keys: Keys
         [result] = await wait_results(client, keys, 1)
     assert result.task_id == f"default.normal.{entry_id}"
     assert result.error is not None and result.error.code == "invalid_event"
-    [(_, fields)] = await client.xrange(keys.dead)
-    assert DeadLetter.model_validate_json(fields[b"data"]).fields["data"].startswith("base64:")
+    [dead] = await stream_entries(client, keys.dead)
+    assert DeadLetter.model_validate_json(dead.data or b"").fields["data"].startswith("base64:")
 
 
 async def test_plain_xadd_duplicates_run_once(client: Redis, keys: Keys) -> None:
@@ -145,7 +165,11 @@ async def test_plain_xadd_duplicates_run_once(client: Redis, keys: Keys) -> None
     assert conflict.task_id == f"default.normal.{third}"
     assert conflict.error is not None and conflict.error.code == "idempotency_conflict"
     alias = await read_status(client, keys, f"default.normal.{second}")
-    assert alias is not None and alias.duplicate_of == ok.task_id and alias.state == TaskState.COMPLETED
+    assert (
+        alias is not None
+        and alias.duplicate_of == ok.task_id
+        and alias.state == TaskState.COMPLETED
+    )
 
 
 async def test_same_task_id_published_twice_runs_once(client: Redis, keys: Keys) -> None:
@@ -161,12 +185,28 @@ async def test_same_task_id_published_twice_runs_once(client: Redis, keys: Keys)
 
 async def test_deadline_past_expires_without_running(client: Redis, keys: Keys) -> None:
     past = (datetime.now(UTC) - timedelta(seconds=1)).isoformat()
-    await xadd_task(client, keys, {"task_id": "late", "model": "echo", "prompt": "x", "deadline": past})
+    await xadd_task(
+        client, keys, {"task_id": "late", "model": "echo", "prompt": "x", "deadline": past}
+    )
     async with running_worker(client, keys, tokens_per_s=20):
         [result] = await wait_results(client, keys, 1)
-        await xadd_task(client, keys, {"task_id": "slow", "model": "echo", "prompt": "a b c", "max_tokens": 100, "timeout_s": 0.3})
+        await xadd_task(
+            client,
+            keys,
+            {
+                "task_id": "slow",
+                "model": "echo",
+                "prompt": "a b c",
+                "max_tokens": 100,
+                "timeout_s": 0.3,
+            },
+        )
         slow = (await wait_results(client, keys, 2))[1]
-    assert result.state == TaskState.EXPIRED and result.finish_reason == "deadline" and result.text == ""
+    assert (
+        result.state == TaskState.EXPIRED
+        and result.finish_reason == "deadline"
+        and result.text == ""
+    )
     assert slow.state == TaskState.EXPIRED and slow.finish_reason == "deadline"
     # stopped at the deadline, keeping what was generated so far
     assert slow.text and 1 <= len(slow.text.split()) < 100
@@ -191,4 +231,6 @@ async def _state(client: Redis, keys: Keys, task_id: str, state: str) -> bool:
 
 
 async def _pending_zero(client: Redis, keys: Keys, partition: str = "normal") -> bool:
-    return (await client.xpending(keys.tasks("default", partition), "workers"))["pending"] == 0
+    return bool(
+        (await client.xpending(keys.tasks("default", partition), "workers"))["pending"] == 0
+    )

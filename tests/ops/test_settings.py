@@ -22,7 +22,7 @@ def test_names_fixed_by_the_architecture(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("SOP_REDIS_URL", "SOP_PARTITIONS", "SOP_NAMESPACE"):
         monkeypatch.delenv(name, raising=False)
-    s = Settings(_env_file=None)  # type: ignore[call-arg]
+    s = Settings(_env_file=None)
     assert s.redis_url is None and s.namespace == "sop"
     assert s.partitions == ("high", "normal", "low")
     assert (s.echo_slots, s.echo_tokens_per_s, s.max_prompt_bytes) == (64, 0.0, 1 << 20)

@@ -84,7 +84,9 @@ async def test_health(private_redis: RedisServer, namespace: str) -> None:
 
 
 async def test_bearer_token(client: Redis, redis_url: str, namespace: str) -> None:
-    side = Sidecar(client=client, settings=_settings(redis_url, namespace, sidecar_token=SecretStr("s3cret")))
+    side = Sidecar(
+        client=client, settings=_settings(redis_url, namespace, sidecar_token=SecretStr("s3cret"))
+    )
     async with side.running(), aiohttp.ClientSession() as http:
         base = f"http://127.0.0.1:{side.port}"
         async with http.get(f"{base}/v1/queue") as r:

@@ -38,7 +38,10 @@ def test_temperature_zero_is_kept() -> None:
         ('{"model": "echo", "prompt": "x", "webhook_url": "ftp://x"}', "webhook_url:"),
         ('{"model": "echo", "prompt": "x", "deadline": "2030-01-01T00:00:00"}', "deadline:"),
         ('{"model": "echo"}', "exactly one of 'prompt' and 'messages'"),
-        ('{"model": "echo", "prompt": "x", "messages": [{"role": "user", "content": "y"}]}', "exactly one"),
+        (
+            '{"model": "echo", "prompt": "x", "messages": [{"role": "user", "content": "y"}]}',
+            "exactly one",
+        ),
         ('{"model": "echo", "messages": [{"role": "robot", "content": "y"}]}', "messages.0.role"),
         ("not json", "Invalid JSON"),
     ],

@@ -7,7 +7,7 @@ import asyncio
 from redis.asyncio import Redis
 
 from schemas.result import TaskResult, TaskState, WebhookJob
-from streams.entries import Entry
+from streams.entries import Entry, entries_from_read
 from streams.keys import TASK_GROUP, Keys
 from streams.leases import Lease, Reclaimer
 from streams.outcome import Finish, Outcomes, Start
@@ -18,13 +18,16 @@ async def _one_entry(client: Redis, keys: Keys, consumer: str) -> Entry:
     stream = keys.tasks("default", "normal")
     await ensure_groups(client, [stream], TASK_GROUP)
     await client.xadd(stream, {"type": "task.submitted", "data": '{"model":"echo","prompt":"x"}'})
-    reply = await client.xreadgroup(TASK_GROUP, consumer, {stream: ">"}, count=1)
-    eid, fields = reply[0][1][0]
-    return Entry.from_reply(stream, eid, fields)
+    [entry] = entries_from_read(
+        await client.xreadgroup(TASK_GROUP, consumer, {stream: ">"}, count=1)
+    )
+    return entry
 
 
 def _result(task_id: str, worker: str) -> TaskResult:
-    return TaskResult(task_id=task_id, state=TaskState.COMPLETED, text=worker, finished_at=1, worker=worker)
+    return TaskResult(
+        task_id=task_id, state=TaskState.COMPLETED, text=worker, finished_at=1, worker=worker
+    )
 
 
 async def test_two_racing_attempts_write_one_result(client: Redis, keys: Keys) -> None:
@@ -34,8 +37,14 @@ async def test_two_racing_attempts_write_one_result(client: Redis, keys: Keys) -
     [ra] = await a.begin([Start(entry=entry, task_id="t1", model="echo")], now_ms=1)
     [rb] = await b.begin([Start(entry=entry, task_id="t1", model="echo")], now_ms=2)
     assert (ra.verdict, ra.attempts, rb.verdict, rb.attempts) == ("run", 1, "run", 2)
-    job = WebhookJob(delivery_id="d1", task_id="t1", url="https://x.test/h", event="task.completed",
-                     payload=_result("t1", "a"), created_at=1)  # fmt: skip
+    job = WebhookJob(
+        delivery_id="d1",
+        task_id="t1",
+        url="https://x.test/h",
+        event="task.completed",
+        payload=_result("t1", "a"),
+        created_at=1,
+    )
     won = await asyncio.gather(
         a.finish(Finish(entry=entry, result=_result("t1", "a"), webhook=job, reply_to="svc")),
         b.finish(Finish(entry=entry, result=_result("t1", "b"), webhook=job, reply_to="svc")),
@@ -54,7 +63,10 @@ async def test_two_racing_attempts_write_one_result(client: Redis, keys: Keys) -
 async def test_attempt_limit_backstop(client: Redis, keys: Keys) -> None:
     entry = await _one_entry(client, keys, "a")
     o = Outcomes(client=client, keys=keys, worker="a", status_ttl_s=60, max_attempts=2)
-    verdicts = [(await o.begin([Start(entry=entry, task_id="t2", model="echo")], now_ms=1))[0].verdict for _ in range(3)]
+    verdicts = [
+        (await o.begin([Start(entry=entry, task_id="t2", model="echo")], now_ms=1))[0].verdict
+        for _ in range(3)
+    ]
     assert verdicts == ["run", "run", "exhausted"]
 
 
@@ -69,7 +81,9 @@ async def test_reclaim_only_from_expired_leases(client: Redis, keys: Keys) -> No
     [claimed] = await reclaimer.reclaim(10)
     assert claimed.entry_id == entry.entry_id and claimed.fields == entry.fields
     assert await reclaimer.reclaim(10) == []  # the next pass prunes the dead, now empty, consumer
-    consumers = {c["name"]: c["pending"] for c in await client.xinfo_consumers(entry.stream, TASK_GROUP)}
+    consumers = {
+        c["name"]: c["pending"] for c in await client.xinfo_consumers(entry.stream, TASK_GROUP)
+    }
     assert consumers == {b"rescuer": 1}
 
 

@@ -5,11 +5,16 @@ import asyncio
 import pytest
 from redis.asyncio import Redis
 
-from schemas.errors import DuplicateTaskIdError, IdempotencyConflictError, InvalidTaskError, WaitTimeoutError
+from schemas.errors import (
+    DuplicateTaskIdError,
+    IdempotencyConflictError,
+    InvalidTaskError,
+    WaitTimeoutError,
+)
 from schemas.result import TaskState
 from streams.keys import Keys
 from streams.producer import Producer, ProducerConfig
-from tests.harness import running_worker, wait_results
+from tests.harness import running_worker, stream_entries, wait_results
 
 
 @pytest.fixture
@@ -17,16 +22,18 @@ async def producer(client: Redis, namespace: str) -> Producer:
     return Producer(ProducerConfig(namespace=namespace), client=client)
 
 
-async def test_submit_writes_entry_and_queued_status(producer: Producer, client: Redis, keys: Keys) -> None:
+async def test_submit_writes_entry_and_queued_status(
+    producer: Producer, client: Redis, keys: Keys
+) -> None:
     task_id = await producer.submit("echo", "hello", priority="high", temperature=0)
-    entries = await client.xrange(keys.tasks("default", "high"))
+    entries = await stream_entries(client, keys.tasks("default", "high"))
     assert len(entries) == 1
-    assert entries[0][1][b"type"] == b"task.submitted"
-    assert b'"temperature":0.0' in entries[0][1][b"data"]
+    assert entries[0].type == "task.submitted"
+    assert b'"temperature":0.0' in (entries[0].data or b"")
     record = await producer.status(task_id)
     assert record is not None
     assert record.state == TaskState.QUEUED
-    assert record.entry_id == entries[0][0].decode()
+    assert record.entry_id == entries[0].entry_id
 
 
 async def test_fifty_concurrent_submissions_with_one_key_make_one_task(
@@ -60,13 +67,17 @@ async def test_task_id_reuse_is_refused(producer: Producer) -> None:
         await producer.submit("echo", "one", task_id="fixed-1")
 
 
-async def test_bad_input_is_refused_before_publishing(producer: Producer, client: Redis, keys: Keys) -> None:
+async def test_bad_input_is_refused_before_publishing(
+    producer: Producer, client: Redis, keys: Keys
+) -> None:
     with pytest.raises(InvalidTaskError, match="temperature"):
         await producer.submit("echo", "x", temperature=9)
     with pytest.raises(InvalidTaskError, match="priority: 'urgent' is not a partition"):
         await producer.submit("echo", "x", priority="urgent")
     with pytest.raises(InvalidTaskError, match="over the limit"):
-        await Producer(ProducerConfig(namespace=keys.namespace, max_prompt_bytes=4), client=client).submit("echo", "hello")
+        await Producer(
+            ProducerConfig(namespace=keys.namespace, max_prompt_bytes=4), client=client
+        ).submit("echo", "hello")
     assert await client.exists(keys.tasks("default", "normal")) == 0
 
 
@@ -76,7 +87,9 @@ async def test_wait_times_out_clearly(producer: Producer) -> None:
         await producer.wait(task_id, timeout=0.3)
 
 
-async def test_results_through_a_group_and_reply_to(producer: Producer, client: Redis, keys: Keys) -> None:
+async def test_results_through_a_group_and_reply_to(
+    producer: Producer, client: Redis, keys: Keys
+) -> None:
     mine = await producer.submit("echo", "mine", reply_to="billing")
     other = await producer.submit("echo", "other")
     async with running_worker(client, keys):
