@@ -1,9 +1,9 @@
 """The task worker: pull when ready, run, write exactly one outcome.
 
 One loop takes free slots, then reads at most that many entries (highest partition first); each
-entry becomes an asyncio task that holds its slot until its terminal write has been acknowledged
-by Redis. A second loop reclaims entries of workers whose lease expired; a third keeps this
-worker's lease alive.
+entry becomes an asyncio task that holds its slot until its outcome is written. Beside it run
+the reclaimer (entries of workers whose lease expired), the lease renewal, the control reader
+(cancellations), the retry mover (due retries back to their partitions) and the trimmer.
 """
 
 from __future__ import annotations
@@ -11,33 +11,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
-from handlers.logctx import bind
-from handlers.prepare import Prepared, now_ms, prepare
-from providers.base import GenerationRequest
+from handlers.policy import RetryPolicy
+from handlers.prepare import now_ms, prepare
+from handlers.runner import REDIS_TROUBLE, TaskRunner
 from providers.registry import ModelRegistry
-from schemas.errors import ErrorCode, SopError
-from schemas.result import DeadLetter, ErrorInfo, TaskResult, TaskState, Usage, WebhookJob
+from streams.control import cancel_task, control_events
 from streams.dispatch import PriorityReader
 from streams.entries import Entry
 from streams.keys import TASK_GROUP, Keys
 from streams.leases import Lease, Reclaimer
-from streams.outcome import BeginReply, Finish, Outcomes, Start
+from streams.outcome import BeginReply, Outcomes, Start
+from streams.retention import Retention, trim_all
+from streams.retry import move_due
 from streams.topology import Backoff, ensure_groups
 
 log = logging.getLogger(__name__)
-
-# errors that say the task itself is bad: it is dead-lettered with its raw entry
-_INPUT_ERRORS = frozenset(
-    {ErrorCode.INVALID_EVENT, ErrorCode.MODEL_NOT_FOUND, ErrorCode.IDEMPOTENCY_CONFLICT}
-)
-_REDIS_TROUBLE = (RedisError, OSError, TimeoutError, ConnectionError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +49,10 @@ class WorkerConfig:
     max_prompt_bytes: int = 1 << 20
     max_metadata_bytes: int = 16 << 10
     shutdown_grace_s: float = 30.0
+    retry_poll_ms: int = 250
+    retry: RetryPolicy = RetryPolicy()
+    retention: Retention = Retention()
+    trim_interval_s: float = 60.0
 
     def streams(self, keys: Keys) -> list[str]:
         """Task partitions in read order: priority-major, pools interleaved."""
@@ -70,35 +67,28 @@ class Worker:
             raise ValueError("a worker needs at least one slot")
         self._client = client
         self._keys = keys
-        self._registry = registry
         self._config = config
         streams = config.streams(keys)
         self._streams = streams
         self._reader = PriorityReader(
-            client=client,
-            streams=streams,
-            consumer=config.consumer,
-            block_ms=config.block_ms,
-            aging_ms=config.aging_ms,
-            aging_check_ms=config.aging_check_ms,
-        )
+            client=client, streams=streams, consumer=config.consumer, block_ms=config.block_ms,
+            aging_ms=config.aging_ms, aging_check_ms=config.aging_check_ms,
+        )  # fmt: skip
         self._reclaimer = Reclaimer(
             client=client, keys=keys, streams=streams, consumer=config.consumer
         )
         self._lease = Lease(
-            client=client,
-            keys=keys,
-            consumer=config.consumer,
-            ttl_ms=config.lease_ttl_ms,
+            client=client, keys=keys, consumer=config.consumer, ttl_ms=config.lease_ttl_ms,
             info={"pools": ",".join(config.pools), "slots": str(config.slots)},
-        )
+        )  # fmt: skip
         self._outcomes = Outcomes(
-            client=client,
-            keys=keys,
-            worker=config.consumer,
-            status_ttl_s=config.status_ttl_s,
-            max_attempts=config.max_attempts,
-        )
+            client=client, keys=keys, worker=config.consumer,
+            status_ttl_s=config.status_ttl_s, max_attempts=config.max_attempts,
+        )  # fmt: skip
+        self._runner = TaskRunner(
+            registry=registry, outcomes=self._outcomes, policy=config.retry,
+            consumer=config.consumer, max_attempts=config.max_attempts,
+        )  # fmt: skip
         self._inflight: set[asyncio.Task[None]] = set()
         self._slot_freed = asyncio.Event()
         self._intake = asyncio.Lock()
@@ -127,19 +117,34 @@ class Worker:
         """Work until ``stop`` is set, then drain: in-flight tasks get ``shutdown_grace_s`` to
         finish; the rest are cancelled unacknowledged, left pending for another worker."""
         await self._start_up(stop)
+        if stop.is_set():
+            return
         lease_stop = asyncio.Event()
         try:
             async with asyncio.TaskGroup() as tg:
                 lease_task = tg.create_task(self._lease.run(lease_stop))
-                tg.create_task(self._consume(stop, tg))
-                tg.create_task(self._reclaim_loop(stop, tg))
+                side = [
+                    tg.create_task(self._consume(stop, tg)),
+                    tg.create_task(
+                        self._periodic(
+                            stop, self._config.reclaim_interval_ms / 1000, self._reclaim_once(tg)
+                        )
+                    ),
+                    tg.create_task(
+                        self._periodic(stop, self._config.retry_poll_ms / 1000, self._move_retries)
+                    ),
+                    tg.create_task(self._periodic(stop, self._config.trim_interval_s, self._trim)),
+                    tg.create_task(self._control(stop)),
+                ]
                 await stop.wait()
                 await self._drain()
+                for task in side:
+                    task.cancel()
                 lease_stop.set()
                 await lease_task
         finally:
             self._ready = False
-            with contextlib.suppress(*_REDIS_TROUBLE):
+            with contextlib.suppress(*REDIS_TROUBLE):
                 async with asyncio.timeout(2):
                     # leave at once: our unfinished entries become claimable without waiting
                     await self._lease.release()
@@ -156,7 +161,7 @@ class Worker:
                     "worker started", extra={"consumer": self.consumer, "slots": self._config.slots}
                 )
                 return
-            except _REDIS_TROUBLE as exc:
+            except REDIS_TROUBLE as exc:
                 if backoff.failures == 0:
                     log.warning("redis unavailable at start, retrying", extra={"error": repr(exc)})
                 await backoff.sleep(stop)
@@ -175,18 +180,21 @@ class Worker:
                 )
                 await asyncio.wait(pending)
 
+    async def _wait_for_slot(self, stop: asyncio.Event) -> None:
+        self._slot_freed.clear()
+        stop_wait = asyncio.ensure_future(stop.wait())
+        slot_wait = asyncio.ensure_future(self._slot_freed.wait())
+        try:
+            await asyncio.wait({stop_wait, slot_wait}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop_wait.cancel()
+            slot_wait.cancel()
+
     async def _consume(self, stop: asyncio.Event, tg: asyncio.TaskGroup) -> None:
         backoff = Backoff(base=0.05, cap=2.0)
         while not stop.is_set():
             if self._free() <= 0:
-                self._slot_freed.clear()
-                stop_wait = asyncio.ensure_future(stop.wait())
-                slot_wait = asyncio.ensure_future(self._slot_freed.wait())
-                try:
-                    await asyncio.wait({stop_wait, slot_wait}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    stop_wait.cancel()
-                    slot_wait.cancel()
+                await self._wait_for_slot(stop)
                 continue
             try:
                 async with self._intake:
@@ -196,9 +204,9 @@ class Worker:
                         await self._admit(entries, tg)
                 if backoff.failures:
                     log.info("redis reachable again")
-                    self._ready = True
+                self._ready = True
                 backoff.reset()
-            except _REDIS_TROUBLE as exc:
+            except REDIS_TROUBLE as exc:
                 if backoff.failures == 0:
                     log.warning("redis unavailable, retrying", extra={"error": repr(exc)})
                 self._ready = False
@@ -208,21 +216,72 @@ class Worker:
                 log.exception("consume loop error")
                 await backoff.sleep(stop)
 
-    async def _reclaim_loop(self, stop: asyncio.Event, tg: asyncio.TaskGroup) -> None:
-        interval = self._config.reclaim_interval_ms / 1000
+    async def _periodic(
+        self, stop: asyncio.Event, interval: float, job: Callable[[], Awaitable[None]]
+    ) -> None:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=interval)
-            if stop.is_set() or self._free() <= 0:
-                continue
+            if stop.is_set():
+                return
             try:
-                async with self._intake:
-                    async with asyncio.timeout(10):
-                        entries = await self._reclaimer.reclaim(self._free())
-                    if entries:
-                        await self._admit(entries, tg)
-            except _REDIS_TROUBLE as exc:
-                log.debug("reclaim skipped", extra={"error": repr(exc)})
+                async with asyncio.timeout(max(10.0, interval)):
+                    await job()
+            except REDIS_TROUBLE as exc:
+                log.debug(
+                    "periodic job skipped",
+                    extra={"job": getattr(job, "__name__", "job"), "error": repr(exc)},
+                )
+
+    def _reclaim_once(self, tg: asyncio.TaskGroup) -> Callable[[], Awaitable[None]]:
+        async def reclaim() -> None:
+            if self._free() <= 0:
+                return
+            async with self._intake:
+                entries = await self._reclaimer.reclaim(self._free())
+                if entries:
+                    await self._admit(entries, tg)
+
+        return reclaim
+
+    async def _move_retries(self) -> None:
+        await move_due(self._client, self._keys, now_ms())
+
+    async def _trim(self) -> None:
+        # one trimmer at a time across the fleet
+        if await self._client.set(
+            self._keys.trim_lock,
+            self.consumer,
+            nx=True,
+            ex=max(5, int(self._config.trim_interval_s)),
+        ):
+            await trim_all(
+                self._client, self._keys, self._streams, self._config.retention, now_ms()
+            )
+
+    async def _control(self, stop: asyncio.Event) -> None:
+        backoff = Backoff(base=0.1, cap=5.0)
+        while not stop.is_set():
+            try:
+                async for task_id in control_events(
+                    self._client, self._keys, block_ms=self._config.block_ms
+                ):
+                    backoff.reset()
+                    if self._runner.cancel(task_id):
+                        log.info(
+                            "cancel requested, stopping the generation", extra={"task_id": task_id}
+                        )
+                    else:
+                        # not running here: end it if it is still queued (plain-XADD cancels)
+                        await cancel_task(
+                            self._client,
+                            self._keys,
+                            task_id,
+                            status_ttl_s=self._config.status_ttl_s,
+                            notify=False,
+                        )
+            except REDIS_TROUBLE:
+                await backoff.sleep(stop)
 
     async def _admit(self, entries: list[Entry], tg: asyncio.TaskGroup) -> None:
         """Begin a read batch in one round trip and start a task per runnable entry."""
@@ -236,212 +295,38 @@ class Worker:
             )
             for e in entries
         ]
-        valid = [p for p in prepared if p.event is not None]
-        starts = [
-            Start(
-                entry=p.entry,
-                task_id=p.task_id,
-                model=p.model,
-                payload_hash=p.event.payload_hash() if p.event.idempotency_key is not None else "",
-                idempotency_key=p.event.idempotency_key,
-            )
-            for p in valid
-            if p.event is not None
-        ]
-        replies = dict(
-            zip((id(p) for p in valid), await self._outcomes.begin(starts, now_ms()), strict=True)
-        )
+        starts: list[Start] = []
         for p in prepared:
-            reply = replies.get(id(p), BeginReply("run", attempts=1))
+            event = p.event
+            if event is None:
+                continue
+            keyed = event.idempotency_key is not None
+            starts.append(
+                Start(
+                    entry=p.entry,
+                    task_id=p.task_id,
+                    model=p.model,
+                    payload_hash=event.payload_hash() if keyed else "",
+                    idempotency_key=event.idempotency_key,
+                    reply_to=event.reply_to,
+                    webhook_url=event.webhook_url,
+                    max_attempts=event.max_attempts or cfg.max_attempts,
+                )  # fmt: skip
+            )
+        replies = iter(await self._outcomes.begin(starts, now_ms()))
+        for p in prepared:
+            # invalid entries skip `begin`: they end at once, as their first attempt
+            reply = next(replies) if p.event is not None else BeginReply("run", attempts=1)
             if reply.verdict in ("done", "duplicate"):
                 log.info(
                     "entry skipped",
                     extra={"task_id": p.task_id, "verdict": reply.verdict, "other": reply.other},
                 )
                 continue
-            task = tg.create_task(self._handle(p, reply))
+            task = tg.create_task(self._runner.run(p, reply))
             self._inflight.add(task)
             task.add_done_callback(self._release)
 
     def _release(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
         self._slot_freed.set()
-
-    async def _handle(self, p: Prepared, begin: BeginReply) -> None:
-        bind(task_id=p.task_id, stream=p.entry.stream, entry_id=p.entry.entry_id, model=p.model)
-        started = now_ms()
-        if p.error_code is not None:
-            result = self._failed(p, begin.attempts, started, p.error_code, p.error)
-        elif begin.verdict == "conflict":
-            result = self._failed(
-                p,
-                begin.attempts,
-                started,
-                ErrorCode.IDEMPOTENCY_CONFLICT,
-                f"idempotency_key is bound to task {begin.other} with a different payload",
-            )
-        elif begin.verdict == "exhausted":
-            result = self._failed(
-                p,
-                begin.attempts,
-                started,
-                ErrorCode.MAX_ATTEMPTS,
-                f"delivered {begin.attempts} times, over the limit of {self._config.max_attempts}",
-            )
-        else:
-            result = await self._execute(p, begin.attempts, started)
-        await self._write(p, result)
-
-    async def _execute(self, p: Prepared, attempts: int, started: int) -> TaskResult:
-        event = p.event
-        assert event is not None
-        deadline = p.deadline_ms()
-        if deadline is not None and started >= deadline:
-            return self._result(
-                p, attempts, started, TaskState.EXPIRED, finish_reason="deadline", text=""
-            )
-        parts: list[str] = []
-        try:
-            binding = self._registry.resolve(event.model)
-            request = GenerationRequest(
-                model=event.model,
-                prompt=event.prompt,
-                messages=event.messages,
-                temperature=event.temperature,
-                top_p=event.top_p,
-                max_tokens=event.max_tokens,
-                stop=tuple(event.stop or ()),
-                seed=event.seed,
-                response_format=event.response_format,
-            )
-            timeout = None if deadline is None else max(0.0, (deadline - now_ms()) / 1000)
-            async with asyncio.timeout(timeout):
-                async with binding.limit:
-                    gen = await binding.provider.generate(request, on_delta=parts.append)
-        except TimeoutError:
-            return self._result(
-                p,
-                attempts,
-                started,
-                TaskState.EXPIRED,
-                finish_reason="deadline",
-                text="".join(parts),
-            )
-        except SopError as exc:
-            return self._failed(p, attempts, started, exc.code, exc.message)
-        except Exception as exc:
-            # a provider bug must not take the worker down: the task fails, the loop goes on
-            log.exception("provider raised an unexpected error")
-            return self._failed(
-                p, attempts, started, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"
-            )
-        return self._result(
-            p,
-            attempts,
-            started,
-            TaskState.COMPLETED,
-            text=gen.text,
-            finish_reason=gen.finish_reason,
-            usage=gen.usage,
-        )
-
-    def _failed(
-        self, p: Prepared, attempts: int, started: int, code: ErrorCode, message: str
-    ) -> TaskResult:
-        return self._result(
-            p,
-            attempts,
-            started,
-            TaskState.FAILED,
-            finish_reason="error",
-            error=ErrorInfo(code=code, message=message),
-        )
-
-    def _result(
-        self,
-        p: Prepared,
-        attempts: int,
-        started: int,
-        state: TaskState,
-        *,
-        text: str | None = None,
-        finish_reason: str | None = None,
-        usage: Usage | None = None,
-        error: ErrorInfo | None = None,
-    ) -> TaskResult:
-        finished = now_ms()
-        return TaskResult.model_validate(
-            {
-                "task_id": p.task_id,
-                "state": state,
-                "model": p.model or None,
-                "text": text,
-                "finish_reason": finish_reason,
-                "usage": usage,
-                "queued_ms": max(0, started - p.entry.timestamp_ms),
-                "run_ms": max(0, finished - started),
-                "worker": self._config.consumer,
-                "attempts": attempts,
-                "error": error,
-                "metadata": p.event.metadata if p.event else None,
-                "finished_at": finished,
-            }
-        )
-
-    async def _write(self, p: Prepared, result: TaskResult) -> None:
-        event = p.event
-        dead = None
-        if result.error is not None and (
-            result.error.code in _INPUT_ERRORS or result.error.code == ErrorCode.MAX_ATTEMPTS
-        ):
-            dead = DeadLetter(
-                source_stream=p.entry.stream,
-                entry_id=p.entry.entry_id,
-                task_id=p.task_id,
-                reason=result.error.code,
-                message=result.error.message,
-                attempts=result.attempts,
-                fields=p.entry.printable_fields(),
-                dead_at=result.finished_at,
-            )
-        webhook = None
-        if event is not None and event.webhook_url:
-            webhook = WebhookJob(
-                delivery_id=f"msg_{uuid.uuid4().hex}",
-                task_id=p.task_id,
-                url=event.webhook_url,
-                event=f"task.{result.state.value}",
-                payload=result,
-                created_at=result.finished_at,
-            )
-        fin = Finish(
-            entry=p.entry,
-            result=result,
-            reply_to=event.reply_to if event else None,
-            idempotency_key=event.idempotency_key if event else None,
-            webhook=webhook,
-            dead=dead,
-        )
-        # the final write is shielded: a shutdown does not cut it in half; Redis trouble is
-        # retried until it lands (the entry stays pending meanwhile, so nothing is lost)
-        backoff = Backoff(base=0.05, cap=2.0)
-        while True:
-            try:
-                written = await asyncio.shield(self._finish(fin))
-            except _REDIS_TROUBLE as exc:
-                if backoff.failures == 0:
-                    log.warning("terminal write failed, retrying", extra={"error": repr(exc)})
-                await backoff.sleep()
-                continue
-            if written:
-                log.info(
-                    "task finished",
-                    extra={"state": result.state.value, "attempts": result.attempts},
-                )
-            else:
-                log.info("task already finished by another attempt")
-            return
-
-    async def _finish(self, fin: Finish) -> bool:
-        async with asyncio.timeout(15):
-            return await self._outcomes.finish(fin)

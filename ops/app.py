@@ -8,8 +8,9 @@ import logging
 from collections.abc import AsyncIterator
 
 from pydantic import SecretStr
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
+from handlers.policy import RetryPolicy
 from handlers.tasks import Worker, WorkerConfig
 from ops.embedded import embedded_redis
 from ops.settings import Settings, redact_url
@@ -17,6 +18,7 @@ from ops.sidecar import Sidecar
 from providers.echo import EchoProvider
 from providers.registry import ModelRegistry
 from streams.keys import Keys
+from streams.retention import Retention
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +31,15 @@ def build_registry(settings: Settings) -> ModelRegistry:
     return registry
 
 
-def redis_client(url: str) -> Redis:
-    # socket timeout above the longest blocking read; keepalive checks for half-open links
-    return Redis.from_url(
-        url,
-        socket_timeout=15,
-        socket_connect_timeout=5,
-        health_check_interval=15,
-        retry_on_timeout=False,
-        max_connections=64,
-    )
+def redis_client(url: str, *, max_connections: int = 64) -> Redis:
+    """A client whose pool makes callers wait for a free connection (up to 20 s) instead of
+    failing when a burst needs more than ``max_connections``. The socket timeout sits above the
+    longest blocking read; health checks catch half-open links."""
+    pool = BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=20, socket_timeout=15,
+        socket_connect_timeout=5, health_check_interval=15,
+    )  # fmt: skip
+    return Redis(connection_pool=pool)
 
 
 def build_worker(settings: Settings, client: Redis, registry: ModelRegistry) -> Worker:
@@ -58,6 +59,14 @@ def build_worker(settings: Settings, client: Redis, registry: ModelRegistry) -> 
         max_prompt_bytes=settings.max_prompt_bytes,
         max_metadata_bytes=settings.max_metadata_bytes,
         shutdown_grace_s=settings.shutdown_grace_s,
+        retry_poll_ms=settings.retry_poll_ms,
+        retry=RetryPolicy(base_s=settings.retry_base_s, max_s=settings.retry_max_s),
+        retention=Retention(
+            tasks_ms=settings.retention_s * 1000,
+            results_ms=settings.results_retention_s * 1000,
+            dead_ms=settings.dead_retention_s * 1000,
+        ),
+        trim_interval_s=settings.trim_interval_s,
     )
     return Worker(client=client, keys=Keys(settings.namespace), registry=registry, config=config)
 

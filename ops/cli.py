@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ops import logs
+from ops import dead_cli, logs
 from ops.app import redis_client, serve
 from ops.settings import Settings
 from schemas.errors import SopError
@@ -58,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--timeout", type=float, default=0, help="stop after this many seconds without entries"
     )
+    dead_cli.add_parser(sub)
     return p
 
 
@@ -171,6 +172,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return int(runner(_status(settings, args.task_id)))
             case "tail":
                 return int(runner(_tail(settings, args)))
+            case "cancel":
+                return runner(dead_cli.run_cancel(settings, args.task_id))
+            case "dead":
+                return runner(dead_cli.run_dead(settings, args))
     except SopError as exc:
         print(f"sop-llm: {exc.code.value}: {exc}", file=sys.stderr)
         return 1

@@ -97,6 +97,14 @@ class Settings(BaseSettings):
         default=30.0, ge=0.0, description="Time in-flight tasks get to finish after SIGTERM."
     )
 
+    max_backlog: int = Field(default=0, ge=0, description="Refuse submissions while a partition holds this many unfinished tasks (0: no limit).")
+    retry_base_s: float = Field(default=1.0, gt=0, description="First retry delay after a retryable error (doubles per attempt, with jitter).")
+    retry_max_s: float = Field(default=300.0, gt=0, description="Longest retry delay (a provider's Retry-After is honoured up to an hour).")
+    retry_poll_ms: int = Field(default=250, ge=10, description="How often due retries are moved back to their partition.")
+    retention_s: int = Field(default=7 * 86_400, ge=60, description="Task streams and the webhook stream keep entries this long (never past a pending or undelivered one).")
+    results_retention_s: int = Field(default=7 * 86_400, ge=60, description="Retention of the results streams and control events.")
+    dead_retention_s: int = Field(default=30 * 86_400, ge=60, description="Retention of the dead-letter streams.")
+    trim_interval_s: float = Field(default=60.0, gt=0, description="How often one worker of the fleet trims the streams.")
     data_dir: Path = Field(
         default=Path(".sop-data"), description="Where the embedded Redis keeps its data."
     )
@@ -164,6 +172,8 @@ class Settings(BaseSettings):
             default_priority=self.partitions[len(self.partitions) // 2],
             max_prompt_bytes=self.max_prompt_bytes,
             max_metadata_bytes=self.max_metadata_bytes,
+            max_backlog=self.max_backlog,
+            status_ttl_s=self.status_ttl_s,
         )
 
 

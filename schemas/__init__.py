@@ -1,6 +1,7 @@
 """Wire models of sop-llm: task events, results, status records, webhook jobs, dead letters."""
 
 from schemas.errors import (
+    BacklogFullError,
     DuplicateTaskIdError,
     ErrorCode,
     IdempotencyConflictError,
@@ -33,6 +34,7 @@ from schemas.task import (
 from schemas.wire import WIRE_VERSION, EventType
 
 __all__ = [
+    "BacklogFullError",
     "TERMINAL_STATES",
     "WIRE_VERSION",
     "ChatMessage",

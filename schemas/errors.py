@@ -16,6 +16,7 @@ class ErrorCode(StrEnum):
     MODEL_NOT_FOUND = "model_not_found"
     IDEMPOTENCY_CONFLICT = "idempotency_conflict"
     DUPLICATE_TASK_ID = "duplicate_task_id"
+    BACKLOG_FULL = "backlog_full"
     # execution problems
     MAX_ATTEMPTS = "max_attempts"
     RATE_LIMITED = "rate_limited"
@@ -66,6 +67,12 @@ class IdempotencyConflictError(SopError):
 
 class DuplicateTaskIdError(SopError):
     code = ErrorCode.DUPLICATE_TASK_ID
+
+
+class BacklogFullError(SopError):
+    """The partition's backlog is over ``SOP_MAX_BACKLOG``: try again later."""
+
+    code = ErrorCode.BACKLOG_FULL
 
 
 class WaitTimeoutError(SopError, TimeoutError):

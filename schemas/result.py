@@ -119,4 +119,7 @@ class DeadLetter(_Strict):
     fields: dict[str, str] = Field(
         description="the raw entry; values that are not UTF-8 are given as 'base64:' + data"
     )
+    errors: list[ErrorInfo] = Field(
+        default_factory=list, description="each attempt's error, oldest first"
+    )
     dead_at: int

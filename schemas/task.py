@@ -105,6 +105,7 @@ class TaskEvent(_Strict):
     deadline: datetime | None = None
     timeout_s: Annotated[float, Field(gt=0.0, le=7 * 86400)] | None = None
     reply_to: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_\-]{1,64}$")] | None = None
+    max_attempts: Annotated[int, Field(ge=1, le=100)] | None = None
     metadata: dict[str, JsonValue] | None = None
 
     @field_validator("stop", mode="before")

@@ -30,3 +30,4 @@ class EventType(StrEnum):
     TASK_EXPIRED = "task.expired"
     TASK_DEAD = "task.dead"
     WEBHOOK_DELIVERY = "webhook.delivery"
+    TASK_CANCEL = "task.cancel"

@@ -35,6 +35,11 @@ F_WEBHOOK_STATE: Final = "webhook_state"  # pending | delivered | failed
 F_WEBHOOK_ATTEMPTS: Final = "webhook_attempts"
 F_WEBHOOK_LAST_STATUS: Final = "webhook_last_status"  # HTTP status code, or "" when none came back
 F_WEBHOOK_LAST_ERROR: Final = "webhook_last_error"  # error class of the last failed attempt
+F_REPLY_TO: Final = "reply_to"
+F_WEBHOOK_URL: Final = "webhook_url"
+F_CANCEL_REQUESTED: Final = "cancel_requested"
+F_ERRORS: Final = "errors"  # JSON list of the errors of earlier attempts
+F_RETRY_AT: Final = "retry_at"
 
 _NAMESPACE_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}$")
 
@@ -55,6 +60,25 @@ class Keys:
 
     def tasks(self, pool: str, partition: str) -> str:
         return f"{self.prefix}:tasks:{pool}:{partition}"
+
+    @property
+    def tasks_delayed(self) -> str:
+        """Sorted set of task retries waiting for their time (score: due, ms since the epoch)."""
+        return f"{self.prefix}:tasks:delayed"
+
+    @property
+    def control(self) -> str:
+        """Control events (``task.cancel``) every worker reads."""
+        return f"{self.prefix}:control"
+
+    @property
+    def reply_streams(self) -> str:
+        """Set of the ``reply_to`` names in use, so their result streams can be trimmed."""
+        return f"{self.prefix}:reply-streams"
+
+    @property
+    def trim_lock(self) -> str:
+        return f"{self.prefix}:lock:trim"
 
     @property
     def results(self) -> str:

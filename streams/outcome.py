@@ -8,19 +8,28 @@ event-loop tick are written together in one pipeline (one round trip), each atom
 from __future__ import annotations
 
 import asyncio
+import json
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from redis.asyncio import Redis
 
-from schemas.result import DeadLetter, TaskResult, WebhookJob
+from schemas.result import DeadLetter, ErrorInfo, TaskResult, WebhookJob
 from schemas.wire import EventType
 from streams.entries import Entry, text
 from streams.keys import TASK_GROUP, Keys
-from streams.scripts import BEGIN_SCRIPT, FINISH_SCRIPT, EncodableT, ScriptCall, run_batch
+from streams.scripts import (
+    BEGIN_SCRIPT,
+    FINISH_SCRIPT,
+    RETRY_SCRIPT,
+    EncodableT,
+    ScriptCall,
+    run_batch,
+)
 
-Verdict = Literal["run", "done", "duplicate", "conflict", "exhausted"]
+Verdict = Literal["run", "done", "duplicate", "conflict", "exhausted", "cancelled"]
 
 _RESULT_TYPES = {
     "completed": EventType.TASK_COMPLETED,
@@ -39,6 +48,9 @@ class Start:
     model: str
     payload_hash: str = ""
     idempotency_key: str | None = None
+    reply_to: str | None = None
+    webhook_url: str | None = None
+    max_attempts: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +59,8 @@ class BeginReply:
     attempts: int = 0
     other: str = ""
     """``done``: the terminal state; ``duplicate``/``conflict``: the task that owns the key."""
+    errors: tuple[ErrorInfo, ...] = ()
+    """The errors of earlier attempts (retries), oldest first."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +71,8 @@ class Finish:
     idempotency_key: str | None = None
     webhook: WebhookJob | None = None
     dead: DeadLetter | None = None
+    expect_state: str = ""
+    """Write only if the task is in this state (cancelling a queued task); ``""``: any."""
 
 
 class Outcomes:
@@ -95,11 +111,13 @@ class Outcomes:
                 s.task_id,
                 self._worker,
                 now_ms,
-                self._max_attempts,
+                s.max_attempts or self._max_attempts,
                 s.model,
                 s.payload_hash,
                 s.entry.timestamp_ms,
                 self._ttl,
+                s.reply_to or "",
+                s.webhook_url or "",
             ]
             calls.append((BEGIN_SCRIPT, keys, args))
         replies = await run_batch(self._client, calls)
@@ -110,14 +128,36 @@ class Outcomes:
             verdict = text(reply[0])
             value = reply[1]
             if verdict in ("run", "exhausted"):
-                out.append(BeginReply(verdict, attempts=int(value)))  # type: ignore[arg-type]
+                raw = json.loads(text(reply[2]) or "[]")
+                errors = tuple(ErrorInfo.model_validate(e) for e in raw)
+                out.append(BeginReply(verdict, attempts=int(value), errors=errors))  # type: ignore[arg-type]
+            elif verdict == "cancelled":
+                out.append(BeginReply("cancelled", attempts=int(value)))
             else:
                 out.append(BeginReply(verdict, other=text(value)))  # type: ignore[arg-type]
         return out
 
-    async def finish(self, fin: Finish) -> bool:
-        """Write the terminal outcome. Returns ``False`` when the task was already terminal
-        (another attempt won): then only the entry is acknowledged (and dead-lettered if asked)."""
+    async def retry(self, entry: Entry, task_id: str, *, due_ms: int, error: ErrorInfo) -> int:
+        """Park a retry in the delayed set and acknowledge the entry, atomically.
+
+        Returns 1 (scheduled), 0 (the task was already terminal) or -1 (a cancel was requested:
+        nothing scheduled, the caller ends the task ``cancelled``)."""
+        member = json.dumps(
+            {"task_id": task_id, "stream": entry.stream, "entry_id": entry.entry_id,
+             "data": (entry.data or b"").decode(), "traceparent": entry.traceparent},
+            separators=(",", ":"),
+        )  # fmt: skip
+        reply = await RETRY_SCRIPT(
+            self._client,
+            [self._keys.task(task_id), self._keys.tasks_delayed, entry.stream],
+            [self._group, entry.entry_id, member, due_ms, error.model_dump_json()],
+        )
+        return int(reply)
+
+    async def finish(self, fin: Finish) -> int:
+        """Write the terminal outcome. Returns 1 when written; 0 when the task was already
+        terminal (another attempt won: only the entry is acknowledged, and dead-lettered if
+        asked); -1 when ``expect_state`` did not hold (nothing written)."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((self._finish_call(fin), future))
         if len(self._queue) == 1:
@@ -140,13 +180,19 @@ class Outcomes:
                         fut.set_exception(reply)
                     else:
                         fut.set_result(reply)
-        reply = await future
-        return bool(int(reply))
+        return int(await future)
 
     def _finish_call(self, fin: Finish) -> ScriptCall:
         result = fin.result
         k = self._keys
-        keys = [k.task(result.task_id), k.results, fin.entry.stream, k.webhooks, k.dead]
+        keys = [
+            k.task(result.task_id),
+            k.results,
+            fin.entry.stream,
+            k.webhooks,
+            k.dead,
+            k.reply_streams,
+        ]
         if fin.reply_to:
             keys.append(k.results_for(fin.reply_to))
         if fin.idempotency_key is not None:
@@ -165,5 +211,18 @@ class Outcomes:
             "1" if fin.reply_to else "0",
             "1" if fin.idempotency_key is not None else "0",
             result.task_id,
+            fin.expect_state,
         ]
         return FINISH_SCRIPT, keys, args
+
+
+def webhook_job(result: TaskResult, url: str) -> WebhookJob:
+    """The delivery job for a task's outcome; its id stays the same across delivery retries."""
+    return WebhookJob(
+        delivery_id=f"msg_{uuid.uuid4().hex}",
+        task_id=result.task_id,
+        url=url,
+        event=f"task.{result.state.value}",
+        payload=result,
+        created_at=result.finished_at,
+    )

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from schemas.errors import (
+    BacklogFullError,
     DuplicateTaskIdError,
     IdempotencyConflictError,
     InvalidTaskError,
@@ -34,6 +35,7 @@ from schemas.task import (
     describe_validation_error,
 )
 from schemas.wire import EventType
+from streams.control import CancelOutcome, cancel_task
 from streams.entries import entries_from_range, entries_from_read, text
 from streams.keys import DEFAULT_PARTITIONS, DEFAULT_POOL, Keys
 from streams.scripts import SUBMIT_SCRIPT
@@ -49,6 +51,9 @@ class ProducerConfig:
     default_priority: str = "normal"
     max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES
     max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES
+    max_backlog: int = 0
+    """Refuse submissions while a partition holds this many unfinished entries (0: no limit)."""
+    status_ttl_s: int = 86_400
     socket_timeout_s: float = 30.0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -143,6 +148,9 @@ class Producer:
                 event.model,
                 int(time.time() * 1000),
                 "",
+                event.reply_to or "",
+                event.webhook_url or "",
+                self._config.max_backlog,
             ],
         )
         verdict, owner = text(reply[0]), text(reply[1])
@@ -154,7 +162,19 @@ class Producer:
             )
         if verdict == "exists":
             raise DuplicateTaskIdError(f"task_id {owner!r} is already in use")
+        if verdict == "backlog":
+            raise BacklogFullError(
+                f"partition {stream} holds {owner} unfinished tasks, at the limit of "
+                f"{self._config.max_backlog}: try again later"
+            )
         return TaskId(owner)
+
+    async def cancel(self, task_id: str) -> CancelOutcome:
+        """Cancel a task: a queued one ends ``cancelled`` at once; a running one stops between
+        tokens; a finished or unknown one is left alone (the outcome says which)."""
+        return await cancel_task(
+            self._client, self.keys, task_id, status_ttl_s=self._config.status_ttl_s
+        )
 
     async def status(self, task_id: str) -> StatusRecord | None:
         return await read_status(self._client, self.keys, task_id)

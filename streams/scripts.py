@@ -21,9 +21,10 @@ local function terminal(s)
 end
 """
 
-# Intake through the SDK: idempotency check, status record and XADD in one step.
+# Intake through the SDK: back-pressure, idempotency check, status record and XADD in one step.
 # KEYS: stream, status[, idem]
-# ARGV: task_id, payload_hash, type, data, model, now_ms, traceparent ('' = none)
+# ARGV: task_id, payload_hash, type, data, model, now_ms, traceparent ('' = none), reply_to,
+#       webhook_url, max_backlog (0 = no limit)
 SUBMIT: Final = """
 if #KEYS >= 3 then
   local cur = redis.call('GET', KEYS[3])
@@ -35,14 +36,28 @@ if #KEYS >= 3 then
   end
 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return {'exists', ARGV[1]} end
-local id
-if ARGV[7] ~= '' then
-  id = redis.call('XADD', KEYS[1], '*', 'type', ARGV[3], 'data', ARGV[4], 'traceparent', ARGV[7])
-else
-  id = redis.call('XADD', KEYS[1], '*', 'type', ARGV[3], 'data', ARGV[4])
+local limit = tonumber(ARGV[10])
+if limit > 0 and redis.call('EXISTS', KEYS[1]) == 1 then
+  -- backlog: entries not yet delivered (lag, Redis 7) plus delivered but unfinished ones
+  local backlog = redis.call('XLEN', KEYS[1])
+  local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
+  if ok then
+    for _, g in ipairs(groups) do
+      local f = {}
+      for j = 1, #g, 2 do f[g[j]] = g[j + 1] end
+      if f['name'] == 'workers' and type(f['lag']) == 'number' then
+        backlog = f['lag'] + f['pending']
+      end
+    end
+  end
+  if backlog >= limit then return {'backlog', tostring(backlog)} end
 end
+local fields = {'type', ARGV[3], 'data', ARGV[4]}
+if ARGV[7] ~= '' then table.insert(fields, 'traceparent'); table.insert(fields, ARGV[7]) end
+local id = redis.call('XADD', KEYS[1], '*', unpack(fields))
 redis.call('HSET', KEYS[2], 'state', 'queued', 'task_id', ARGV[1], 'model', ARGV[5],
-  'stream', KEYS[1], 'entry_id', id, 'created_at', ARGV[6], 'attempts', 0)
+  'stream', KEYS[1], 'entry_id', id, 'created_at', ARGV[6], 'attempts', 0,
+  'reply_to', ARGV[8], 'webhook_url', ARGV[9])
 if #KEYS >= 3 then
   -- no TTL yet: like the status record, the key's lifetime starts at the terminal state
   redis.call('SET', KEYS[3], ARGV[2] .. ' ' .. ARGV[1])
@@ -53,9 +68,9 @@ return {'new', ARGV[1], id}
 # A worker is about to run an entry.
 # KEYS: status, source stream[, idem]
 # ARGV: group, entry_id, task_id, worker, now_ms, max_attempts, model, payload_hash,
-#       created_ms, ttl_s
-# Returns {'run', attempts} | {'done', state} | {'duplicate', task_id}
-#       | {'conflict', task_id} | {'exhausted', attempts}
+#       created_ms, ttl_s, reply_to, webhook_url
+# Returns {'run', attempts, errors_json} | {'done', state} | {'duplicate', task_id}
+#       | {'conflict', task_id} | {'exhausted', attempts, errors_json} | {'cancelled', attempts}
 BEGIN: Final = (
     _TERMINAL_LUA
     + """
@@ -89,16 +104,19 @@ if #KEYS >= 3 then
 end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('HSET', KEYS[1], 'state', 'running', 'task_id', ARGV[3], 'model', ARGV[7],
-  'stream', KEYS[2], 'entry_id', ARGV[2], 'started_at', ARGV[5], 'worker', ARGV[4])
+  'stream', KEYS[2], 'entry_id', ARGV[2], 'started_at', ARGV[5], 'worker', ARGV[4],
+  'reply_to', ARGV[11], 'webhook_url', ARGV[12])
 redis.call('HSETNX', KEYS[1], 'created_at', ARGV[9])
-if attempts > tonumber(ARGV[6]) then return {'exhausted', attempts} end
-return {'run', attempts}
+if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return {'cancelled', attempts} end
+local errors = redis.call('HGET', KEYS[1], 'errors') or ''
+if attempts > tonumber(ARGV[6]) then return {'exhausted', attempts, errors} end
+return {'run', attempts, errors}
 """
 )
 
 # The terminal write: status, results entry (and reply_to copy), webhook job, dead letter and
 # XACK, all or nothing. A task already terminal gets no second result.
-# KEYS: status, results, source stream, webhooks, dead[, reply stream][, idem]
+# KEYS: status, results, source stream, webhooks, dead, reply-streams set[, reply stream][, idem]
 # ARGV: group, entry_id, state, type, result_json, ttl_s, traceparent, webhook_json,
 #       dead_json, finished_at, has_reply, has_idem, task_id
 # Returns 1 when written, 0 when the task was already terminal.
@@ -106,7 +124,8 @@ FINISH: Final = (
     _TERMINAL_LUA
     + """
 local st = redis.call('HGET', KEYS[1], 'state')
-local nkey = 6
+local nkey_index_set = 6
+local nkey = 7
 local reply, idem
 if ARGV[11] == '1' then reply = KEYS[nkey]; nkey = nkey + 1 end
 if ARGV[12] == '1' then idem = KEYS[nkey] end
@@ -128,7 +147,10 @@ redis.call('HSET', KEYS[1], 'state', ARGV[3], 'result', ARGV[5], 'finished_at', 
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 local fields = tagged({'type', ARGV[4], 'data', ARGV[5]})
 redis.call('XADD', KEYS[2], '*', unpack(fields))
-if reply then redis.call('XADD', reply, '*', unpack(fields)) end
+if reply then
+  redis.call('XADD', reply, '*', unpack(fields))
+  redis.call('SADD', KEYS[nkey_index_set], string.sub(reply, #KEYS[2] + 2))
+end
 if ARGV[8] ~= '' then
   redis.call('XADD', KEYS[4], '*', unpack(tagged({'type', 'webhook.delivery', 'data', ARGV[8]})))
   redis.call('HSET', KEYS[1], 'webhook_state', 'pending', 'webhook_attempts', 0)
@@ -138,6 +160,78 @@ redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
 return 1
 """
 )
+
+# A retryable failure: back to `queued`, the retry parked in the delayed set, the entry acked.
+# KEYS: status, delayed zset, source stream
+# ARGV: group, entry_id, member, due_ms, error_json
+# Returns 1 (scheduled), 0 (already terminal: acked only), -1 (cancel requested: not scheduled)
+RETRY: Final = (
+    _TERMINAL_LUA
+    + """
+local st = redis.call('HGET', KEYS[1], 'state')
+if terminal(st) then
+  redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
+  return 0
+end
+if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return -1 end
+local errs = redis.call('HGET', KEYS[1], 'errors')
+local list = {}
+if errs and errs ~= '' then list = cjson.decode(errs) end
+table.insert(list, cjson.decode(ARGV[5]))
+redis.call('HSET', KEYS[1], 'state', 'queued', 'retry_at', ARGV[4], 'errors', cjson.encode(list))
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
+redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
+return 1
+"""
+)
+
+# A due retry goes back to its partition as a new entry of the same task.
+# KEYS: delayed zset, stream, status. ARGV: member, data, traceparent
+# Returns the new entry id, or '' when another mover took it or the task ended meanwhile.
+MOVE: Final = (
+    _TERMINAL_LUA
+    + """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return '' end
+if terminal(redis.call('HGET', KEYS[3], 'state')) then return '' end
+local fields = {'type', 'task.submitted', 'data', ARGV[2]}
+if ARGV[3] ~= '' then table.insert(fields, 'traceparent'); table.insert(fields, ARGV[3]) end
+local id = redis.call('XADD', KEYS[2], '*', unpack(fields))
+redis.call('HSET', KEYS[3], 'entry_id', id, 'stream', KEYS[2])
+return id
+"""
+)
+
+# Ask a running (or just-started) task to stop. KEYS: status, control stream
+# ARGV: task_id, notify ('1': publish a control event for the worker running it)
+# Returns the state seen ('' = unknown task; terminal states: nothing done).
+CANCEL: Final = (
+    _TERMINAL_LUA
+    + """
+local st = redis.call('HGET', KEYS[1], 'state')
+if not st or terminal(st) then return st or '' end
+redis.call('HSET', KEYS[1], 'cancel_requested', '1')
+if ARGV[2] == '1' then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', 10000, '*', 'type', 'task.cancel',
+    'data', cjson.encode({v = 1, task_id = ARGV[1]}))
+end
+return st
+"""
+)
+
+# Operator requeue of a dead letter: a new entry of the same task, a fresh round of attempts.
+# KEYS: dead stream, task stream, status. ARGV: dead entry id, data, traceparent, task_id
+REQUEUE: Final = """
+local fields = {'type', 'task.submitted', 'data', ARGV[2]}
+if ARGV[3] ~= '' then table.insert(fields, 'traceparent'); table.insert(fields, ARGV[3]) end
+local id = redis.call('XADD', KEYS[2], '*', unpack(fields))
+redis.call('HDEL', KEYS[3], 'result', 'finished_at', 'errors', 'retry_at', 'cancel_requested',
+  'duplicate_of')
+redis.call('HSET', KEYS[3], 'state', 'queued', 'task_id', ARGV[4], 'entry_id', id,
+  'stream', KEYS[2], 'attempts', 0)
+redis.call('PERSIST', KEYS[3])
+redis.call('XDEL', KEYS[1], ARGV[1])
+return id
+"""
 
 # Pull-when-ready read: fill `count` slots from the partitions in the order given, taking at
 # most ARGV[4] from the first one when it is > 0 (the aged partition, see dispatch).
@@ -250,3 +344,7 @@ BEGIN_SCRIPT: Final = LuaScript("begin", BEGIN)
 FINISH_SCRIPT: Final = LuaScript("finish", FINISH)
 READ_SCRIPT: Final = LuaScript("read", READ)
 HEADS_SCRIPT: Final = LuaScript("heads", HEADS)
+RETRY_SCRIPT: Final = LuaScript("retry", RETRY)
+MOVE_SCRIPT: Final = LuaScript("move", MOVE)
+CANCEL_SCRIPT: Final = LuaScript("cancel", CANCEL)
+REQUEUE_SCRIPT: Final = LuaScript("requeue", REQUEUE)

@@ -65,7 +65,8 @@ async def client(redis_url: str) -> AsyncIterator[Redis]:
 class RedisServer:
     """A private redis-server on a free port (for tests that flush, restart or kill Redis)."""
 
-    def __init__(self, workdir: Path, *, appendonly: bool = False) -> None:
+    def __init__(self, workdir: Path, *, appendonly: bool = False, fsync: str = "everysec") -> None:
+        self.fsync = fsync
         self.port = free_port()
         self.workdir = workdir
         self.appendonly = appendonly
@@ -106,6 +107,13 @@ class RedisServer:
             except redis.ConnectionError:
                 time.sleep(0.02)
         raise RuntimeError("private redis-server did not start")
+
+    def kill(self) -> None:
+        """Crash it (SIGKILL): only what AOF already holds survives."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

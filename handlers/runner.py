@@ -1,0 +1,275 @@
+"""Running one task to its one outcome: execute, decide by policy, write."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from redis.exceptions import RedisError
+
+from handlers.logctx import bind
+from handlers.policy import Fail, RetryPolicy
+from handlers.prepare import Prepared, now_ms
+from providers.base import Generation, GenerationRequest
+from providers.registry import ModelRegistry
+from schemas.errors import ErrorCode, SopError
+from schemas.result import DeadLetter, ErrorInfo, TaskResult, TaskState, Usage
+from streams.outcome import BeginReply, Finish, Outcomes, webhook_job
+from streams.topology import Backoff
+
+log = logging.getLogger(__name__)
+
+REDIS_TROUBLE = (RedisError, OSError, TimeoutError)
+
+
+class _Cancelled(Exception):
+    """The task was cancelled on request while it ran."""
+
+
+@dataclass(slots=True)
+class _Running:
+    generation: asyncio.Task[Generation]
+    cancelled: bool = False
+
+
+class TaskRunner:
+    def __init__(
+        self,
+        *,
+        registry: ModelRegistry,
+        outcomes: Outcomes,
+        policy: RetryPolicy,
+        consumer: str,
+        max_attempts: int,
+    ) -> None:
+        self._registry = registry
+        self._outcomes = outcomes
+        self._policy = policy
+        self._consumer = consumer
+        self._max_attempts = max_attempts
+        self._running: dict[str, _Running] = {}
+
+    def cancel(self, task_id: str) -> bool:
+        """Stop the generation of ``task_id`` if it runs here (between tokens); True if it did."""
+        running = self._running.get(task_id)
+        if running is None or running.generation.done():
+            return False
+        running.cancelled = True
+        running.generation.cancel()
+        return True
+
+    async def run(self, p: Prepared, begin: BeginReply) -> None:
+        """Take an admitted entry to its outcome. Never raises except on cancellation."""
+        bind(task_id=p.task_id, stream=p.entry.stream, entry_id=p.entry.entry_id, model=p.model)
+        started = now_ms()
+        limit = (p.event.max_attempts if p.event else None) or self._max_attempts
+        if p.error_code is not None:
+            fail = Fail(p.error_code, p.error, dead_letter=True)
+            await self._write(p, self._failed(p, begin.attempts, started, fail), begin.errors, fail)
+            return
+        if begin.verdict == "conflict":
+            message = f"idempotency_key is bound to task {begin.other} with a different payload"
+            fail = Fail(ErrorCode.IDEMPOTENCY_CONFLICT, message, dead_letter=True)
+            await self._write(p, self._failed(p, begin.attempts, started, fail), begin.errors, fail)
+            return
+        if begin.verdict == "exhausted":
+            message = f"delivered {begin.attempts} times, over the limit of {limit}"
+            fail = Fail(ErrorCode.MAX_ATTEMPTS, message, dead_letter=True)
+            await self._write(p, self._failed(p, begin.attempts, started, fail), begin.errors, fail)
+            return
+        if begin.verdict == "cancelled":
+            result = self._result(
+                p, begin.attempts, started, TaskState.CANCELLED, finish_reason="cancelled"
+            )
+            await self._write(p, result, begin.errors)
+            return
+        await self._execute(p, begin, started, limit)
+
+    async def _execute(self, p: Prepared, begin: BeginReply, started: int, limit: int) -> None:
+        event = p.event
+        assert event is not None
+        attempts = begin.attempts
+        deadline = p.deadline_ms()
+        if deadline is not None and started >= deadline:
+            result = self._result(
+                p, attempts, started, TaskState.EXPIRED, finish_reason="deadline", text=""
+            )
+            await self._write(p, result, begin.errors)
+            return
+        parts: list[str] = []
+        try:
+            gen = await self._generate(p, parts, deadline)
+        except TimeoutError:
+            result = self._result(
+                p,
+                attempts,
+                started,
+                TaskState.EXPIRED,
+                finish_reason="deadline",
+                text="".join(parts),
+            )
+        except _Cancelled:
+            result = self._result(
+                p,
+                attempts,
+                started,
+                TaskState.CANCELLED,
+                finish_reason="cancelled",
+                text="".join(parts),
+            )
+        except Exception as exc:
+            if not isinstance(exc, SopError):
+                # a provider bug must not take the worker down: logged, then treated as retryable
+                log.exception("provider raised an unexpected error")
+            decision = self._policy.decide(exc, attempts=attempts, max_attempts=limit)
+            if isinstance(decision, Fail):
+                await self._write(
+                    p, self._failed(p, attempts, started, decision), begin.errors, decision
+                )
+                return
+            error = _error_info(exc)
+            due = now_ms() + int(decision.delay_s * 1000)
+            if await self._schedule_retry(p, due, error):
+                log.info(
+                    "retry scheduled",
+                    extra={
+                        "attempts": attempts,
+                        "delay_s": round(decision.delay_s, 3),
+                        "error": error.code.value,
+                    },
+                )
+                return
+            result = self._result(
+                p, attempts, started, TaskState.CANCELLED, finish_reason="cancelled"
+            )
+        else:
+            result = self._result(
+                p, attempts, started, TaskState.COMPLETED,
+                text=gen.text, finish_reason=gen.finish_reason, usage=gen.usage,
+            )  # fmt: skip
+        await self._write(p, result, begin.errors)
+
+    async def _generate(self, p: Prepared, parts: list[str], deadline: int | None) -> Generation:
+        event = p.event
+        assert event is not None
+        binding = self._registry.resolve(event.model)
+        request = GenerationRequest(
+            model=event.model, prompt=event.prompt, messages=event.messages,
+            temperature=event.temperature, top_p=event.top_p, max_tokens=event.max_tokens,
+            stop=tuple(event.stop or ()), seed=event.seed, response_format=event.response_format,
+        )  # fmt: skip
+        timeout = None if deadline is None else max(0.0, (deadline - now_ms()) / 1000)
+        async with asyncio.timeout(timeout), binding.limit:
+            generation = asyncio.ensure_future(
+                binding.provider.generate(request, on_delta=parts.append)
+            )
+            running = _Running(generation)
+            self._running[p.task_id] = running
+            try:
+                return await generation
+            except asyncio.CancelledError:
+                if running.cancelled and not _current_cancelling():
+                    raise _Cancelled from None
+                raise
+            finally:
+                self._running.pop(p.task_id, None)
+                if not generation.done():
+                    generation.cancel()
+
+    async def _schedule_retry(self, p: Prepared, due: int, error: ErrorInfo) -> bool:
+        backoff = Backoff(base=0.05, cap=2.0)
+        while True:
+            try:
+                async with asyncio.timeout(15):
+                    scheduled = await self._outcomes.retry(
+                        p.entry, p.task_id, due_ms=due, error=error
+                    )
+                return scheduled >= 0  # 0: already terminal elsewhere; -1: cancel requested
+            except REDIS_TROUBLE:
+                await backoff.sleep()
+
+    def _failed(self, p: Prepared, attempts: int, started: int, fail: Fail) -> TaskResult:
+        error = ErrorInfo(code=fail.code, message=fail.message)
+        return self._result(
+            p, attempts, started, TaskState.FAILED, finish_reason="error", error=error
+        )
+
+    def _result(
+        self,
+        p: Prepared,
+        attempts: int,
+        started: int,
+        state: TaskState,
+        *,
+        text: str | None = None,
+        finish_reason: str | None = None,
+        usage: Usage | None = None,
+        error: ErrorInfo | None = None,
+    ) -> TaskResult:
+        finished = now_ms()
+        # our own values: constructed without re-validation (hot path)
+        return TaskResult.model_construct(
+            task_id=p.task_id, state=state, model=p.model or None, text=text,
+            finish_reason=finish_reason, usage=usage,
+            queued_ms=max(0, started - p.entry.timestamp_ms), run_ms=max(0, finished - started),
+            worker=self._consumer, attempts=attempts, error=error,
+            metadata=p.event.metadata if p.event else None, finished_at=finished,
+        )  # fmt: skip
+
+    async def _write(
+        self,
+        p: Prepared,
+        result: TaskResult,
+        earlier: tuple[ErrorInfo, ...],
+        fail: Fail | None = None,
+    ) -> None:
+        event = p.event
+        dead = None
+        if fail is not None and fail.dead_letter and result.error is not None:
+            dead = DeadLetter(
+                source_stream=p.entry.stream, entry_id=p.entry.entry_id, task_id=p.task_id,
+                reason=fail.code, message=fail.message, attempts=result.attempts,
+                fields=p.entry.printable_fields(), errors=[*earlier, result.error],
+                dead_at=result.finished_at,
+            )  # fmt: skip
+        url = event.webhook_url if event else None
+        fin = Finish(
+            entry=p.entry, result=result, reply_to=event.reply_to if event else None,
+            idempotency_key=event.idempotency_key if event else None,
+            webhook=webhook_job(result, url) if url else None, dead=dead,
+        )  # fmt: skip
+        # the final write is shielded: a shutdown does not cut it in half; Redis trouble is
+        # retried until it lands (the entry stays pending meanwhile, so nothing is lost)
+        backoff = Backoff(base=0.05, cap=2.0)
+        while True:
+            try:
+                written = await asyncio.shield(self._finish(fin))
+            except REDIS_TROUBLE as exc:
+                if backoff.failures == 0:
+                    log.warning("terminal write failed, retrying", extra={"error": repr(exc)})
+                await backoff.sleep()
+                continue
+            if written == 1:
+                log.info(
+                    "task finished",
+                    extra={"state": result.state.value, "attempts": result.attempts},
+                )
+            else:
+                log.info("task already finished by another attempt")
+            return
+
+    async def _finish(self, fin: Finish) -> int:
+        async with asyncio.timeout(15):
+            return await self._outcomes.finish(fin)
+
+
+def _error_info(exc: BaseException) -> ErrorInfo:
+    if isinstance(exc, SopError):
+        return ErrorInfo(code=exc.code, message=exc.message)
+    return ErrorInfo(code=ErrorCode.INTERNAL, message=f"{type(exc).__name__}: {exc}")
+
+
+def _current_cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

@@ -1,0 +1,90 @@
+"""`sop-llm dead list|show|requeue|purge` and `sop-llm cancel`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from ops.app import redis_client
+from ops.settings import Settings
+from streams.control import cancel_task
+from streams.dead import DeadEntry, NotRequeueable, all_dead, matcher, purge, requeue
+from streams.keys import Keys
+
+
+def add_parser(sub: Any) -> None:
+    c = sub.add_parser("cancel", help="cancel a task (queued: at once; running: between tokens)")
+    c.add_argument("task_id")
+
+    d = sub.add_parser("dead", help="dead letters: list, show, requeue, purge")
+    dsub = d.add_subparsers(dest="dead_command", required=True)
+    for name, text in (
+        ("list", "list dead letters (one line each)"),
+        ("show", "print dead letters in full"),
+        ("requeue", "publish dead tasks again, as new attempts of the same task ids"),
+        ("purge", "delete dead letters"),
+    ):
+        p = dsub.add_parser(name, help=text)
+        p.add_argument("entry_ids", nargs="*", help="dead-letter entry ids (default: all that match)")
+        p.add_argument("--task-id")
+        p.add_argument("--reason", help="error code, e.g. max_attempts")
+        p.add_argument("--model")
+        if name in ("requeue", "purge"):
+            p.add_argument("--all", action="store_true", help="act on every match (needed without ids or filters)")
+
+
+def _summary(d: DeadEntry) -> str:
+    letter = d.letter
+    return (
+        f"{d.entry_id}  task={letter.task_id}  reason={letter.reason.value}  "
+        f"attempts={letter.attempts}  from={letter.source_stream}  {letter.message}"
+    )
+
+
+async def run_cancel(settings: Settings, task_id: str) -> int:
+    client = redis_client(settings.redis_url_value)
+    try:
+        outcome = await cancel_task(client, Keys(settings.namespace), task_id, status_ttl_s=settings.status_ttl_s)
+    finally:
+        await client.aclose()
+    print(f"{task_id}: {outcome.value}")
+    return 0
+
+
+async def run_dead(settings: Settings, args: argparse.Namespace) -> int:
+    keys = Keys(settings.namespace)
+    client = redis_client(settings.redis_url_value)
+    try:
+        match = matcher(task_id=args.task_id, reason=args.reason, model=args.model)
+        chosen = [d for d in await all_dead(client, keys) if match(d)]
+        if args.entry_ids:
+            wanted = set(args.entry_ids)
+            chosen = [d for d in chosen if d.entry_id in wanted]
+        filtered = bool(args.entry_ids or args.task_id or args.reason or args.model)
+        if args.dead_command in ("requeue", "purge") and not filtered and not args.all:
+            print("sop-llm: name entry ids or a filter, or pass --all", file=sys.stderr)
+            return 2
+        if args.dead_command == "list":
+            for d in chosen:
+                print(_summary(d))
+            print(f"{len(chosen)} dead letter(s)", file=sys.stderr)
+        elif args.dead_command == "show":
+            for d in chosen:
+                print(json.dumps({"id": d.entry_id, **d.letter.model_dump(mode="json")}, indent=2))
+        elif args.dead_command == "requeue":
+            failed = 0
+            for d in chosen:
+                try:
+                    new_id = await requeue(client, keys, d)
+                    print(f"{d.entry_id} -> {d.letter.source_stream} {new_id} (task {d.letter.task_id})")
+                except (NotRequeueable, ValueError) as exc:
+                    failed += 1
+                    print(f"sop-llm: not requeued: {exc}", file=sys.stderr)
+            return 1 if failed else 0
+        else:
+            print(f"{await purge(client, keys, [d.entry_id for d in chosen])} dead letter(s) purged")
+        return 0
+    finally:
+        await client.aclose()
