@@ -8,7 +8,12 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+
+from handlers.genai import genai_request_attributes, genai_response_attributes
 from handlers.logctx import bind
+from handlers.metrics import Metrics
 from handlers.policy import Fail, RetryPolicy
 from handlers.prepare import Prepared, now_ms
 from providers.base import Generation, GenerationRequest
@@ -17,6 +22,7 @@ from schemas.errors import ErrorCode, SopError
 from schemas.result import DeadLetter, ErrorInfo, TaskResult, TaskState, Usage
 from streams.outcome import BeginReply, Finish, Outcomes, webhook_job
 from streams.topology import Backoff
+from streams.tracecontext import context_from, current_traceparent
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +48,13 @@ class TaskRunner:
         policy: RetryPolicy,
         consumer: str,
         max_attempts: int,
+        tracer: Tracer | None = None,
+        metrics: Metrics | None = None,
+        trace_content: bool = False,
     ) -> None:
+        self._tracer = tracer or trace.get_tracer("sop_llm.worker")
+        self._metrics = metrics
+        self._trace_content = trace_content
         self._registry = registry
         self._outcomes = outcomes
         self._policy = policy
@@ -61,7 +73,33 @@ class TaskRunner:
 
     async def run(self, p: Prepared, begin: BeginReply) -> None:
         """Take an admitted entry to its outcome. Never raises except on cancellation."""
-        bind(task_id=p.task_id, stream=p.entry.stream, entry_id=p.entry.entry_id, model=p.model)
+        parent = context_from(p.entry.traceparent, p.entry.tracestate)
+        attributes = {
+            "messaging.system": "redis", "messaging.operation.type": "process",
+            "messaging.destination.name": p.entry.stream, "messaging.message.id": p.entry.entry_id,
+            "sop.task_id": p.task_id, "sop.attempt": begin.attempts,
+        }  # fmt: skip
+        with self._tracer.start_as_current_span(
+            f"process {p.entry.stream}",
+            context=parent,
+            kind=SpanKind.CONSUMER,
+            attributes=attributes,
+        ) as span:
+            trace_id = span.get_span_context().trace_id
+            bind(
+                task_id=p.task_id, stream=p.entry.stream, entry_id=p.entry.entry_id, model=p.model,
+                trace_id=format(trace_id, "032x") if trace_id else None,
+            )  # fmt: skip
+            if self._metrics is not None:
+                self._metrics.inflight.inc()
+                self._metrics.queue_wait.observe(max(0, now_ms() - p.entry.timestamp_ms) / 1000)
+            try:
+                await self._run(p, begin)
+            finally:
+                if self._metrics is not None:
+                    self._metrics.inflight.dec()
+
+    async def _run(self, p: Prepared, begin: BeginReply) -> None:
         started = now_ms()
         limit = (p.event.max_attempts if p.event else None) or self._max_attempts
         if p.error_code is not None:
@@ -130,6 +168,8 @@ class TaskRunner:
                 return
             error = _error_info(exc)
             due = now_ms() + int(decision.delay_s * 1000)
+            if self._metrics is not None:
+                self._metrics.retries.labels(error.code.value).inc()
             if await self._schedule_retry(p, due, error):
                 log.info(
                     "retry scheduled",
@@ -160,22 +200,47 @@ class TaskRunner:
             stop=tuple(event.stop or ()), seed=event.seed, response_format=event.response_format,
         )  # fmt: skip
         timeout = None if deadline is None else max(0.0, (deadline - now_ms()) / 1000)
-        async with asyncio.timeout(timeout), binding.limit:
-            generation = asyncio.ensure_future(
-                binding.provider.generate(request, on_delta=parts.append)
-            )
-            running = _Running(generation)
-            self._running[p.task_id] = running
+        operation = "chat" if event.messages is not None else "text_completion"
+        attributes = genai_request_attributes(
+            operation, binding.provider.name, request, self._trace_content
+        )
+        with self._tracer.start_as_current_span(
+            f"{operation} {event.model}", kind=SpanKind.CLIENT, attributes=attributes
+        ) as span:
             try:
-                return await generation
-            except asyncio.CancelledError:
-                if running.cancelled and not _current_cancelling():
-                    raise _Cancelled from None
+                async with asyncio.timeout(timeout), binding.limit:
+                    began = asyncio.get_running_loop().time()
+                    generation = asyncio.ensure_future(
+                        binding.provider.generate(request, on_delta=parts.append)
+                    )
+                    running = _Running(generation)
+                    self._running[p.task_id] = running
+                    try:
+                        result = await generation
+                    except asyncio.CancelledError:
+                        if running.cancelled and not _current_cancelling():
+                            raise _Cancelled from None
+                        raise
+                    finally:
+                        self._running.pop(p.task_id, None)
+                        if not generation.done():
+                            generation.cancel()
+            except BaseException as exc:
+                span.set_attribute("error.type", _error_type(exc))
+                span.set_status(Status(StatusCode.ERROR, str(exc)[:200]))
                 raise
-            finally:
-                self._running.pop(p.task_id, None)
-                if not generation.done():
-                    generation.cancel()
+            elapsed = asyncio.get_running_loop().time() - began
+            span.set_attributes(genai_response_attributes(result, self._trace_content))
+            self._observe_generation(event.model, result, elapsed)
+            return result
+
+    def _observe_generation(self, model: str, gen: Generation, elapsed_s: float) -> None:
+        if self._metrics is None:
+            return
+        self._metrics.tokens.labels("input", model).inc(gen.usage.input_tokens)
+        self._metrics.tokens.labels("output", model).inc(gen.usage.output_tokens)
+        if elapsed_s > 0 and gen.usage.output_tokens:
+            self._metrics.tokens_per_s.labels(model).observe(gen.usage.output_tokens / elapsed_s)
 
     async def _schedule_retry(self, p: Prepared, due: int, error: ErrorInfo) -> bool:
         backoff = Backoff(base=0.05, cap=2.0)
@@ -234,7 +299,10 @@ class TaskRunner:
                 dead_at=result.finished_at,
             )  # fmt: skip
         url = event.webhook_url if event else None
+        # results and webhook jobs carry this worker's span: the webhook sender's span hangs under it
+        traceparent, tracestate = current_traceparent()
         fin = Finish(
+            traceparent=traceparent, tracestate=tracestate,
             entry=p.entry, result=result, reply_to=event.reply_to if event else None,
             idempotency_key=event.idempotency_key if event else None,
             webhook=webhook_job(result, url) if url else None, dead=dead,
@@ -255,9 +323,18 @@ class TaskRunner:
                     "task finished",
                     extra={"state": result.state.value, "attempts": result.attempts},
                 )
+                self._observe_outcome(p, result, dead)
             else:
                 log.info("task already finished by another attempt")
             return
+
+    def _observe_outcome(self, p: Prepared, result: TaskResult, dead: DeadLetter | None) -> None:
+        if self._metrics is None:
+            return
+        self._metrics.outcomes.labels(result.state.value).inc()
+        self._metrics.run_time.labels(p.model or "").observe(result.run_ms / 1000)
+        if dead is not None:
+            self._metrics.dead_letters.labels(dead.reason.value).inc()
 
     async def _finish(self, fin: Finish) -> int:
         async with asyncio.timeout(15):
@@ -268,6 +345,16 @@ def _error_info(exc: BaseException) -> ErrorInfo:
     if isinstance(exc, SopError):
         return ErrorInfo(code=exc.code, message=exc.message)
     return ErrorInfo(code=ErrorCode.INTERNAL, message=f"{type(exc).__name__}: {exc}")
+
+
+def _error_type(exc: BaseException) -> str:
+    if isinstance(exc, SopError):
+        return exc.code.value
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, _Cancelled):
+        return "cancelled"
+    return type(exc).__qualname__
 
 
 def _current_cancelling() -> bool:

@@ -116,7 +116,8 @@ def verify(
         raise SignatureError("webhook-timestamp is not an integer") from exc
     if abs((time.time() if now is None else now) - ts) > tolerance_s:
         raise SignatureError("webhook-timestamp is outside the tolerance")
-    candidates = [s.partition(",")[2] for s in sent.split() if s.startswith(SIGNATURE_VERSION + ",")]
+    prefix = SIGNATURE_VERSION + ","
+    candidates = [s[len(prefix) :] for s in sent.split() if s.startswith(prefix)]
     for secret in secrets:
         expected = signature(decode_secret(secret), msg_id, ts, body).partition(",")[2]
         if any(hmac.compare_digest(expected, c) for c in candidates):

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
+from opentelemetry.trace import Tracer
+
+from handlers.metrics import Metrics
 from handlers.policy import RetryPolicy
 from handlers.prepare import now_ms, prepare
 from handlers.runner import REDIS_TROUBLE, TaskRunner
@@ -53,6 +56,7 @@ class WorkerConfig:
     retry: RetryPolicy = RetryPolicy()
     retention: Retention = Retention()
     trim_interval_s: float = 60.0
+    trace_content: bool = False
 
     def streams(self, keys: Keys) -> list[str]:
         """Task partitions in read order: priority-major, pools interleaved."""
@@ -61,7 +65,14 @@ class WorkerConfig:
 
 class Worker:
     def __init__(
-        self, *, client: Redis, keys: Keys, registry: ModelRegistry, config: WorkerConfig
+        self,
+        *,
+        client: Redis,
+        keys: Keys,
+        registry: ModelRegistry,
+        config: WorkerConfig,
+        tracer: Tracer | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         if config.slots < 1:
             raise ValueError("a worker needs at least one slot")
@@ -88,6 +99,7 @@ class Worker:
         self._runner = TaskRunner(
             registry=registry, outcomes=self._outcomes, policy=config.retry,
             consumer=config.consumer, max_attempts=config.max_attempts,
+            tracer=tracer, metrics=metrics, trace_content=config.trace_content,
         )  # fmt: skip
         self._inflight: set[asyncio.Task[None]] = set()
         self._slot_freed = asyncio.Event()

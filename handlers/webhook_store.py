@@ -1,4 +1,4 @@
-"""Webhook deliveries in Redis: settling an attempt, the delayed set, dead letters, redelivery.
+"""Webhook deliveries in Redis: settling an attempt, the delayed set, dead letters.
 
 A delivery job lives on ``{ns}:webhooks`` (group ``webhook-senders``). After each attempt the
 sender *settles* the entry in one script, fenced on still owning it: acknowledge it and either
@@ -18,11 +18,11 @@ from typing import Final, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 from redis.asyncio import Redis
 
-from schemas.errors import SopError
+from handlers.webhook_policy import AttemptResult, DeadReason, Decision, Outcome
 from schemas.result import WebhookJob
 from schemas.wire import FIELD_DATA, FIELD_TRACEPARENT, FIELD_TYPE, EventType
 from streams import keys as k
-from streams.entries import Entry, text
+from streams.entries import Entry
 from streams.keys import WEBHOOK_GROUP, Keys
 from streams.scripts import LuaScript
 
@@ -31,9 +31,11 @@ from streams.scripts import LuaScript
 F_ATTEMPT_LOG: Final = "attempt_log"
 WEBHOOK_DEAD_TYPE: Final = "webhook.dead"
 
-DeadReason = Literal["exhausted", "gone", "refused", "invalid_job", "payload_too_large"]
-Outcome = Literal["delivered", "retry", "dead"]
-_STATUS_STATE: Final[dict[str, str]] = {"delivered": "delivered", "retry": "pending", "dead": "failed"}
+_STATUS_STATE: Final[dict[str, str]] = {
+    "delivered": "delivered",
+    "retry": "pending",
+    "dead": "failed",
+}
 
 # KEYS: webhooks, delayed, webhooks dead, status
 # ARGV: group, entry_id, consumer, outcome, delay_ms, member | dead json, traceparent,
@@ -83,20 +85,8 @@ if #nxt > 0 then wait = math.max(0, tonumber(nxt[2]) - now) end
 return {#due, wait}
 """
 
-# KEYS: webhooks, webhooks dead, status. ARGV: dead entry id ('' none), fields json,
-#       has_status, HSET pairs...  Returns the new entry id.
-_REQUEUE: Final = """
-local id = redis.call('XADD', KEYS[1], '*', unpack(cjson.decode(ARGV[2])))
-if ARGV[1] ~= '' then redis.call('XDEL', KEYS[2], ARGV[1]) end
-if ARGV[3] == '1' and #ARGV > 3 and redis.call('EXISTS', KEYS[3]) == 1 then
-  redis.call('HSET', KEYS[3], unpack(ARGV, 4))
-end
-return id
-"""
-
 SETTLE_SCRIPT: Final = LuaScript("webhook_settle", _SETTLE)
 PROMOTE_SCRIPT: Final = LuaScript("webhook_promote", _PROMOTE)
-REQUEUE_SCRIPT: Final = LuaScript("webhook_requeue", _REQUEUE)
 
 
 class _Strict(BaseModel):
@@ -128,14 +118,6 @@ class WebhookDeadLetter(_Strict):
     dead_at: int
 
 
-class WebhookNotFoundError(SopError, LookupError):
-    """No delivery job of that task is left in the dead letters or the webhooks stream."""
-
-
-class WebhookBusyError(SopError):
-    """The task's delivery is still under way; redelivering would send it twice at once."""
-
-
 def parse_attempt_log(raw: bytes | None) -> list[AttemptRecord]:
     """The attempts recorded on an entry; an unreadable log counts as none."""
     if not raw:
@@ -146,10 +128,13 @@ def parse_attempt_log(raw: bytes | None) -> list[AttemptRecord]:
         return []
 
 
-def delivery_fields(data: str, attempts: Sequence[AttemptRecord], traceparent: str) -> list[str]:
-    """The fields of a delivery entry, flat, as ``XADD`` takes them."""
+def delivery_fields(
+    data: str, attempts: Sequence[AttemptRecord], traceparent: str, *, scheduled: bool = True
+) -> list[str]:
+    """The fields of a delivery entry, flat, as ``XADD`` takes them. An entry with an attempt
+    log (even an empty one) has had its first delay; a fresh one (``scheduled=False``) not."""
     out = [FIELD_TYPE, EventType.WEBHOOK_DELIVERY.value, FIELD_DATA, data]
-    if attempts:
+    if attempts or scheduled:
         log = json.dumps([a.model_dump(exclude_none=True) for a in attempts], separators=(",", ":"))
         out += [F_ATTEMPT_LOG, log]
     if traceparent:
@@ -171,21 +156,7 @@ class Settlement:
     dead: WebhookDeadLetter | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class DeadEntry:
-    entry_id: str
-    letter: WebhookDeadLetter | None
-    raw: str
-
-
-@dataclass(frozen=True, slots=True)
-class Redelivery:
-    entry_id: str
-    delivery_id: str
-    from_dead: bool
-
-
-def _status_pairs(state: str, attempts: int, status: int | None, error: str | None) -> list[str]:
+def status_pairs(state: str, attempts: int, status: int | None, error: str | None) -> list[str]:
     return [
         k.F_WEBHOOK_STATE, state, k.F_WEBHOOK_ATTEMPTS, str(attempts),
         k.F_WEBHOOK_LAST_STATUS, "" if status is None else str(status),
@@ -212,7 +183,7 @@ class WebhookStore:
             self._group, entry.entry_id, consumer, s.outcome, s.delay_ms, payload,
             entry.traceparent, WEBHOOK_DEAD_TYPE, "1" if s.task_id else "0",
         ]  # fmt: skip
-        args += _status_pairs(_STATUS_STATE[s.outcome], s.attempts, s.last_status, s.last_error)
+        args += status_pairs(_STATUS_STATE[s.outcome], s.attempts, s.last_status, s.last_error)
         status_key = kk.task(s.task_id or "-")
         keys = [kk.webhooks, kk.webhooks_delayed, kk.webhooks_dead, status_key]
         return bool(int(await SETTLE_SCRIPT(self._client, keys, args)))
@@ -223,76 +194,55 @@ class WebhookStore:
         moved, wait = await PROMOTE_SCRIPT(self._client, keys, [limit])
         return int(moved), int(wait)
 
-    async def dead_letters(self, count: int) -> list[DeadEntry]:
-        """The newest ``count`` dead letters, newest first."""
-        rows = await self._client.xrevrange(self._keys.webhooks_dead, "+", "-", count=count)
-        out = []
-        for eid, fields in rows:
-            raw = text(fields.get(FIELD_DATA.encode(), b""))
-            try:
-                letter: WebhookDeadLetter | None = WebhookDeadLetter.model_validate_json(raw)
-            except ValidationError:
-                letter = None
-            out.append(DeadEntry(text(eid), letter, raw))
-        return out
 
-    async def redeliver(self, task_id: str, *, force: bool = False, scan: int = 10_000) -> Redelivery:
-        """Send a task's delivery again from its first attempt, with the same webhook-id.
+def dead_settlement(
+    entry: Entry,
+    job: WebhookJob | None,
+    attempts: list[AttemptRecord],
+    reason: DeadReason,
+    error: str | None,
+    now_ms: int,
+) -> Settlement:
+    """The settlement of a delivery that ends here: its dead letter and the task's log."""
+    last = attempts[-1] if attempts else None
+    letter = WebhookDeadLetter(
+        reason=reason, delivery_id=job.delivery_id if job else None,
+        task_id=job.task_id if job else None, url=job.url if job else None,
+        event=job.event if job else None, attempts=attempts, source_stream=entry.stream,
+        entry_id=entry.entry_id, job=job, fields=None if job else entry.printable_fields(),
+        dead_at=now_ms,
+    )  # fmt: skip
+    return Settlement(
+        outcome="dead", task_id=job.task_id if job else None, attempts=len(attempts),
+        last_status=last.status if last else None, last_error=error, dead=letter,
+    )  # fmt: skip
 
-        Looks in the dead letters first (the entry leaves them), then in the webhooks stream
-        (newest ``scan`` entries of each). Raises :class:`WebhookNotFoundError` when neither
-        holds it, :class:`WebhookBusyError` when the status still says ``pending`` (unless
-        ``force``).
-        """
-        kk = self._keys
-        found = await self._find_dead(task_id, scan)
-        dead_id = ""
-        if found is not None:
-            dead_id, job, traceparent = found
-        else:
-            live = await self._find_live(task_id, scan)
-            if live is None:
-                raise WebhookNotFoundError(f"no webhook delivery found for task {task_id}")
-            job, traceparent = live
-            state = await self._client.hget(kk.task(task_id), k.F_WEBHOOK_STATE)  # type: ignore[misc]
-            if state == b"pending" and not force:
-                raise WebhookBusyError(
-                    f"the webhook of task {task_id} is still being delivered (webhook_state="
-                    "pending); wait for it, or force a second delivery"
-                )
-        fields = delivery_fields(job.model_dump_json(exclude_none=True), [], traceparent)
-        args = [dead_id, json.dumps(fields), "1", *_status_pairs("pending", 0, None, None)]
-        keys = [kk.webhooks, kk.webhooks_dead, kk.task(task_id)]
-        eid = await REQUEUE_SCRIPT(self._client, keys, args)
-        return Redelivery(text(eid), job.delivery_id, from_dead=bool(dead_id))
 
-    async def _scan(self, stream: str, limit: int) -> list[tuple[str, dict[bytes, bytes]]]:
-        out: list[tuple[str, dict[bytes, bytes]]] = []
-        top = "+"
-        while len(out) < limit:
-            rows = await self._client.xrevrange(stream, top, "-", count=min(500, limit - len(out)))
-            if not rows:
-                break
-            out += [(text(eid), fields) for eid, fields in rows]
-            top = "(" + out[-1][0]
-        return out
+def settlement_after(
+    entry: Entry,
+    job: WebhookJob,
+    attempts: list[AttemptRecord],
+    result: AttemptResult,
+    decision: Decision,
+    now_ms: int,
+) -> Settlement:
+    """The settlement of an attempt (``attempts`` ends with it) under ``decision``."""
+    if decision.outcome == "dead":
+        assert decision.reason is not None
+        return dead_settlement(entry, job, attempts, decision.reason, result.error, now_ms)
+    data = (entry.data or b"").decode()
+    return Settlement(
+        outcome=decision.outcome, task_id=job.task_id, attempts=len(attempts),
+        last_status=result.status, last_error=result.error,
+        delay_ms=round(decision.delay_s * 1000),
+        next_fields=delivery_fields(data, attempts, entry.traceparent),
+    )  # fmt: skip
 
-    async def _find_dead(self, task_id: str, scan: int) -> tuple[str, WebhookJob, str] | None:
-        for eid, fields in await self._scan(self._keys.webhooks_dead, scan):
-            try:
-                letter = WebhookDeadLetter.model_validate_json(fields.get(FIELD_DATA.encode(), b""))
-            except ValidationError:
-                continue
-            if letter.task_id == task_id and letter.job is not None:
-                return eid, letter.job, text(fields.get(FIELD_TRACEPARENT.encode(), b""))
-        return None
 
-    async def _find_live(self, task_id: str, scan: int) -> tuple[WebhookJob, str] | None:
-        for _, fields in await self._scan(self._keys.webhooks, scan):
-            try:
-                job = WebhookJob.model_validate_json(fields.get(FIELD_DATA.encode(), b""))
-            except ValidationError:
-                continue
-            if job.task_id == task_id:
-                return job, text(fields.get(FIELD_TRACEPARENT.encode(), b""))
-        return None
+def deferral(entry: Entry, job: WebhookJob, delay_s: float) -> Settlement:
+    """Park a fresh delivery for the schedule's first delay, before any attempt."""
+    data = (entry.data or b"").decode()
+    return Settlement(
+        outcome="retry", task_id=job.task_id, attempts=0, delay_ms=round(delay_s * 1000),
+        next_fields=delivery_fields(data, [], entry.traceparent),
+    )  # fmt: skip

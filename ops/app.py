@@ -10,10 +10,16 @@ from collections.abc import AsyncIterator
 from pydantic import SecretStr
 from redis.asyncio import BlockingConnectionPool, Redis
 
+from opentelemetry import trace
+from prometheus_client import start_http_server
+
+from handlers.metrics import Metrics
 from handlers.policy import RetryPolicy
 from handlers.tasks import Worker, WorkerConfig
 from ops.embedded import embedded_redis
 from ops.settings import Settings, redact_url
+from ops.telemetry import tracing
+from ops.webhooks_cli import build_sender
 from ops.sidecar import Sidecar
 from providers.echo import EchoProvider
 from providers.registry import ModelRegistry
@@ -42,7 +48,9 @@ def redis_client(url: str, *, max_connections: int = 64) -> Redis:
     return Redis(connection_pool=pool)
 
 
-def build_worker(settings: Settings, client: Redis, registry: ModelRegistry) -> Worker:
+def build_worker(
+    settings: Settings, client: Redis, registry: ModelRegistry, metrics: Metrics | None = None
+) -> Worker:
     served = registry.bindings(settings.pools)
     slots = settings.worker_slots or max((b.concurrency for b in served), default=1)
     config = WorkerConfig(
@@ -67,8 +75,12 @@ def build_worker(settings: Settings, client: Redis, registry: ModelRegistry) -> 
             dead_ms=settings.dead_retention_s * 1000,
         ),
         trim_interval_s=settings.trim_interval_s,
+        trace_content=settings.trace_content,
     )
-    return Worker(client=client, keys=Keys(settings.namespace), registry=registry, config=config)
+    return Worker(
+        client=client, keys=Keys(settings.namespace), registry=registry, config=config,
+        tracer=trace.get_tracer("sop_llm.worker"), metrics=metrics,
+    )  # fmt: skip
 
 
 @contextlib.asynccontextmanager
@@ -101,12 +113,26 @@ async def serve(
         )
         url = settings.redis_url_value
         log.info("connecting", extra={"redis": redact_url(url), "namespace": settings.namespace})
+        stack.enter_context(tracing(settings))
         client = redis_client(url)
         stack.push_async_callback(client.aclose)
-        the_worker = build_worker(settings, client, build_registry(settings)) if worker else None
+        metrics = Metrics()
+        the_worker = None
+        if worker:
+            the_worker = build_worker(settings, client, build_registry(settings), metrics)
+            if not sidecar and settings.metrics_port is not None:
+                # a worker without a sidecar still exposes its own metrics
+                start_http_server(
+                    settings.metrics_port, addr=settings.sidecar_host, registry=metrics.registry
+                )
+        sender = None
+        if worker and settings.webhook_sender:
+            sender = build_sender(settings, client, metrics)
         async with asyncio.TaskGroup() as tg:
+            if sender is not None:
+                tg.create_task(sender.run(stop))
             if sidecar:
-                side = Sidecar(client=client, settings=settings, worker=the_worker)
+                side = Sidecar(client=client, settings=settings, worker=the_worker, metrics=metrics)
                 await stack.enter_async_context(side.running())
             if the_worker is not None:
                 tg.create_task(the_worker.run(stop))

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ops import dead_cli, logs
+from ops import dead_cli, logs, webhooks_cli
 from ops.app import redis_client, serve
 from ops.settings import Settings
 from schemas.errors import SopError
@@ -59,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=0, help="stop after this many seconds without entries"
     )
     dead_cli.add_parser(sub)
+    webhooks_cli.add_parser(sub)
     return p
 
 
@@ -176,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return runner(dead_cli.run_cancel(settings, args.task_id))
             case "dead":
                 return runner(dead_cli.run_dead(settings, args))
+            case "webhooks":
+                return runner(webhooks_cli.run_command(settings, args))
     except SopError as exc:
         print(f"sop-llm: {exc.code.value}: {exc}", file=sys.stderr)
         return 1

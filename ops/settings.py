@@ -6,7 +6,7 @@ import os
 import socket
 import uuid
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, field_validator
@@ -97,14 +97,54 @@ class Settings(BaseSettings):
         default=30.0, ge=0.0, description="Time in-flight tasks get to finish after SIGTERM."
     )
 
-    max_backlog: int = Field(default=0, ge=0, description="Refuse submissions while a partition holds this many unfinished tasks (0: no limit).")
-    retry_base_s: float = Field(default=1.0, gt=0, description="First retry delay after a retryable error (doubles per attempt, with jitter).")
-    retry_max_s: float = Field(default=300.0, gt=0, description="Longest retry delay (a provider's Retry-After is honoured up to an hour).")
-    retry_poll_ms: int = Field(default=250, ge=10, description="How often due retries are moved back to their partition.")
-    retention_s: int = Field(default=7 * 86_400, ge=60, description="Task streams and the webhook stream keep entries this long (never past a pending or undelivered one).")
-    results_retention_s: int = Field(default=7 * 86_400, ge=60, description="Retention of the results streams and control events.")
-    dead_retention_s: int = Field(default=30 * 86_400, ge=60, description="Retention of the dead-letter streams.")
-    trim_interval_s: float = Field(default=60.0, gt=0, description="How often one worker of the fleet trims the streams.")
+    max_backlog: int = Field(
+        default=0,
+        ge=0,
+        description="Refuse submissions while a partition holds this many unfinished tasks (0: no limit).",
+    )
+    retry_base_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="First retry delay after a retryable error (doubles per attempt, with jitter).",
+    )
+    retry_max_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="Longest retry delay (a provider's Retry-After is honoured up to an hour).",
+    )
+    retry_poll_ms: int = Field(
+        default=250, ge=10, description="How often due retries are moved back to their partition."
+    )
+    retention_s: int = Field(
+        default=7 * 86_400,
+        ge=60,
+        description="Task streams and the webhook stream keep entries this long (never past a pending or undelivered one).",
+    )
+    results_retention_s: int = Field(
+        default=7 * 86_400,
+        ge=60,
+        description="Retention of the results streams and control events.",
+    )
+    dead_retention_s: int = Field(
+        default=30 * 86_400, ge=60, description="Retention of the dead-letter streams."
+    )
+    trim_interval_s: float = Field(
+        default=60.0, gt=0, description="How often one worker of the fleet trims the streams."
+    )
+    otel_exporter: Literal["none", "console", "otlp"] = Field(
+        default="none",
+        description="Trace exporter; OTLP reads the standard OTEL_EXPORTER_OTLP_* variables.",
+    )
+    trace_content: bool = Field(
+        default=False,
+        description="Put prompts and completions on spans (off: they may hold personal data).",
+    )
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="For `sop-llm worker` alone: serve /metrics on this port (the sidecar serves them otherwise).",
+    )
     data_dir: Path = Field(
         default=Path(".sop-data"), description="Where the embedded Redis keeps its data."
     )
@@ -134,6 +174,9 @@ class Settings(BaseSettings):
         default=256 << 10,
         ge=1024,
         description="Largest webhook body; a bigger outcome is sent in the thin form.",
+    )
+    webhook_sender: bool = Field(
+        default=True, description="Run a webhook sender beside the worker (`up`, `worker`)."
     )
     webhook_thin: bool = Field(default=False, description="Send only ids, not the whole outcome.")
 
@@ -173,6 +216,7 @@ class Settings(BaseSettings):
             max_prompt_bytes=self.max_prompt_bytes,
             max_metadata_bytes=self.max_metadata_bytes,
             max_backlog=self.max_backlog,
+            webhook_allow=self.webhook_allow,
             status_ttl_s=self.status_ttl_s,
         )
 

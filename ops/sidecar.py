@@ -10,9 +10,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from handlers.metrics import Metrics
 from ops.settings import Settings
 from schemas.task import TASK_ID_PATTERN
 from streams.entries import text
@@ -32,7 +34,15 @@ def _json_error(status: int, code: str, message: str) -> web.Response:
 
 
 class Sidecar:
-    def __init__(self, *, client: Redis, settings: Settings, worker: Worker | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        client: Redis,
+        settings: Settings,
+        worker: Worker | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._metrics = metrics or Metrics()
         self._client = client
         self._settings = settings
         self._keys = Keys(settings.namespace)
@@ -48,6 +58,7 @@ class Sidecar:
         app.router.add_get("/v1/queue", self.queue)
         app.router.add_get("/health/live", self.live)
         app.router.add_get("/health/ready", self.ready)
+        app.router.add_get("/metrics", self.metrics)
         return app
 
     @web.middleware
@@ -85,6 +96,25 @@ class Sidecar:
     async def queue(self, request: web.Request) -> web.Response:
         return web.json_response(
             {"partitions": await queue_figures(self._client, self._keys, self._settings)}
+        )
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """Prometheus text: this process's worker metrics and the queue figures read now."""
+        m = self._metrics
+        try:
+            for row in await queue_figures(self._client, self._keys, self._settings):
+                labels = (row["pool"], row["partition"])
+                m.queue_depth.labels(*labels).set(row["length"])
+                m.queue_lag.labels(*labels).set(
+                    row["lag"] if row["lag"] is not None else float("nan")
+                )
+                m.queue_pending.labels(*labels).set(row["pending"])
+                age = row["oldest_pending_age_ms"]
+                m.queue_oldest.labels(*labels).set(age / 1000 if age is not None else 0)
+        except (OSError, RedisError, TimeoutError):
+            pass  # Redis away: serve the process metrics anyway; /health/ready tells the rest
+        return web.Response(
+            body=generate_latest(m.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
 
     async def live(self, request: web.Request) -> web.Response:

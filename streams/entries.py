@@ -46,6 +46,11 @@ class Entry:
         return raw.decode("ascii", "replace")[:128] if raw else ""
 
     @property
+    def tracestate(self) -> str:
+        raw = self.fields.get("tracestate")
+        return raw.decode("ascii", "replace")[:512] if raw else ""
+
+    @property
     def timestamp_ms(self) -> int:
         """When Redis accepted the entry (the time part of its id)."""
         return int(self.entry_id.split("-", 1)[0])

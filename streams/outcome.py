@@ -73,6 +73,9 @@ class Finish:
     dead: DeadLetter | None = None
     expect_state: str = ""
     """Write only if the task is in this state (cancelling a queued task); ``""``: any."""
+    traceparent: str | None = None
+    """Trace context for the results entry and webhook job; ``None``: the task entry's."""
+    tracestate: str = ""
 
 
 class Outcomes:
@@ -204,7 +207,7 @@ class Outcomes:
             _RESULT_TYPES[result.state.value].value,
             result.model_dump_json(exclude_none=True),
             self._ttl,
-            fin.entry.traceparent,
+            fin.entry.traceparent if fin.traceparent is None else fin.traceparent,
             fin.webhook.model_dump_json(exclude_none=True) if fin.webhook else "",
             fin.dead.model_dump_json(exclude_none=True) if fin.dead else "",
             result.finished_at,

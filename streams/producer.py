@@ -14,6 +14,8 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Self
 
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Tracer
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
@@ -40,6 +42,8 @@ from streams.entries import entries_from_range, entries_from_read, text
 from streams.keys import DEFAULT_PARTITIONS, DEFAULT_POOL, Keys
 from streams.scripts import SUBMIT_SCRIPT
 from streams.status import read_status
+from streams.urlguard import check_webhook_url
+from streams.tracecontext import current_traceparent
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +55,8 @@ class ProducerConfig:
     default_priority: str = "normal"
     max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES
     max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES
+    webhook_allow: Sequence[str] = ()
+    """Hosts or networks a ``webhook_url`` may point at although the SSRF rules refuse them."""
     max_backlog: int = 0
     """Refuse submissions while a partition holds this many unfinished entries (0: no limit)."""
     status_ttl_s: int = 86_400
@@ -70,7 +76,9 @@ class Producer:
         config: ProducerConfig | HasProducerConfig | None = None,
         *,
         client: Redis | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
+        self._tracer = tracer or trace.get_tracer("sop_llm.producer")
         if config is None:
             config = ProducerConfig()
         elif not isinstance(config, ProducerConfig):
@@ -126,6 +134,9 @@ class Producer:
         :class:`DuplicateTaskIdError` (``task_id`` already in use).
         """
         event = model if isinstance(model, TaskEvent) else self.build(model, prompt, **fields)
+        if event.webhook_url is not None:
+            # what the URL alone shows to be unsafe is refused now; names are vetted at delivery
+            check_webhook_url(event.webhook_url, self._config.webhook_allow)
         priority = event.priority or self._config.default_priority
         if priority not in self._config.partitions:
             have = ", ".join(self._config.partitions)
@@ -134,6 +145,16 @@ class Producer:
         if event.task_id is None:
             event = event.model_copy(update={"task_id": task_id})
         stream = self.keys.tasks(event.pool or self._config.pool, priority)
+        with self._tracer.start_as_current_span(
+            f"publish {stream}", kind=SpanKind.PRODUCER,
+            attributes={"messaging.system": "redis", "messaging.operation.type": "send",
+                        "messaging.destination.name": stream, "sop.task_id": task_id},
+        ):  # fmt: skip
+            return await self._publish(event, task_id, stream, current_traceparent()[0])
+
+    async def _publish(
+        self, event: TaskEvent, task_id: str, stream: str, traceparent: str
+    ) -> TaskId:
         keys = [stream, self.keys.task(task_id)]
         if event.idempotency_key is not None:
             keys.append(self.keys.idem(event.idempotency_key))
@@ -147,7 +168,7 @@ class Producer:
                 event.to_wire(),
                 event.model,
                 int(time.time() * 1000),
-                "",
+                traceparent,
                 event.reply_to or "",
                 event.webhook_url or "",
                 self._config.max_backlog,

@@ -1,0 +1,100 @@
+"""``sop-llm webhooks``: look at dead deliveries and send one again; building the sender.
+
+Wiring (in ``ops/cli.py`` and ``ops/app.py``): ``add_parser(sub)`` next to the other commands,
+``await run_command(settings, args)`` for ``args.command == "webhooks"``, and
+``build_sender(settings, client).run(stop)`` beside the worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from opentelemetry import trace
+
+from typing import Any
+
+from redis.asyncio import Redis
+
+from handlers.webhook_admin import WebhookAdmin, WebhookBusyError, WebhookNotFoundError
+from handlers.webhooks import CONSUMER_PREFIX, WebhookConfig, WebhookSender
+from handlers.metrics import Metrics
+from ops.settings import Settings
+from streams.keys import Keys
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``webhooks redeliver <task_id> [--force]`` and ``webhooks dead [--count N] [--full]``."""
+    w = subparsers.add_parser("webhooks", help="look at and retry webhook deliveries")
+    sub = w.add_subparsers(dest="webhooks_command", required=True)
+    r = sub.add_parser("redeliver", help="send a task's webhook again (same webhook-id)")
+    r.add_argument("task_id")
+    r.add_argument("--force", action="store_true", help="even while a delivery is under way")
+    d = sub.add_parser("dead", help="list dead webhook deliveries, newest first (JSON lines)")
+    d.add_argument("--count", type=int, default=20, help="how many (default 20)")
+    d.add_argument("--full", action="store_true", help="include the whole delivery job")
+
+
+def _out(doc: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(doc) + "\n")
+
+
+async def run_command(settings: Settings, args: argparse.Namespace) -> int:
+    """Run a ``webhooks`` subcommand; returns the exit status (1: nothing to redeliver)."""
+    client = Redis.from_url(settings.redis_url_value, socket_timeout=15, socket_connect_timeout=5)
+    admin = WebhookAdmin(client=client, keys=Keys(settings.namespace))
+    try:
+        if args.webhooks_command == "redeliver":
+            try:
+                done = await admin.redeliver(args.task_id, force=args.force)
+            except (WebhookNotFoundError, WebhookBusyError) as exc:
+                sys.stderr.write(f"sop-llm: {exc}\n")
+                return 1
+            _out({"task_id": args.task_id, "delivery_id": done.delivery_id,
+                  "entry_id": done.entry_id, "from_dead": done.from_dead})  # fmt: skip
+            return 0
+        if args.webhooks_command == "dead":
+            hide = None if args.full else {"job", "fields"}
+            for entry in await admin.dead_letters(max(1, args.count)):
+                if entry.letter is None:
+                    _out({"id": entry.entry_id, "raw": entry.raw})
+                else:
+                    doc = entry.letter.model_dump(mode="json", exclude_none=True, exclude=hide)
+                    _out({"id": entry.entry_id, **doc})
+            return 0
+        sys.stderr.write(f"sop-llm: unknown webhooks command {args.webhooks_command!r}\n")
+        return 2
+    finally:
+        await client.aclose()
+
+
+def _schedule(values: tuple[str, ...]) -> tuple[float, ...]:
+    try:
+        out = tuple(float(v) for v in values)
+    except ValueError as exc:
+        raise ValueError(f"SOP_WEBHOOK_SCHEDULE_S must be comma-separated seconds: {exc}") from exc
+    if not out or any(d < 0 for d in out):
+        raise ValueError("SOP_WEBHOOK_SCHEDULE_S needs at least one delay, none negative")
+    return out
+
+
+def build_sender(
+    settings: Settings, client: Redis, metrics: Metrics | None = None
+) -> WebhookSender:
+    """A webhook sender configured from ``settings`` (raises ``ValueError`` for a malformed
+    secret, schedule or allow-list entry, so a bad configuration fails at start)."""
+    secrets = settings.webhook_secrets.get_secret_value() if settings.webhook_secrets else ""
+    config = WebhookConfig(
+        consumer=CONSUMER_PREFIX + settings.consumer_name(),
+        secrets=tuple(s.strip() for s in secrets.split(",") if s.strip()),
+        allow=settings.webhook_allow, timeout_s=settings.webhook_timeout_s,
+        schedule_s=_schedule(settings.webhook_schedule_s), concurrency=settings.webhook_concurrency,
+        max_body_bytes=settings.webhook_max_body_bytes, thin=settings.webhook_thin,
+        block_ms=settings.block_ms, lease_ttl_ms=settings.lease_ttl_ms,
+        reclaim_interval_ms=settings.reclaim_interval_ms,
+        shutdown_grace_s=settings.shutdown_grace_s,
+    )  # fmt: skip
+    return WebhookSender(
+        client=client, keys=Keys(settings.namespace), config=config,
+        tracer=trace.get_tracer("sop_llm.webhooks"), metrics=metrics,
+    )  # fmt: skip
