@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from redis.exceptions import RedisError
@@ -21,6 +23,7 @@ from providers.registry import ModelRegistry
 from schemas.errors import ErrorCode, SopError
 from schemas.result import DeadLetter, ErrorInfo, TaskResult, TaskState, Usage
 from streams.outcome import BeginReply, Finish, Outcomes, webhook_job
+from streams.tokens import TokenStreams, TokenWriter
 from streams.topology import Backoff
 from streams.tracecontext import context_from, current_traceparent
 
@@ -51,7 +54,9 @@ class TaskRunner:
         tracer: Tracer | None = None,
         metrics: Metrics | None = None,
         trace_content: bool = False,
+        tokens: TokenStreams | None = None,
     ) -> None:
+        self._tokens = tokens
         self._tracer = tracer or trace.get_tracer("sop_llm.worker")
         self._metrics = metrics
         self._trace_content = trace_content
@@ -208,10 +213,20 @@ class TaskRunner:
             f"{operation} {event.model}", kind=SpanKind.CLIENT, attributes=attributes
         ) as span:
             try:
-                async with asyncio.timeout(timeout), binding.limit:
+                async with (
+                    asyncio.timeout(timeout),
+                    binding.limit,
+                    self._token_writer(p) as tokens,
+                ):
                     began = asyncio.get_running_loop().time()
+
+                    def on_delta(text: str) -> None:
+                        parts.append(text)
+                        if tokens is not None:
+                            tokens.add(text)
+
                     generation = asyncio.ensure_future(
-                        binding.provider.generate(request, on_delta=parts.append)
+                        binding.provider.generate(request, on_delta=on_delta)
                     )
                     running = _Running(generation)
                     self._running[p.task_id] = running
@@ -233,6 +248,14 @@ class TaskRunner:
             span.set_attributes(genai_response_attributes(result, self._trace_content))
             self._observe_generation(event.model, result, elapsed)
             return result
+
+    @contextlib.asynccontextmanager
+    async def _token_writer(self, p: Prepared) -> AsyncIterator[TokenWriter | None]:
+        if p.event is None or not p.event.stream or self._tokens is None:
+            yield None
+            return
+        async with self._tokens.writer(p.task_id) as writer:
+            yield writer
 
     def _observe_generation(self, model: str, gen: Generation, elapsed_s: float) -> None:
         if self._metrics is None:
@@ -318,6 +341,11 @@ class TaskRunner:
                     log.warning("terminal write failed, retrying", extra={"error": repr(exc)})
                 await backoff.sleep()
                 continue
+            if p.event is not None and p.event.stream and self._tokens is not None:
+                with contextlib.suppress(*REDIS_TROUBLE):
+                    await self._tokens.end(
+                        p.task_id, state=result.state.value, finish_reason=result.finish_reason
+                    )
             if written == 1:
                 log.info(
                     "task finished",

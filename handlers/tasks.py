@@ -31,6 +31,7 @@ from streams.leases import Lease, Reclaimer
 from streams.outcome import BeginReply, Outcomes, Start
 from streams.retention import Retention, trim_all
 from streams.retry import move_due
+from streams.tokens import TokenStreams
 from streams.topology import Backoff, ensure_groups
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class WorkerConfig:
     retention: Retention = Retention()
     trim_interval_s: float = 60.0
     trace_content: bool = False
+    tokens_ttl_s: int = 3600
 
     def streams(self, keys: Keys) -> list[str]:
         """Task partitions in read order: priority-major, pools interleaved."""
@@ -100,6 +102,7 @@ class Worker:
             registry=registry, outcomes=self._outcomes, policy=config.retry,
             consumer=config.consumer, max_attempts=config.max_attempts,
             tracer=tracer, metrics=metrics, trace_content=config.trace_content,
+            tokens=TokenStreams(client=client, keys=keys, ttl_s=config.tokens_ttl_s),
         )  # fmt: skip
         self._inflight: set[asyncio.Task[None]] = set()
         self._slot_freed = asyncio.Event()

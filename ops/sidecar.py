@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import json
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,6 +21,7 @@ from schemas.task import TASK_ID_PATTERN
 from streams.entries import text
 from streams.keys import TASK_GROUP, Keys
 from streams.status import read_status
+from streams.tokens import read_tokens
 
 if TYPE_CHECKING:
     from handlers.tasks import Worker
@@ -55,6 +57,7 @@ class Sidecar:
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth], client_max_size=64 << 10)
         app.router.add_get("/v1/tasks/{task_id}", self.task)
+        app.router.add_get("/v1/tasks/{task_id}/stream", self.token_stream)
         app.router.add_get("/v1/queue", self.queue)
         app.router.add_get("/health/live", self.live)
         app.router.add_get("/health/ready", self.ready)
@@ -92,6 +95,31 @@ class Sidecar:
         if record is None:
             return _json_error(404, "not_found", f"no task {task_id} (never seen, or expired)")
         return web.json_response(text=record.model_dump_json(exclude_none=True))
+
+    async def token_stream(self, request: web.Request) -> web.StreamResponse:
+        """Server-Sent Events: ``delta`` events (``{"text": ...}``) from the first token, then
+        one ``end`` event (``{"state": ..., "finish_reason": ...}``)."""
+        task_id = request.match_info["task_id"]
+        if not _TASK_ID_RE.match(task_id):
+            return _json_error(400, "invalid_task_id", "task id has an invalid form")
+        if await read_status(self._client, self._keys, task_id) is None:
+            return _json_error(404, "not_found", f"no task {task_id} (never seen, or expired)")
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+            }
+        )
+        await response.prepare(request)
+        async for event in read_tokens(self._client, self._keys, task_id):
+            if event.kind == "delta":
+                payload = json.dumps({"text": event.text})
+            else:
+                payload = json.dumps({"state": event.state, "finish_reason": event.finish_reason})
+            await response.write(f"event: {event.kind}\ndata: {payload}\n\n".encode())
+        await response.write_eof()
+        return response
 
     async def queue(self, request: web.Request) -> web.Response:
         return web.json_response(

@@ -42,6 +42,7 @@ from streams.entries import entries_from_range, entries_from_read, text
 from streams.keys import DEFAULT_PARTITIONS, DEFAULT_POOL, Keys
 from streams.scripts import SUBMIT_SCRIPT
 from streams.status import read_status
+from streams.tokens import read_tokens
 from streams.urlguard import check_webhook_url
 from streams.tracecontext import current_traceparent
 
@@ -196,6 +197,14 @@ class Producer:
         return await cancel_task(
             self._client, self.keys, task_id, status_ttl_s=self._config.status_ttl_s
         )
+
+    async def stream(self, task_id: str) -> AsyncGenerator[str, None]:
+        """The text of a task as it is generated (from the start, also for a late reader);
+        ends when the task does. A task that did not ask for ``stream`` yields its whole text
+        once it has finished."""
+        async for event in read_tokens(self._client, self.keys, task_id):
+            if event.kind == "delta":
+                yield event.text
 
     async def status(self, task_id: str) -> StatusRecord | None:
         return await read_status(self._client, self.keys, task_id)

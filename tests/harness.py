@@ -10,6 +10,9 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from opentelemetry.trace import Tracer
+
+from handlers.metrics import Metrics
 from handlers.tasks import Worker, WorkerConfig
 from providers.echo import EchoProvider
 from providers.registry import ModelRegistry
@@ -33,6 +36,8 @@ async def running_worker(
     tokens_per_s: float = 0.0,
     registry: ModelRegistry | None = None,
     consumer: str = "w1",
+    tracer: Tracer | None = None,
+    metrics: Metrics | None = None,
     **config: Any,
 ) -> AsyncIterator[Worker]:
     settings: dict[str, Any] = {
@@ -52,6 +57,8 @@ async def running_worker(
         keys=keys,
         registry=registry or echo_registry(tokens_per_s, slots),
         config=WorkerConfig(**settings),
+        tracer=tracer,
+        metrics=metrics,
     )
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
