@@ -1,1 +1,52 @@
-"""GPU admission and the cross-process GPU semaphore (see the GPU issue)."""
+"""The GPU semaphore (cross-process, through Redis), VRAM monitoring and model admission."""
+
+from gpu.admission import (
+    Admission,
+    AdmissionConfig,
+    InsufficientVramError,
+    LoadedModel,
+    ModelLoader,
+    ModelLoadTimeoutError,
+    estimate_need,
+)
+from gpu.nvml import NO_GPU, DeviceMemory, MemoryReader, NvmlError, NvmlReader, VramMonitor
+from gpu.semaphore import (
+    Device,
+    DeviceKeys,
+    GpuSemaphore,
+    Holder,
+    Semaphore,
+    SemaphoreConfig,
+    SemaphoreState,
+    Slot,
+    SlotTimeoutError,
+    Waiter,
+)
+from gpu.snapshot import gpu_snapshot
+
+__all__ = [
+    "NO_GPU",
+    "Admission",
+    "AdmissionConfig",
+    "Device",
+    "DeviceKeys",
+    "DeviceMemory",
+    "GpuSemaphore",
+    "Holder",
+    "InsufficientVramError",
+    "LoadedModel",
+    "MemoryReader",
+    "ModelLoadTimeoutError",
+    "ModelLoader",
+    "NvmlError",
+    "NvmlReader",
+    "Semaphore",
+    "SemaphoreConfig",
+    "SemaphoreState",
+    "Slot",
+    "SlotTimeoutError",
+    "VramMonitor",
+    "Waiter",
+    "estimate_need",
+    "gpu_snapshot",
+]

@@ -49,7 +49,7 @@ class RetryPolicy:
     def backoff(self, attempts: int) -> float:
         """Delay before attempt ``attempts + 1``: doubling from ``base_s``, capped, half of it
         random ("equal jitter"), so retries of many tasks spread out."""
-        ceiling = min(self.max_s, self.base_s * 2 ** max(0, attempts - 1))
+        ceiling = min(self.max_s, self.base_s * 2.0 ** max(0, attempts - 1))
         return ceiling / 2 + random.uniform(0, ceiling / 2)
 
     def decide(self, exc: BaseException, *, attempts: int, max_attempts: int) -> Decision:

@@ -8,24 +8,25 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from redis.exceptions import RedisError
-
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+from opentelemetry.util.types import AttributeValue
+from redis.exceptions import RedisError
 
 from handlers.genai import genai_request_attributes, genai_response_attributes
 from handlers.logctx import bind
 from handlers.metrics import Metrics
+from handlers.outcome_writer import OutcomeWriter
 from handlers.policy import Fail, RetryPolicy
 from handlers.prepare import Prepared, now_ms
 from providers.base import Generation, GenerationRequest
 from providers.registry import ModelRegistry
 from schemas.errors import ErrorCode, SopError
-from schemas.result import DeadLetter, ErrorInfo, TaskResult, TaskState, Usage
-from streams.outcome import BeginReply, Finish, Outcomes, webhook_job
+from schemas.result import ErrorInfo, TaskState
+from streams.outcome import BeginReply, Outcomes
 from streams.tokens import TokenStreams, TokenWriter
 from streams.topology import Backoff
-from streams.tracecontext import context_from, current_traceparent
+from streams.tracecontext import context_from
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,11 @@ class TaskRunner:
         self._registry = registry
         self._outcomes = outcomes
         self._policy = policy
-        self._consumer = consumer
         self._max_attempts = max_attempts
+        self._writer = OutcomeWriter(
+            outcomes=outcomes, consumer=consumer, redis_trouble=REDIS_TROUBLE, tokens=tokens,
+            metrics=metrics,
+        )  # fmt: skip
         self._running: dict[str, _Running] = {}
 
     def cancel(self, task_id: str) -> bool:
@@ -79,7 +83,7 @@ class TaskRunner:
     async def run(self, p: Prepared, begin: BeginReply) -> None:
         """Take an admitted entry to its outcome. Never raises except on cancellation."""
         parent = context_from(p.entry.traceparent, p.entry.tracestate)
-        attributes = {
+        attributes: dict[str, AttributeValue] = {
             "messaging.system": "redis", "messaging.operation.type": "process",
             "messaging.destination.name": p.entry.stream, "messaging.message.id": p.entry.entry_id,
             "sop.task_id": p.task_id, "sop.attempt": begin.attempts,
@@ -107,25 +111,24 @@ class TaskRunner:
     async def _run(self, p: Prepared, begin: BeginReply) -> None:
         started = now_ms()
         limit = (p.event.max_attempts if p.event else None) or self._max_attempts
+        fail = None
         if p.error_code is not None:
             fail = Fail(p.error_code, p.error, dead_letter=True)
-            await self._write(p, self._failed(p, begin.attempts, started, fail), begin.errors, fail)
-            return
-        if begin.verdict == "conflict":
+        elif begin.verdict == "conflict":
             message = f"idempotency_key is bound to task {begin.other} with a different payload"
             fail = Fail(ErrorCode.IDEMPOTENCY_CONFLICT, message, dead_letter=True)
-            await self._write(p, self._failed(p, begin.attempts, started, fail), begin.errors, fail)
-            return
-        if begin.verdict == "exhausted":
+        elif begin.verdict == "exhausted":
             message = f"delivered {begin.attempts} times, over the limit of {limit}"
             fail = Fail(ErrorCode.MAX_ATTEMPTS, message, dead_letter=True)
-            await self._write(p, self._failed(p, begin.attempts, started, fail), begin.errors, fail)
+        if fail is not None:
+            result = self._writer.failed(p, begin.attempts, started, fail)
+            await self._writer.write(p, result, begin.errors, fail)
             return
         if begin.verdict == "cancelled":
-            result = self._result(
+            result = self._writer.result(
                 p, begin.attempts, started, TaskState.CANCELLED, finish_reason="cancelled"
             )
-            await self._write(p, result, begin.errors)
+            await self._writer.write(p, result, begin.errors)
             return
         await self._execute(p, begin, started, limit)
 
@@ -135,16 +138,16 @@ class TaskRunner:
         attempts = begin.attempts
         deadline = p.deadline_ms()
         if deadline is not None and started >= deadline:
-            result = self._result(
+            result = self._writer.result(
                 p, attempts, started, TaskState.EXPIRED, finish_reason="deadline", text=""
             )
-            await self._write(p, result, begin.errors)
+            await self._writer.write(p, result, begin.errors)
             return
         parts: list[str] = []
         try:
             gen = await self._generate(p, parts, deadline)
         except TimeoutError:
-            result = self._result(
+            result = self._writer.result(
                 p,
                 attempts,
                 started,
@@ -153,7 +156,7 @@ class TaskRunner:
                 text="".join(parts),
             )
         except _Cancelled:
-            result = self._result(
+            result = self._writer.result(
                 p,
                 attempts,
                 started,
@@ -167,8 +170,8 @@ class TaskRunner:
                 log.exception("provider raised an unexpected error")
             decision = self._policy.decide(exc, attempts=attempts, max_attempts=limit)
             if isinstance(decision, Fail):
-                await self._write(
-                    p, self._failed(p, attempts, started, decision), begin.errors, decision
+                await self._writer.write(
+                    p, self._writer.failed(p, attempts, started, decision), begin.errors, decision
                 )
                 return
             error = _error_info(exc)
@@ -185,15 +188,15 @@ class TaskRunner:
                     },
                 )
                 return
-            result = self._result(
+            result = self._writer.result(
                 p, attempts, started, TaskState.CANCELLED, finish_reason="cancelled"
             )
         else:
-            result = self._result(
+            result = self._writer.result(
                 p, attempts, started, TaskState.COMPLETED,
                 text=gen.text, finish_reason=gen.finish_reason, usage=gen.usage,
             )  # fmt: skip
-        await self._write(p, result, begin.errors)
+        await self._writer.write(p, result, begin.errors)
 
     async def _generate(self, p: Prepared, parts: list[str], deadline: int | None) -> Generation:
         event = p.event
@@ -276,97 +279,6 @@ class TaskRunner:
                 return scheduled >= 0  # 0: already terminal elsewhere; -1: cancel requested
             except REDIS_TROUBLE:
                 await backoff.sleep()
-
-    def _failed(self, p: Prepared, attempts: int, started: int, fail: Fail) -> TaskResult:
-        error = ErrorInfo(code=fail.code, message=fail.message)
-        return self._result(
-            p, attempts, started, TaskState.FAILED, finish_reason="error", error=error
-        )
-
-    def _result(
-        self,
-        p: Prepared,
-        attempts: int,
-        started: int,
-        state: TaskState,
-        *,
-        text: str | None = None,
-        finish_reason: str | None = None,
-        usage: Usage | None = None,
-        error: ErrorInfo | None = None,
-    ) -> TaskResult:
-        finished = now_ms()
-        # our own values: constructed without re-validation (hot path)
-        return TaskResult.model_construct(
-            task_id=p.task_id, state=state, model=p.model or None, text=text,
-            finish_reason=finish_reason, usage=usage,
-            queued_ms=max(0, started - p.entry.timestamp_ms), run_ms=max(0, finished - started),
-            worker=self._consumer, attempts=attempts, error=error,
-            metadata=p.event.metadata if p.event else None, finished_at=finished,
-        )  # fmt: skip
-
-    async def _write(
-        self,
-        p: Prepared,
-        result: TaskResult,
-        earlier: tuple[ErrorInfo, ...],
-        fail: Fail | None = None,
-    ) -> None:
-        event = p.event
-        dead = None
-        if fail is not None and fail.dead_letter and result.error is not None:
-            dead = DeadLetter(
-                source_stream=p.entry.stream, entry_id=p.entry.entry_id, task_id=p.task_id,
-                reason=fail.code, message=fail.message, attempts=result.attempts,
-                fields=p.entry.printable_fields(), errors=[*earlier, result.error],
-                dead_at=result.finished_at,
-            )  # fmt: skip
-        url = event.webhook_url if event else None
-        # results and webhook jobs carry this worker's span: the webhook sender's span hangs under it
-        traceparent, tracestate = current_traceparent()
-        fin = Finish(
-            traceparent=traceparent, tracestate=tracestate,
-            entry=p.entry, result=result, reply_to=event.reply_to if event else None,
-            idempotency_key=event.idempotency_key if event else None,
-            webhook=webhook_job(result, url) if url else None, dead=dead,
-        )  # fmt: skip
-        # the final write is shielded: a shutdown does not cut it in half; Redis trouble is
-        # retried until it lands (the entry stays pending meanwhile, so nothing is lost)
-        backoff = Backoff(base=0.05, cap=2.0)
-        while True:
-            try:
-                written = await asyncio.shield(self._finish(fin))
-            except REDIS_TROUBLE as exc:
-                if backoff.failures == 0:
-                    log.warning("terminal write failed, retrying", extra={"error": repr(exc)})
-                await backoff.sleep()
-                continue
-            if p.event is not None and p.event.stream and self._tokens is not None:
-                with contextlib.suppress(*REDIS_TROUBLE):
-                    await self._tokens.end(
-                        p.task_id, state=result.state.value, finish_reason=result.finish_reason
-                    )
-            if written == 1:
-                log.info(
-                    "task finished",
-                    extra={"state": result.state.value, "attempts": result.attempts},
-                )
-                self._observe_outcome(p, result, dead)
-            else:
-                log.info("task already finished by another attempt")
-            return
-
-    def _observe_outcome(self, p: Prepared, result: TaskResult, dead: DeadLetter | None) -> None:
-        if self._metrics is None:
-            return
-        self._metrics.outcomes.labels(result.state.value).inc()
-        self._metrics.run_time.labels(p.model or "").observe(result.run_ms / 1000)
-        if dead is not None:
-            self._metrics.dead_letters.labels(dead.reason.value).inc()
-
-    async def _finish(self, fin: Finish) -> int:
-        async with asyncio.timeout(15):
-            return await self._outcomes.finish(fin)
 
 
 def _error_info(exc: BaseException) -> ErrorInfo:

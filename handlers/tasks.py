@@ -12,11 +12,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-
-from redis.asyncio import Redis
+from dataclasses import dataclass, field
 
 from opentelemetry.trace import Tracer
+from redis.asyncio import Redis
 
 from handlers.metrics import Metrics
 from handlers.policy import RetryPolicy
@@ -54,8 +53,8 @@ class WorkerConfig:
     max_metadata_bytes: int = 16 << 10
     shutdown_grace_s: float = 30.0
     retry_poll_ms: int = 250
-    retry: RetryPolicy = RetryPolicy()
-    retention: Retention = Retention()
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    retention: Retention = field(default_factory=Retention)
     trim_interval_s: float = 60.0
     trace_content: bool = False
     tokens_ttl_s: int = 3600
@@ -326,7 +325,7 @@ class Worker:
                     reply_to=event.reply_to,
                     webhook_url=event.webhook_url,
                     max_attempts=event.max_attempts or cfg.max_attempts,
-                )  # fmt: skip
+                )
             )
         replies = iter(await self._outcomes.begin(starts, now_ms()))
         for p in prepared:

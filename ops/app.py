@@ -7,20 +7,19 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from pydantic import SecretStr
-from redis.asyncio import BlockingConnectionPool, Redis
-
 from opentelemetry import trace
 from prometheus_client import start_http_server
+from pydantic import SecretStr
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from handlers.metrics import Metrics
 from handlers.policy import RetryPolicy
 from handlers.tasks import Worker, WorkerConfig
 from ops.embedded import embedded_redis
 from ops.settings import Settings, redact_url
+from ops.sidecar import Sidecar
 from ops.telemetry import tracing
 from ops.webhooks_cli import build_sender
-from ops.sidecar import Sidecar
 from providers.echo import EchoProvider
 from providers.registry import ModelRegistry
 from streams.keys import Keys

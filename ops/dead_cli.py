@@ -27,12 +27,18 @@ def add_parser(sub: Any) -> None:
         ("purge", "delete dead letters"),
     ):
         p = dsub.add_parser(name, help=text)
-        p.add_argument("entry_ids", nargs="*", help="dead-letter entry ids (default: all that match)")
+        p.add_argument(
+            "entry_ids", nargs="*", help="dead-letter entry ids (default: all that match)"
+        )
         p.add_argument("--task-id")
         p.add_argument("--reason", help="error code, e.g. max_attempts")
         p.add_argument("--model")
         if name in ("requeue", "purge"):
-            p.add_argument("--all", action="store_true", help="act on every match (needed without ids or filters)")
+            p.add_argument(
+                "--all",
+                action="store_true",
+                help="act on every match (needed without ids or filters)",
+            )
 
 
 def _summary(d: DeadEntry) -> str:
@@ -46,7 +52,9 @@ def _summary(d: DeadEntry) -> str:
 async def run_cancel(settings: Settings, task_id: str) -> int:
     client = redis_client(settings.redis_url_value)
     try:
-        outcome = await cancel_task(client, Keys(settings.namespace), task_id, status_ttl_s=settings.status_ttl_s)
+        outcome = await cancel_task(
+            client, Keys(settings.namespace), task_id, status_ttl_s=settings.status_ttl_s
+        )
     finally:
         await client.aclose()
     print(f"{task_id}: {outcome.value}")
@@ -78,13 +86,18 @@ async def run_dead(settings: Settings, args: argparse.Namespace) -> int:
             for d in chosen:
                 try:
                     new_id = await requeue(client, keys, d)
-                    print(f"{d.entry_id} -> {d.letter.source_stream} {new_id} (task {d.letter.task_id})")
+                    letter = d.letter
+                    print(
+                        f"{d.entry_id} -> {letter.source_stream} {new_id} (task {letter.task_id})"
+                    )
                 except (NotRequeueable, ValueError) as exc:
                     failed += 1
                     print(f"sop-llm: not requeued: {exc}", file=sys.stderr)
             return 1 if failed else 0
         else:
-            print(f"{await purge(client, keys, [d.entry_id for d in chosen])} dead letter(s) purged")
+            print(
+                f"{await purge(client, keys, [d.entry_id for d in chosen])} dead letter(s) purged"
+            )
         return 0
     finally:
         await client.aclose()

@@ -51,7 +51,7 @@ async def embedded_redis(data_dir: Path) -> AsyncIterator[str]:
     port = free_port()
     # start-up work, once, before anything else runs: blocking calls are fine here
     data = data_dir.resolve()  # noqa: ASYNC240
-    data.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
+    data.mkdir(parents=True, exist_ok=True)
     args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
             "--appendonly", "yes", "--save", "", "--protected-mode", "yes",
             "--logfile", str(data / "redis.log")]  # fmt: skip

@@ -10,15 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from opentelemetry import trace
-
 from typing import Any
 
+from opentelemetry import trace
 from redis.asyncio import Redis
 
+from handlers.metrics import Metrics
 from handlers.webhook_admin import WebhookAdmin, WebhookBusyError, WebhookNotFoundError
 from handlers.webhooks import CONSUMER_PREFIX, WebhookConfig, WebhookSender
-from handlers.metrics import Metrics
 from ops.settings import Settings
 from streams.keys import Keys
 

@@ -34,9 +34,9 @@ from schemas.task import (
 from schemas.wire import WIRE_VERSION, EventType
 
 __all__ = [
-    "BacklogFullError",
     "TERMINAL_STATES",
     "WIRE_VERSION",
+    "BacklogFullError",
     "ChatMessage",
     "DeadLetter",
     "DuplicateTaskIdError",

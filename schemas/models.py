@@ -12,7 +12,14 @@ from __future__ import annotations
 import json
 from typing import Annotated, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 
 from schemas.task import MODEL_PATTERN, NAME_PATTERN
 
@@ -106,6 +113,10 @@ class ModelSpec(_Strict):
             raise ValueError("path is only for provider 'llama_cpp'")
         if self.structured_output is not None and self.provider != "openai_compatible":
             raise ValueError("structured_output is only for provider 'openai_compatible'")
+        if self.provider == "llama_cpp" and (self.concurrency or 1) != 1:
+            raise ValueError("an in-process llama_cpp model runs one task at a time")
+        if self.provider == "llama_cpp" and (self.gpu_slots or 1) != 1:
+            raise ValueError("an in-process llama_cpp model takes exactly one GPU slot")
         if self.provider in ("openai", "anthropic") and self.gpu_slots is not None:
             raise ValueError(f"a {self.provider} model never takes a GPU slot")
         if len(set(self.overridable)) != len(self.overridable):
@@ -120,3 +131,13 @@ class ModelSpec(_Strict):
         """Compact JSON: the version and what differs from the defaults."""
         body = self.model_dump(mode="json", exclude_defaults=True)
         return json.dumps({"v": self.v, **body}, separators=(",", ":"), ensure_ascii=False)
+
+
+def describe_spec_error(exc: ValidationError) -> str:
+    """One line naming every offending field, e.g. ``concurrency: Input should be >= 1``."""
+    parts = []
+    for err in exc.errors(include_url=False):
+        msg = err["msg"].removeprefix("Value error, ")
+        loc = ".".join(str(p) for p in err["loc"])
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)

@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 
 from schemas.result import TERMINAL_STATES, TaskResult, TaskState
 from streams import keys as k
-from streams.entries import Entry, entries_from_read, text
+from streams.entries import Entry, entries_from_range, entries_from_read, text
 from streams.outcome import Finish, Outcomes, webhook_job
 from streams.scripts import CANCEL_SCRIPT
 
@@ -70,7 +70,7 @@ async def cancel_task(
                 reply_to=got[k.F_REPLY_TO] or None,
                 webhook=webhook_job(result, url) if url else None,
                 expect_state=TaskState.QUEUED.value,
-            )  # fmt: skip
+            )
         )
         if written == 1:
             return CancelOutcome.CANCELLED
@@ -92,8 +92,8 @@ async def control_events(
     client: Redis, keys: k.Keys, *, block_ms: int = 1000
 ) -> AsyncIterator[str]:
     """Task ids of ``task.cancel`` events published from now on (every reader sees every one)."""
-    newest = await client.xrevrange(keys.control, count=1)
-    last = text(newest[0][0]) if newest else "0-0"
+    newest = entries_from_range(keys.control, await client.xrevrange(keys.control, count=1))
+    last = newest[0].entry_id if newest else "0-0"
     while True:
         for entry in entries_from_read(
             await client.xread({keys.control: last}, count=100, block=block_ms)

@@ -132,7 +132,8 @@ class Keys:
         return self.prefix.replace("{", "\\{").replace("}", "\\}") + ":*"
 
     def derived_task_id(self, pool: str, partition: str, entry_id: str) -> str:
-        """The documented id of a task published without ``task_id``: ``<pool>.<partition>.<entry id>``."""
+        """The documented id of a task published without ``task_id``:
+        ``<pool>.<partition>.<entry id>``."""
         return f"{pool}.{partition}.{entry_id}"
 
     def parse_tasks_stream(self, stream: str) -> tuple[str, str]:

@@ -173,7 +173,7 @@ class Outcomes:
                 for _, fut in batch:
                     fut.cancel()
                 raise
-            except Exception as exc:  # handed to every caller of the batch, raised there
+            except Exception as exc:  # noqa: BLE001 - handed to every caller of the batch, raised there
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(exc)

@@ -43,8 +43,8 @@ from streams.keys import DEFAULT_PARTITIONS, DEFAULT_POOL, Keys
 from streams.scripts import SUBMIT_SCRIPT
 from streams.status import read_status
 from streams.tokens import read_tokens
-from streams.urlguard import check_webhook_url
 from streams.tracecontext import current_traceparent
+from streams.urlguard import check_webhook_url
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,9 @@ from streams.scripts import MOVE_SCRIPT, ScriptCall, run_batch
 async def move_due(client: Redis, keys: Keys, now_ms: int, *, limit: int = 100) -> int:
     """Re-publish retries whose time has come (each once, whichever worker moves it first).
     Returns how many were moved."""
-    members = await client.zrangebyscore(keys.tasks_delayed, "-inf", now_ms, start=0, num=limit)
+    members: list[bytes] = await client.zrangebyscore(  # type: ignore[assignment]
+        keys.tasks_delayed, "-inf", now_ms, start=0, num=limit
+    )
     calls: list[ScriptCall] = []
     for member in members:
         job = json.loads(member)

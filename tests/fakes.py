@@ -14,8 +14,13 @@ class ScriptedProvider:
     """Fails or succeeds as scripted: ``outcomes`` is consumed one per call; an exception is
     raised, a string is generated (one token per word, ``per_token_s`` apart)."""
 
-    def __init__(self, outcomes: list[BaseException | str] | Callable[[int], BaseException | str], *,
-                 per_token_s: float = 0.0, slots: int = 8) -> None:  # fmt: skip
+    def __init__(
+        self,
+        outcomes: list[BaseException | str] | Callable[[int], BaseException | str],
+        *,
+        per_token_s: float = 0.0,
+        slots: int = 8,
+    ) -> None:
         self._outcomes = outcomes
         self._per_token_s = per_token_s
         self._capabilities = Capabilities(max_concurrency=slots)
@@ -30,11 +35,17 @@ class ScriptedProvider:
     def capabilities(self) -> Capabilities:
         return self._capabilities
 
-    async def generate(self, request: GenerationRequest, *, on_delta: DeltaSink | None = None) -> Generation:
+    async def generate(
+        self, request: GenerationRequest, *, on_delta: DeltaSink | None = None
+    ) -> Generation:
         n = len(self.calls)
         self.calls.append(time.monotonic())
         self.requests.append(request)
-        outcome = self._outcomes(n) if callable(self._outcomes) else self._outcomes[min(n, len(self._outcomes) - 1)]
+        outcome = (
+            self._outcomes(n)
+            if callable(self._outcomes)
+            else self._outcomes[min(n, len(self._outcomes) - 1)]
+        )
         if isinstance(outcome, BaseException):
             raise outcome
         words = outcome.split()

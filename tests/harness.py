@@ -8,9 +8,8 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from redis.asyncio import Redis
-
 from opentelemetry.trace import Tracer
+from redis.asyncio import Redis
 
 from handlers.metrics import Metrics
 from handlers.tasks import Worker, WorkerConfig

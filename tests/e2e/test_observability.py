@@ -54,16 +54,24 @@ async def test_one_trace_from_publish_to_webhook_receiver(client: Redis, keys: K
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     tracer = provider.get_tracer("test")
-    p = Producer(ProducerConfig(namespace=keys.namespace, webhook_allow=("127.0.0.1",)), client=client, tracer=tracer)
+    p = Producer(
+        ProducerConfig(namespace=keys.namespace, webhook_allow=("127.0.0.1",)),
+        client=client,
+        tracer=tracer,
+    )
     sender = WebhookSender(
-        client=client, keys=keys, tracer=tracer,
+        client=client,
+        keys=keys,
+        tracer=tracer,
         config=WebhookConfig(consumer="webhook-t", allow=("127.0.0.1",), block_ms=100),
-    )  # fmt: skip
+    )
     stop = asyncio.Event()
     async with receiver() as (url, seen), running_worker(client, keys, tracer=tracer):
         send = asyncio.create_task(sender.run(stop))
         try:
-            task_id = await p.submit("echo", "trace me", max_tokens=2, temperature=0, webhook_url=url)
+            task_id = await p.submit(
+                "echo", "trace me", max_tokens=2, temperature=0, webhook_url=url
+            )
             await wait_for(lambda: seen, 10)
         finally:
             stop.set()
@@ -96,7 +104,9 @@ async def test_one_trace_from_publish_to_webhook_receiver(client: Redis, keys: K
     assert dict(deliver.attributes or {})["sop.task_id"] == task_id
 
 
-async def test_metrics_parse_and_queue_figures_match_xinfo(client: Redis, keys: Keys, redis_url: str) -> None:
+async def test_metrics_parse_and_queue_figures_match_xinfo(
+    client: Redis, keys: Keys, redis_url: str
+) -> None:
     p = Producer(ProducerConfig(namespace=keys.namespace), client=client)
     metrics = Metrics()
     async with running_worker(client, keys, metrics=metrics):
@@ -108,10 +118,13 @@ async def test_metrics_parse_and_queue_figures_match_xinfo(client: Redis, keys: 
     await client.xreadgroup(TASK_GROUP, "someone", {low: ">"}, count=1)
     settings = Settings(redis_url=SecretStr(redis_url), namespace=keys.namespace, sidecar_port=0)
     side = Sidecar(client=client, settings=settings, metrics=metrics)
-    async with side.running(), aiohttp.ClientSession() as http:
-        async with http.get(f"http://127.0.0.1:{side.port}/metrics") as r:
-            assert r.status == 200
-            body = await r.text()
+    async with (
+        side.running(),
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{side.port}/metrics") as r,
+    ):
+        assert r.status == 200
+        body = await r.text()
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in text_string_to_metric_families(body)

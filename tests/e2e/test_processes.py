@@ -71,7 +71,7 @@ async def test_flushall_while_workers_run(tmp_path: Path, private_redis: RedisSe
             await p.wait(first, timeout=10)
             await client.flushall()
             start = asyncio.get_running_loop().time()
-            # publish like any producer would; the stream is recreated by XADD, the group by the worker
+            # publish like any producer: XADD re-creates the stream, the worker the group
             second = await p.submit("echo", "after")
             result = await p.wait(second, timeout=10)
             elapsed = asyncio.get_running_loop().time() - start

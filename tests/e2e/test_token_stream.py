@@ -32,7 +32,9 @@ async def _sse(url: str) -> list[tuple[str, dict[str, str]]]:
     return events
 
 
-async def test_stream_live_and_late_over_sse_and_sdk(client: Redis, keys: Keys, redis_url: str) -> None:
+async def test_stream_live_and_late_over_sse_and_sdk(
+    client: Redis, keys: Keys, redis_url: str
+) -> None:
     p = Producer(ProducerConfig(namespace=keys.namespace), client=client)
     settings = Settings(redis_url=SecretStr(redis_url), namespace=keys.namespace, sidecar_port=0)
     side = Sidecar(client=client, settings=settings)
@@ -57,7 +59,9 @@ async def test_stream_live_and_late_over_sse_and_sdk(client: Redis, keys: Keys, 
     assert 0 < await client.ttl(keys.task_tokens(task_id)) <= 3600
 
 
-async def test_task_without_streaming_yields_its_text_once_finished(client: Redis, keys: Keys) -> None:
+async def test_task_without_streaming_yields_its_text_once_finished(
+    client: Redis, keys: Keys
+) -> None:
     p = Producer(ProducerConfig(namespace=keys.namespace), client=client)
     async with running_worker(client, keys):
         task_id = await p.submit("echo", "all at once", max_tokens=3)

@@ -16,13 +16,33 @@ from streams.keys import Keys
 from tests.conftest import SHARED_REDIS_URL
 from tests.harness import running_worker, stream_entries
 
-json_leaf = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=20))
+json_leaf = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=20)
+)
 json_value = st.recursive(
-    json_leaf, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    json_leaf,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=20,
-)  # fmt: skip
-field_names = st.sampled_from(["model", "prompt", "messages", "temperature", "max_tokens", "task_id",
-                               "stop", "seed", "metadata", "deadline", "colour", "v", "stream"])  # fmt: skip
+)
+field_names = st.sampled_from(
+    [
+        "model",
+        "prompt",
+        "messages",
+        "temperature",
+        "max_tokens",
+        "task_id",
+        "stop",
+        "seed",
+        "metadata",
+        "deadline",
+        "colour",
+        "v",
+        "stream",
+    ]
+)
 
 
 def deep(n: int) -> str:
@@ -53,22 +73,37 @@ async def _scenario(entries: list[dict[str, Any]]) -> None:
         stream = keys.tasks("default", "normal")
         good: list[str] = []
         for i, fields in enumerate(entries):
-            await client.xadd(stream, fields)
+            await client.xadd(stream, fields)  # type: ignore[arg-type]
             good_id = f"good-{i}"
-            await client.xadd(stream, {"type": "task.submitted", "data": json.dumps({"task_id": good_id, "model": "echo", "prompt": "fine"})})
+            await client.xadd(
+                stream,
+                {
+                    "type": "task.submitted",
+                    "data": json.dumps({"task_id": good_id, "model": "echo", "prompt": "fine"}),
+                },
+            )
             good.append(good_id)
         async with running_worker(client, keys, max_prompt_bytes=2000):
             async with asyncio.timeout(20):
-                while await client.xlen(keys.dead) < len(entries) or not await _all_done(client, keys, good):
+                while await client.xlen(keys.dead) < len(entries) or not await _all_done(
+                    client, keys, good
+                ):
                     await asyncio.sleep(0.02)
             pending = await client.xpending(stream, "workers")
-        results = [TaskResult.model_validate_json(e.data or b"") for e in await stream_entries(client, keys.results)]
+        results = [
+            TaskResult.model_validate_json(e.data or b"")
+            for e in await stream_entries(client, keys.results)
+        ]
         by_id = {r.task_id: r for r in results}
         # no task id got two outcomes; good tasks completed; every bad entry answered and
         # dead-lettered exactly once (two bad entries may share a task id: one outcome, two letters)
         assert len(results) == len(by_id)
         assert all(by_id[g].state == TaskState.COMPLETED for g in good)
-        assert all(r.state == TaskState.FAILED and r.error is not None for r in results if r.task_id not in good)
+        assert all(
+            r.state == TaskState.FAILED and r.error is not None
+            for r in results
+            if r.task_id not in good
+        )
         assert await client.xlen(keys.dead) == len(entries)
         assert pending["pending"] == 0
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -22,7 +23,7 @@ from tests.conftest import wait_for
 from tests.fakes import ScriptedProvider
 from tests.harness import results, running_worker, stream_entries, wait_results, xadd_task
 
-FAST_RETRY = {"retry_poll_ms": 20}
+FAST_RETRY: dict[str, Any] = {"retry_poll_ms": 20}
 
 
 def registry_with(provider: ScriptedProvider) -> ModelRegistry:
@@ -36,7 +37,9 @@ def producer(client: Redis, keys: Keys, **kw: int) -> Producer:
 
 
 def limited(retry_after: float | None = None) -> ProviderError:
-    return ProviderError("slow down", code=ErrorCode.RATE_LIMITED, retryable=True, retry_after=retry_after)
+    return ProviderError(
+        "slow down", code=ErrorCode.RATE_LIMITED, retryable=True, retry_after=retry_after
+    )
 
 
 async def test_retry_after_is_honoured_and_attempts_recorded(client: Redis, keys: Keys) -> None:
@@ -56,8 +59,12 @@ async def test_retry_after_is_honoured_and_attempts_recorded(client: Redis, keys
 
 
 async def test_exhausted_retries_end_failed_and_dead_lettered(client: Redis, keys: Keys) -> None:
-    provider = ScriptedProvider([ProviderError("upstream 503", code=ErrorCode.OVERLOADED, retryable=True, retry_after=0.05)])
-    entry_id = await xadd_task(client, keys, {"task_id": "doomed", "model": "m", "prompt": "x", "max_attempts": 2})
+    provider = ScriptedProvider(
+        [ProviderError("upstream 503", code=ErrorCode.OVERLOADED, retryable=True, retry_after=0.05)]
+    )
+    entry_id = await xadd_task(
+        client, keys, {"task_id": "doomed", "model": "m", "prompt": "x", "max_attempts": 2}
+    )
     async with running_worker(client, keys, registry=registry_with(provider), **FAST_RETRY):
         [result] = await wait_results(client, keys, 1)
     assert result.state == TaskState.FAILED and result.attempts == 2
@@ -79,7 +86,9 @@ async def test_exhausted_retries_end_failed_and_dead_lettered(client: Redis, key
         (ProviderError("bad key", code=ErrorCode.AUTH), True),
     ],
 )
-async def test_final_errors_are_not_retried(client: Redis, keys: Keys, error: ProviderError, dead_lettered: bool) -> None:
+async def test_final_errors_are_not_retried(
+    client: Redis, keys: Keys, error: ProviderError, dead_lettered: bool
+) -> None:
     provider = ScriptedProvider([error, "never"])
     p = producer(client, keys)
     task_id = await p.submit("m", "x")
@@ -91,11 +100,15 @@ async def test_final_errors_are_not_retried(client: Redis, keys: Keys, error: Pr
     assert (await client.xlen(keys.dead) == 1) is dead_lettered
 
 
-async def test_unexpected_exception_is_retried_and_worker_goes_on(client: Redis, keys: Keys) -> None:
+async def test_unexpected_exception_is_retried_and_worker_goes_on(
+    client: Redis, keys: Keys
+) -> None:
     provider = ScriptedProvider([RuntimeError("provider bug"), "fine"])
     p = producer(client, keys)
     task_id = await p.submit("m", "x")
-    async with running_worker(client, keys, registry=registry_with(provider), retry=_fast_policy(), **FAST_RETRY):
+    async with running_worker(
+        client, keys, registry=registry_with(provider), retry=_fast_policy(), **FAST_RETRY
+    ):
         result = await p.wait(task_id, timeout=5)
     assert result.state == TaskState.COMPLETED and result.attempts == 2
 
@@ -115,7 +128,9 @@ async def test_cancel_queued_task_never_runs(client: Redis, keys: Keys) -> None:
     assert await p.cancel(task_id) == CancelOutcome.FINISHED
 
 
-async def test_cancel_running_task_stops_between_tokens_and_frees_the_slot(client: Redis, keys: Keys) -> None:
+async def test_cancel_running_task_stops_between_tokens_and_frees_the_slot(
+    client: Redis, keys: Keys
+) -> None:
     provider = ScriptedProvider([" ".join(["tok"] * 200), "next task"], per_token_s=0.02)
     p = producer(client, keys)
     async with running_worker(client, keys, slots=1, registry=registry_with(provider)):
@@ -139,15 +154,21 @@ async def test_plain_xadd_control_event_cancels(client: Redis, keys: Keys) -> No
     await xadd_task(client, keys, {"task_id": "c1", "model": "m", "prompt": "x"})
     async with running_worker(client, keys, registry=registry_with(provider)):
         await wait_for(lambda: provider.calls, 5)
-        await client.xadd(keys.control, {"type": "task.cancel", "data": json.dumps({"task_id": "c1"})})
+        await client.xadd(
+            keys.control, {"type": "task.cancel", "data": json.dumps({"task_id": "c1"})}
+        )
         [result] = await wait_results(client, keys, 1)
     assert result.state == TaskState.CANCELLED
 
 
-async def test_cancel_of_unknown_task_does_not_poison_a_later_one(client: Redis, keys: Keys) -> None:
+async def test_cancel_of_unknown_task_does_not_poison_a_later_one(
+    client: Redis, keys: Keys
+) -> None:
     p = producer(client, keys)
     assert await p.cancel("later-1") == CancelOutcome.UNKNOWN
-    await client.xadd(keys.control, {"type": "task.cancel", "data": json.dumps({"task_id": "later-1"})})
+    await client.xadd(
+        keys.control, {"type": "task.cancel", "data": json.dumps({"task_id": "later-1"})}
+    )
     async with running_worker(client, keys):
         task_id = await p.submit("echo", "still runs", task_id="later-1")
         assert (await p.wait(task_id, timeout=5)).state == TaskState.COMPLETED
@@ -161,7 +182,9 @@ async def test_cancel_while_waiting_for_a_retry(client: Redis, keys: Keys) -> No
         await wait_for(lambda: client.zcard(keys.tasks_delayed), 5)
         assert await p.cancel(task_id) == CancelOutcome.CANCELLED
         assert (await p.wait(task_id, timeout=2)).state == TaskState.CANCELLED
-        await client.zadd(keys.tasks_delayed, {m: 0 for m in await client.zrange(keys.tasks_delayed, 0, -1)})
+        # make the parked retry due now: the mover must drop it, the task being cancelled
+        members: list[bytes] = await client.zrange(keys.tasks_delayed, 0, -1)  # type: ignore[assignment]
+        await client.zadd(keys.tasks_delayed, dict.fromkeys(members, 0))
         await wait_for(lambda: _no_retries_waiting(client, keys), 5)
     assert len(provider.calls) == 1 and len(await results(client, keys)) == 1
 
@@ -197,7 +220,10 @@ async def test_requeue_a_dead_letter(client: Redis, keys: Keys) -> None:
     assert record is not None and record.result is not None and record.result.text == "works now"
     assert await client.xlen(keys.dead) == 0
     assert [r.state for r in await results(client, keys)] == [TaskState.FAILED, TaskState.COMPLETED]
-    letters = [DeadLetter.model_validate_json(e.data or b"") for e in await stream_entries(client, keys.dead)]
+    letters = [
+        DeadLetter.model_validate_json(e.data or b"")
+        for e in await stream_entries(client, keys.dead)
+    ]
     assert letters == []
 
 

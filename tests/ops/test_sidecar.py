@@ -70,9 +70,11 @@ async def test_health(private_redis: RedisServer, namespace: str) -> None:
             async with http.get(f"{base}/health/ready") as r:
                 assert r.status == 503  # no groups yet
                 assert "consumer group missing" in str(await r.json())
-            async with running_worker(client, Keys(namespace)):
-                async with http.get(f"{base}/health/ready") as r:
-                    assert r.status == 200
+            async with (
+                running_worker(client, Keys(namespace)),
+                http.get(f"{base}/health/ready") as r,
+            ):
+                assert r.status == 200
             private_redis.stop()
             async with http.get(f"{base}/health/ready") as r:
                 assert r.status == 503
