@@ -35,10 +35,10 @@ MIB: Final = 1024 * 1024
 class InsufficientVramError(SopError):
     """The model does not fit on any device, even after unloading every idle model.
 
-    ``code`` becomes ``ErrorCode.INSUFFICIENT_VRAM`` once the wire format has it; until then the
-    distinct ``reason`` is ``"insufficient_vram"``."""
+    Final: the task fails with ``insufficient_vram`` (a bigger device or a smaller model is the
+    fix, not another attempt)."""
 
-    code = ErrorCode.INTERNAL
+    code = ErrorCode.INSUFFICIENT_VRAM
     reason: Final = "insufficient_vram"
 
     def __init__(

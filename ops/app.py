@@ -16,6 +16,7 @@ from handlers.metrics import Metrics
 from handlers.policy import RetryPolicy
 from handlers.tasks import Worker, WorkerConfig
 from ops.embedded import embedded_redis
+from ops.gpu_setup import build_gpu_runtime
 from ops.settings import Settings, redact_url
 from ops.sidecar import Sidecar
 from ops.telemetry import tracing
@@ -127,11 +128,15 @@ async def serve(
         sender = None
         if worker and settings.webhook_sender:
             sender = build_sender(settings, client, metrics)
+        gpus = await build_gpu_runtime(settings, client)
         async with asyncio.TaskGroup() as tg:
+            tg.create_task(gpus.monitor.run(stop))
             if sender is not None:
                 tg.create_task(sender.run(stop))
             if sidecar:
-                side = Sidecar(client=client, settings=settings, worker=the_worker, metrics=metrics)
+                side = Sidecar(
+                    client=client, settings=settings, worker=the_worker, metrics=metrics, gpu=gpus
+                )
                 await stack.enter_async_context(side.running())
             if the_worker is not None:
                 tg.create_task(the_worker.run(stop))

@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from handlers.metrics import Metrics
+from ops.gpu_setup import GpuRuntime
 from ops.settings import Settings
 from schemas.task import TASK_ID_PATTERN
 from streams.entries import text
@@ -43,8 +44,10 @@ class Sidecar:
         settings: Settings,
         worker: Worker | None = None,
         metrics: Metrics | None = None,
+        gpu: GpuRuntime | None = None,
     ) -> None:
         self._metrics = metrics or Metrics()
+        self._gpu = gpu
         self._client = client
         self._settings = settings
         self._keys = Keys(settings.namespace)
@@ -59,6 +62,7 @@ class Sidecar:
         app.router.add_get("/v1/tasks/{task_id}", self.task)
         app.router.add_get("/v1/tasks/{task_id}/stream", self.token_stream)
         app.router.add_get("/v1/queue", self.queue)
+        app.router.add_get("/v1/gpu", self.gpu)
         app.router.add_get("/health/live", self.live)
         app.router.add_get("/health/ready", self.ready)
         app.router.add_get("/metrics", self.metrics)
@@ -141,9 +145,17 @@ class Sidecar:
                 m.queue_oldest.labels(*labels).set(age / 1000 if age is not None else 0)
         except (OSError, RedisError, TimeoutError):
             pass  # Redis away: serve the process metrics anyway; /health/ready tells the rest
+        if self._gpu is not None:
+            self._gpu.export(m)
         return web.Response(
             body=generate_latest(m.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
+
+    async def gpu(self, request: web.Request) -> web.Response:
+        """Devices, memory, loaded models, semaphore holders and waiters."""
+        if self._gpu is None:
+            return web.json_response({"status": "no GPU runtime in this process", "devices": []})
+        return web.json_response(await self._gpu.snapshot())
 
     async def live(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "live"})

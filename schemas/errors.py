@@ -27,6 +27,7 @@ class ErrorCode(StrEnum):
     CONTEXT_LENGTH = "context_length"
     CONTENT_FILTER = "content_filter"
     SCHEMA_INVALID = "schema_invalid"
+    INSUFFICIENT_VRAM = "insufficient_vram"
     INTERNAL = "internal"
 
 

@@ -119,6 +119,19 @@ class Keys:
     def gpu(self, host: str, index: int) -> str:
         return f"{self.prefix}:gpu:{host}:{index}"
 
+    def gpu_waiters(self, host: str, index: int) -> str:
+        """Sorted set of tasks waiting for the device (score: priority rank, then arrival)."""
+        return f"{self.gpu(host, index)}:waiters"
+
+    def gpu_waiter_leases(self, host: str, index: int) -> str:
+        return f"{self.gpu(host, index)}:waiters:leases"
+
+    def gpu_seq(self, host: str, index: int) -> str:
+        return f"{self.gpu(host, index)}:seq"
+
+    def gpu_wake(self, host: str, index: int) -> str:
+        return f"{self.gpu(host, index)}:wake"
+
     def worker(self, consumer: str) -> str:
         return f"{self.prefix}:worker:{consumer}"
 

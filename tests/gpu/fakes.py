@@ -15,13 +15,12 @@ GIB = 1024 * MIB
 def device_keys(keys: Keys, host: str, index: int) -> DeviceKeys:
     """The names of a device's semaphore. The holders zset is ``Keys.gpu``; the other names are
     derived here until ``streams/keys.py`` grows them (same hash tag, same namespace)."""
-    base = keys.gpu(host, index)
     return DeviceKeys(
-        holders=base,
-        waiters=base + ":waiters",
-        leases=base + ":waiters:leases",
-        seq=base + ":seq",
-        wake=base + ":wake",
+        holders=keys.gpu(host, index),
+        waiters=keys.gpu_waiters(host, index),
+        leases=keys.gpu_waiter_leases(host, index),
+        seq=keys.gpu_seq(host, index),
+        wake=keys.gpu_wake(host, index),
     )
 
 

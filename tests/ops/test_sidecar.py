@@ -7,6 +7,7 @@ import pytest
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
+from ops.gpu_setup import build_gpu_runtime
 from ops.settings import Settings
 from ops.sidecar import Sidecar
 from streams.keys import TASK_GROUP, Keys
@@ -99,3 +100,18 @@ async def test_bearer_token(client: Redis, redis_url: str, namespace: str) -> No
             assert r.status == 200
         async with http.get(f"{base}/health/live") as r:
             assert r.status == 200
+
+
+async def test_gpu_endpoint_without_a_gpu(client: Redis, redis_url: str, namespace: str) -> None:
+    settings = _settings(redis_url, namespace)
+    gpus = await build_gpu_runtime(settings, client)
+    side = Sidecar(client=client, settings=settings, gpu=gpus)
+    async with (
+        side.running(),
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{side.port}/v1/gpu") as r,
+    ):
+        body = await r.json()
+    assert r.status == 200
+    assert body["status"].startswith("no GPU") and body["devices"] == []
+    assert gpus.semaphores == {}
