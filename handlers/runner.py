@@ -14,13 +14,14 @@ from opentelemetry.util.types import AttributeValue
 from redis.exceptions import RedisError
 
 from handlers.genai import genai_request_attributes, genai_response_attributes
+from handlers.gpu_gate import GpuGate
 from handlers.logctx import bind
 from handlers.metrics import Metrics
 from handlers.outcome_writer import OutcomeWriter
 from handlers.policy import Fail, RetryPolicy
 from handlers.prepare import Prepared, now_ms
 from providers.base import Generation, GenerationRequest
-from providers.registry import ModelRegistry
+from providers.registry import ModelBinding, ModelRegistry
 from schemas.errors import ErrorCode, SopError
 from schemas.result import ErrorInfo, TaskState
 from streams.outcome import BeginReply, Outcomes
@@ -56,8 +57,11 @@ class TaskRunner:
         metrics: Metrics | None = None,
         trace_content: bool = False,
         tokens: TokenStreams | None = None,
+        gpu: GpuGate | None = None,
     ) -> None:
         self._tokens = tokens
+        self._gpu = gpu
+        self._consumer = consumer
         self._tracer = tracer or trace.get_tracer("sop_llm.worker")
         self._metrics = metrics
         self._trace_content = trace_content
@@ -219,6 +223,7 @@ class TaskRunner:
                 async with (
                     asyncio.timeout(timeout),
                     binding.limit,
+                    self._gpu_slot(p, binding, timeout),
                     self._token_writer(p) as tokens,
                 ):
                     began = asyncio.get_running_loop().time()
@@ -251,6 +256,19 @@ class TaskRunner:
             span.set_attributes(genai_response_attributes(result, self._trace_content))
             self._observe_generation(event.model, result, elapsed)
             return result
+
+    def _gpu_slot(
+        self, p: Prepared, binding: ModelBinding, timeout: float | None
+    ) -> contextlib.AbstractAsyncContextManager[None]:
+        if self._gpu is None:
+            return contextlib.nullcontext()
+        _, partition = p.entry.stream.rsplit(":", 1)
+        return self._gpu.hold(
+            binding,
+            partition=partition,
+            holder_id=f"{self._consumer}:{p.task_id}",
+            deadline_s=timeout,
+        )
 
     @contextlib.asynccontextmanager
     async def _token_writer(self, p: Prepared) -> AsyncIterator[TokenWriter | None]:

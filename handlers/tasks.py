@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from opentelemetry.trace import Tracer
 from redis.asyncio import Redis
 
+from handlers.gpu_gate import GpuGate
 from handlers.metrics import Metrics
 from handlers.policy import RetryPolicy
 from handlers.prepare import now_ms, prepare
@@ -74,6 +75,7 @@ class Worker:
         config: WorkerConfig,
         tracer: Tracer | None = None,
         metrics: Metrics | None = None,
+        gpu: GpuGate | None = None,
     ) -> None:
         if config.slots < 1:
             raise ValueError("a worker needs at least one slot")
@@ -102,6 +104,7 @@ class Worker:
             consumer=config.consumer, max_attempts=config.max_attempts,
             tracer=tracer, metrics=metrics, trace_content=config.trace_content,
             tokens=TokenStreams(client=client, keys=keys, ttl_s=config.tokens_ttl_s),
+            gpu=gpu,
         )  # fmt: skip
         self._inflight: set[asyncio.Task[None]] = set()
         self._slot_freed = asyncio.Event()

@@ -12,6 +12,7 @@ from prometheus_client import start_http_server
 from pydantic import SecretStr
 from redis.asyncio import BlockingConnectionPool, Redis
 
+from handlers.gpu_gate import GpuGate
 from handlers.metrics import Metrics
 from handlers.policy import RetryPolicy
 from handlers.tasks import Worker, WorkerConfig
@@ -49,7 +50,11 @@ def redis_client(url: str, *, max_connections: int = 64) -> Redis:
 
 
 def build_worker(
-    settings: Settings, client: Redis, registry: ModelRegistry, metrics: Metrics | None = None
+    settings: Settings,
+    client: Redis,
+    registry: ModelRegistry,
+    metrics: Metrics | None = None,
+    gpu: GpuGate | None = None,
 ) -> Worker:
     served = registry.bindings(settings.pools)
     slots = settings.worker_slots or max((b.concurrency for b in served), default=1)
@@ -79,7 +84,7 @@ def build_worker(
     )
     return Worker(
         client=client, keys=Keys(settings.namespace), registry=registry, config=config,
-        tracer=trace.get_tracer("sop_llm.worker"), metrics=metrics,
+        tracer=trace.get_tracer("sop_llm.worker"), metrics=metrics, gpu=gpu,
     )  # fmt: skip
 
 
@@ -116,10 +121,17 @@ async def serve(
         stack.enter_context(tracing(settings))
         client = redis_client(url)
         stack.push_async_callback(client.aclose)
+        gpus = await build_gpu_runtime(settings, client)
         metrics = Metrics()
         the_worker = None
         if worker:
-            the_worker = build_worker(settings, client, build_registry(settings), metrics)
+            the_worker = build_worker(
+                settings,
+                client,
+                build_registry(settings),
+                metrics,
+                GpuGate(semaphores=gpus.semaphores, partitions=settings.partitions),
+            )
             if not sidecar and settings.metrics_port is not None:
                 # a worker without a sidecar still exposes its own metrics
                 start_http_server(
@@ -128,7 +140,6 @@ async def serve(
         sender = None
         if worker and settings.webhook_sender:
             sender = build_sender(settings, client, metrics)
-        gpus = await build_gpu_runtime(settings, client)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(gpus.monitor.run(stop))
             if sender is not None:

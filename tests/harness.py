@@ -11,6 +11,7 @@ from typing import Any
 from opentelemetry.trace import Tracer
 from redis.asyncio import Redis
 
+from handlers.gpu_gate import GpuGate
 from handlers.metrics import Metrics
 from handlers.tasks import Worker, WorkerConfig
 from providers.echo import EchoProvider
@@ -37,6 +38,7 @@ async def running_worker(
     consumer: str = "w1",
     tracer: Tracer | None = None,
     metrics: Metrics | None = None,
+    gpu: GpuGate | None = None,
     **config: Any,
 ) -> AsyncIterator[Worker]:
     settings: dict[str, Any] = {
@@ -58,6 +60,7 @@ async def running_worker(
         config=WorkerConfig(**settings),
         tracer=tracer,
         metrics=metrics,
+        gpu=gpu,
     )
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
