@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 from redis.asyncio import Redis
@@ -75,7 +76,7 @@ async def test_two_workers_one_permit_never_overlap(client: Redis, keys: Keys) -
     local = sorted((s, e) for name, s, e in log if name.startswith("local"))
     assert len(local) == 6
     assert all(
-        prev_end <= start for (_, prev_end), (start, _) in zip(local, local[1:], strict=False)
+        prev_end <= start for (_, prev_end), (start, _) in itertools.pairwise(local)
     )
     # remote models ran beside the local ones: they hold no GPU slot
     remote = [(s, e) for name, s, e in log if name.startswith("remote")]
