@@ -34,10 +34,12 @@ class OutcomeWriter:
         self._tokens = tokens
         self._metrics = metrics
 
-    def failed(self, p: Prepared, attempts: int, started: int, fail: Fail) -> TaskResult:
+    def failed(
+        self, p: Prepared, attempts: int, started: int, fail: Fail, *, text: str | None = None
+    ) -> TaskResult:
         error = ErrorInfo(code=fail.code, message=fail.message)
         return self.result(
-            p, attempts, started, TaskState.FAILED, finish_reason="error", error=error
+            p, attempts, started, TaskState.FAILED, finish_reason="error", error=error, text=text
         )
 
     def result(
@@ -96,6 +98,14 @@ class OutcomeWriter:
             except self._trouble as exc:
                 if backoff.failures == 0:
                     log.warning("terminal write failed, retrying", extra={"error": repr(exc)})
+                await backoff.sleep()
+                continue
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # we are being cancelled (a forced shutdown): leave the entry pending
+                # the write itself was cut short, not this task: the outcome is still owed
+                log.warning("terminal write interrupted, retrying")
                 await backoff.sleep()
                 continue
             if p.event is not None and p.event.stream and self._tokens is not None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from providers.base import ProviderError
+from providers.errors import ProviderError
 from schemas.errors import ErrorCode, SopError
 
 DEAD_LETTER_CODES = frozenset(

@@ -174,9 +174,10 @@ class TaskRunner:
                 log.exception("provider raised an unexpected error")
             decision = self._policy.decide(exc, attempts=attempts, max_attempts=limit)
             if isinstance(decision, Fail):
-                await self._writer.write(
-                    p, self._writer.failed(p, attempts, started, decision), begin.errors, decision
-                )
+                # a schema_invalid answer keeps the model's raw output for the caller to inspect
+                raw = getattr(exc, "raw_text", None)
+                result = self._writer.failed(p, attempts, started, decision, text=raw)
+                await self._writer.write(p, result, begin.errors, decision)
                 return
             error = _error_info(exc)
             due = now_ms() + int(decision.delay_s * 1000)

@@ -107,6 +107,7 @@ class Worker:
             gpu=gpu,
         )  # fmt: skip
         self._inflight: set[asyncio.Task[None]] = set()
+        self._running_entries: dict[asyncio.Task[None], tuple[str, str]] = {}
         self._slot_freed = asyncio.Event()
         self._intake = asyncio.Lock()
         self._ready = False
@@ -256,6 +257,12 @@ class Worker:
                 return
             async with self._intake:
                 entries = await self._reclaimer.reclaim(self._free())
+                # ours too: entries delivered while the link broke, that nothing here runs
+                busy = set(self._running_entries.values())
+                min_idle = 2 * self._config.reclaim_interval_ms + self._config.block_ms
+                entries += await self._reclaimer.orphans(
+                    self._free() - len(entries), busy, min_idle_ms=min_idle
+                )
                 if entries:
                     await self._admit(entries, tg)
 
@@ -342,8 +349,10 @@ class Worker:
                 continue
             task = tg.create_task(self._runner.run(p, reply))
             self._inflight.add(task)
+            self._running_entries[task] = (p.entry.stream, p.entry.entry_id)
             task.add_done_callback(self._release)
 
     def _release(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
+        self._running_entries.pop(task, None)
         self._slot_freed.set()

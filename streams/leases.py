@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from typing import Any
 
 from redis.asyncio import Redis
@@ -111,15 +111,52 @@ class Reclaimer:
                     break
         return claimed
 
+    async def orphans(
+        self, free: int, busy: Set[tuple[str, str]], *, min_idle_ms: int
+    ) -> list[Entry]:
+        """Entries pending for *this* consumer that it is not running: delivered while the link
+        to Redis broke (the reply or the start never came back). Nobody else would take them
+        while this worker's lease lives, so it takes them again itself, once idle for
+        ``min_idle_ms``. ``busy`` holds the ``(stream, entry id)`` of what runs here."""
+        adopted: list[Entry] = []
+        for stream in self._streams:
+            if free - len(adopted) <= 0:
+                break
+            rows: list[Any] = await self._client.xpending_range(
+                stream, self._group, min="-", max="+", count=free - len(adopted) + len(busy),
+                consumername=self._consumer, idle=min_idle_ms,
+            )  # fmt: skip
+            ids = [
+                text(r["message_id"]) for r in rows if (stream, text(r["message_id"])) not in busy
+            ]
+            if ids:
+                adopted.extend(
+                    await self._claim_ids(stream, ids[: free - len(adopted)], min_idle_ms)
+                )
+        if adopted:
+            log.warning("adopted own orphaned entries", extra={"count": len(adopted)})
+        return adopted
+
     async def _claim_from(self, stream: str, owner: str, count: int) -> list[Entry]:
         rows: list[Any] = await self._client.xpending_range(
             stream, self._group, min="-", max="+", count=count, consumername=owner
         )
-        ids: list[str | bytes | int | memoryview] = [text(r["message_id"]) for r in rows]
+        entries = await self._claim_ids(
+            stream, [text(r["message_id"]) for r in rows], _CLAIM_MIN_IDLE_MS
+        )
+        if entries:
+            log.warning(
+                "reclaimed entries of an expired worker",
+                extra={"stream": stream, "owner": owner, "count": len(entries)},
+            )
+        return entries
+
+    async def _claim_ids(self, stream: str, ids: list[str], min_idle_ms: int) -> list[Entry]:
         if not ids:
             return []
+        claim: list[str | bytes | int | memoryview] = list(ids)
         reply: Any = await self._client.xclaim(
-            stream, self._group, self._consumer, _CLAIM_MIN_IDLE_MS, ids
+            stream, self._group, self._consumer, min_idle_ms, claim
         )
         entries = []
         deleted = []
@@ -134,9 +171,4 @@ class Reclaimer:
             entries.append(Entry.from_reply(stream, eid, fields))
         if deleted:
             await self._client.xack(stream, self._group, *deleted)
-        if entries:
-            log.warning(
-                "reclaimed entries of an expired worker",
-                extra={"stream": stream, "owner": owner, "count": len(entries)},
-            )
         return entries

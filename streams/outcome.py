@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from schemas.result import DeadLetter, ErrorInfo, TaskResult, WebhookJob
 from schemas.wire import EventType
@@ -170,8 +171,11 @@ class Outcomes:
             try:
                 replies = await run_batch(self._client, [call for call, _ in batch])
             except asyncio.CancelledError:
+                # the leader was cancelled (its own deadline, a shutdown): the others' writes did
+                # not happen either, and they must retry, not end as if they were cancelled
                 for _, fut in batch:
-                    fut.cancel()
+                    if not fut.done():
+                        fut.set_exception(RedisConnectionError("terminal write interrupted"))
                 raise
             except Exception as exc:  # noqa: BLE001 - handed to every caller of the batch, raised there
                 for _, fut in batch:

@@ -98,3 +98,20 @@ async def test_reclaim_respects_free_slots(client: Redis, keys: Keys) -> None:
     assert len(await reclaimer.reclaim(2)) == 2
     pending = await client.xpending(stream, TASK_GROUP)
     assert {c["name"]: c["pending"] for c in pending["consumers"]} == {b"dead": 3, b"r": 2}
+
+
+async def test_own_orphans_are_adopted_but_running_entries_are_not(client: Redis, keys: Keys) -> None:
+    stream = keys.tasks("default", "normal")
+    await ensure_groups(client, [stream], TASK_GROUP)
+    for _ in range(3):
+        await client.xadd(stream, {"type": "task.submitted", "data": "{}"})
+    # delivered to "me" (the reply lost on the way, say); one of them does run here
+    delivered = entries_from_read(await client.xreadgroup(TASK_GROUP, "me", {stream: ">"}, count=3))
+    running = {(stream, delivered[0].entry_id)}
+    reclaimer = Reclaimer(client=client, keys=keys, streams=[stream], consumer="me")
+    assert await reclaimer.orphans(10, running, min_idle_ms=60_000) == []  # not idle long enough
+    await asyncio.sleep(0.25)
+    adopted = await reclaimer.orphans(10, running, min_idle_ms=200)
+    assert sorted(e.entry_id for e in adopted) == sorted(e.entry_id for e in delivered[1:])
+    # adopting resets the idle time: a second pass right after takes nothing
+    assert await reclaimer.orphans(10, running, min_idle_ms=200) == []
