@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 
 from opentelemetry import trace
 from prometheus_client import start_http_server
 from pydantic import SecretStr
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.exceptions import RedisError
 
 from handlers.gpu_gate import GpuGate
 from handlers.metrics import Metrics
@@ -23,19 +25,64 @@ from ops.sidecar import Sidecar
 from ops.telemetry import tracing
 from ops.webhooks_cli import build_sender
 from providers.echo import EchoProvider
+from providers.loader import ModelLoader
 from providers.registry import ModelRegistry
+from providers.specs import load_specs_file, merge_specs
+from schemas.models import ModelSpec
 from streams.keys import Keys
+from streams.models import ModelStore
 from streams.retention import Retention
+from streams.topology import Backoff
 
 log = logging.getLogger(__name__)
 
 
-def build_registry(settings: Settings) -> ModelRegistry:
+@contextlib.asynccontextmanager
+async def model_registry(
+    settings: Settings, client: Redis | None = None
+) -> AsyncIterator[tuple[ModelRegistry, ModelLoader, list[ModelSpec]]]:
+    """The models this process serves: the built-in ``echo``, the ``SOP_MODELS_FILE`` specs
+    (a bad file fails start-up) and, with a client, those registered at run time in Redis
+    (runtime specs win over the file's). Providers are closed on exit."""
     registry = ModelRegistry()
     registry.register(
         "echo", EchoProvider(tokens_per_s=settings.echo_tokens_per_s, slots=settings.echo_slots)
     )
-    return registry
+    file_specs = load_specs_file(settings.models_file) if settings.models_file else []
+    async with ModelLoader(
+        registry=registry, env=os.environ, pools=settings.pools,
+        echo_tokens_per_s=settings.echo_tokens_per_s,
+    ) as loader:  # fmt: skip
+        await loader.apply(file_specs, strict=True)
+        if client is not None:
+            snapshot = await ModelStore(client=client, keys=Keys(settings.namespace)).snapshot()
+            if snapshot.specs:
+                report = await loader.apply(merge_specs(file_specs, list(snapshot.specs)))
+                log.info("models loaded", extra={"report": str(report)})
+        yield registry, loader, file_specs
+
+
+async def watch_models(
+    settings: Settings,
+    client: Redis,
+    loader: ModelLoader,
+    file_specs: list[ModelSpec],
+    stop: asyncio.Event,
+) -> None:
+    """Apply model specs registered at run time (`sop-llm models add|remove`) without a restart."""
+    store = ModelStore(client=client, keys=Keys(settings.namespace))
+    backoff = Backoff(base=0.5, cap=30.0)
+    while not stop.is_set():
+        try:
+            async for snapshot in store.changes(stop, interval_s=settings.models_poll_s):
+                report = await loader.apply(merge_specs(file_specs, list(snapshot.specs)))
+                if report.changed:
+                    log.info("models changed", extra={"report": str(report)})
+                backoff.reset()
+        except (RedisError, OSError, TimeoutError) as exc:
+            if backoff.failures == 0:
+                log.warning("model registry unreadable, retrying", extra={"error": repr(exc)})
+            await backoff.sleep(stop)
 
 
 def redis_client(url: str, *, max_connections: int = 64) -> Redis:
@@ -46,7 +93,7 @@ def redis_client(url: str, *, max_connections: int = 64) -> Redis:
         url, max_connections=max_connections, timeout=20, socket_timeout=15,
         socket_connect_timeout=5, health_check_interval=15,
     )  # fmt: skip
-    return Redis(connection_pool=pool)
+    return Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
 
 
 def build_worker(
@@ -123,12 +170,14 @@ async def serve(
         stack.push_async_callback(client.aclose)
         gpus = await build_gpu_runtime(settings, client)
         metrics = Metrics()
+        models = await stack.enter_async_context(model_registry(settings, client))
+        registry, loader, file_specs = models
         the_worker = None
         if worker:
             the_worker = build_worker(
                 settings,
                 client,
-                build_registry(settings),
+                registry,
                 metrics,
                 GpuGate(semaphores=gpus.semaphores, partitions=settings.partitions),
             )
@@ -142,6 +191,8 @@ async def serve(
             sender = build_sender(settings, client, metrics)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(gpus.monitor.run(stop))
+            if worker:
+                tg.create_task(watch_models(settings, client, loader, file_specs, stop))
             if sender is not None:
                 tg.create_task(sender.run(stop))
             if sidecar:

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ops import dead_cli, logs, webhooks_cli
+from ops import dead_cli, inspect_cli, logs, models_cli, replay, replay_select, webhooks_cli
 from ops.app import redis_client, serve
 from ops.settings import Settings
 from schemas.errors import SopError
@@ -58,8 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--timeout", type=float, default=0, help="stop after this many seconds without entries"
     )
+    replay_select.add_tail_filters(t)
     dead_cli.add_parser(sub)
     webhooks_cli.add_parser(sub)
+    models_cli.add_parser(sub)
+    replay.add_parser(sub)
+    inspect_cli.add_parser(sub)
     return p
 
 
@@ -135,6 +139,10 @@ async def _tail(settings: Settings, args: argparse.Namespace) -> int:
                         doc[key] = json.loads(value) if key == "data" else value
                     except ValueError:
                         doc[key] = value
+                if not replay_select.entry_matches(
+                    doc, args.task_id, args.type, args.state, args.model
+                ):
+                    continue
                 print(json.dumps(doc), flush=True)
                 seen += 1
                 if args.count and seen >= args.count:
@@ -179,6 +187,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return runner(dead_cli.run_dead(settings, args))
             case "webhooks":
                 return runner(webhooks_cli.run_command(settings, args))
+            case "models":
+                return runner(models_cli.run_command(settings, args))
+            case "replay":
+                return runner(replay.run(settings, args))
+            case "inspect":
+                return runner(inspect_cli.run(settings, args))
     except SopError as exc:
         print(f"sop-llm: {exc.code.value}: {exc}", file=sys.stderr)
         return 1

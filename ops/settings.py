@@ -38,7 +38,14 @@ class Settings(BaseSettings):
     )
     pools: CommaList = Field(default=("default",), description="Pools this worker serves.")
     pool: str = Field(default="default", description="Pool the SDK and CLI submit to.")
-    models_file: Path | None = Field(default=None, description="TOML file of model specs.")
+    models_file: Path | None = Field(
+        default=None, description="TOML file of model specs (see docs/providers.md)."
+    )
+    models_poll_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="How often a worker looks for models registered or removed at run time.",
+    )
 
     sidecar_host: str = Field(default="127.0.0.1", description="Address the sidecar binds.")
     sidecar_port: int = Field(
@@ -145,14 +152,38 @@ class Settings(BaseSettings):
         le=65535,
         description="For `sop-llm worker` alone: serve /metrics on this port (the sidecar serves them otherwise).",
     )
-    gpu_host: str | None = Field(default=None, description="Host part of the GPU semaphore keys (default: the host name); processes sharing GPUs must agree.")
-    gpu_permits: int = Field(default=1, ge=1, description="Tasks at a time per GPU device (1 for in-process llama.cpp; N for a server with N slots).")
-    gpu_lease_ms: int = Field(default=10_000, ge=300, description="GPU semaphore lease; a dead holder's permit frees after this.")
-    gpu_poll_ms: int = Field(default=100, ge=10, description="How often a GPU waiter looks again when no wake-up came.")
-    gpu_sample_interval_s: float = Field(default=5.0, gt=0, description="How often GPU memory is sampled through NVML.")
-    max_vram_usage_percent: float = Field(default=90.0, gt=0, le=100, description="Admission: use at most this share of a device's memory.")
-    vram_reserve_mb: int = Field(default=512, ge=0, description="Admission: keep this much device memory free.")
-    model_idle_unload_s: float = Field(default=900.0, ge=0, description="Unload a local model idle this long (0: never).")
+    gpu_host: str | None = Field(
+        default=None,
+        description="Host part of the GPU semaphore keys (default: the host name); processes sharing GPUs must agree.",
+    )
+    gpu_permits: int = Field(
+        default=1,
+        ge=1,
+        description="Tasks at a time per GPU device (1 for in-process llama.cpp; N for a server with N slots).",
+    )
+    gpu_lease_ms: int = Field(
+        default=10_000,
+        ge=300,
+        description="GPU semaphore lease; a dead holder's permit frees after this.",
+    )
+    gpu_poll_ms: int = Field(
+        default=100, ge=10, description="How often a GPU waiter looks again when no wake-up came."
+    )
+    gpu_sample_interval_s: float = Field(
+        default=5.0, gt=0, description="How often GPU memory is sampled through NVML."
+    )
+    max_vram_usage_percent: float = Field(
+        default=90.0,
+        gt=0,
+        le=100,
+        description="Admission: use at most this share of a device's memory.",
+    )
+    vram_reserve_mb: int = Field(
+        default=512, ge=0, description="Admission: keep this much device memory free."
+    )
+    model_idle_unload_s: float = Field(
+        default=900.0, ge=0, description="Unload a local model idle this long (0: never)."
+    )
     data_dir: Path = Field(
         default=Path(".sop-data"), description="Where the embedded Redis keeps its data."
     )

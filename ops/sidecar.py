@@ -16,7 +16,9 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from handlers.metrics import Metrics
+from ops.asyncapi import asyncapi_document
 from ops.gpu_setup import GpuRuntime
+from ops.openapi import openapi_document
 from ops.settings import Settings
 from schemas.task import TASK_ID_PATTERN
 from streams.entries import text
@@ -66,6 +68,8 @@ class Sidecar:
         app.router.add_get("/health/live", self.live)
         app.router.add_get("/health/ready", self.ready)
         app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/asyncapi.json", self.asyncapi)
+        app.router.add_get("/openapi.json", self.openapi)
         return app
 
     @web.middleware
@@ -156,6 +160,14 @@ class Sidecar:
         if self._gpu is None:
             return web.json_response({"status": "no GPU runtime in this process", "devices": []})
         return web.json_response(await self._gpu.snapshot())
+
+    async def asyncapi(self, request: web.Request) -> web.Response:
+        """The AsyncAPI 3.0 document of this namespace's streams."""
+        return web.json_response(asyncapi_document(self._settings.namespace))
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        """The OpenAPI 3.1 document of this sidecar."""
+        return web.json_response(openapi_document())
 
     async def live(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "live"})

@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol, runtime_checkable
 
-from schemas.errors import ErrorCode, SopError
+from providers.errors import ProviderError
 from schemas.result import FinishReason, Usage
 from schemas.task import ChatMessage, ResponseFormat
+
+# how a backend is held to a structured-output request:
+#   grammar      - constrained decoding with a GBNF grammar (json_schema, json_object, grammar)
+#   json_schema  - the backend's native JSON Schema response format
+#   json_object  - the backend's "any JSON object" mode; the schema is shown in the prompt
+#   tool         - a forced tool call whose input schema is the task's schema
+#   prompt       - nothing but the schema shown in the prompt
+# whatever the kind, the output is validated against the schema (providers/structured.py)
+StructuredKind = Literal["grammar", "json_schema", "json_object", "tool", "prompt"]
 
 
 @dataclass(frozen=True, slots=True)
 class Capabilities:
     streaming: bool = True
-    structured_output: str | None = None
+    structured_output: StructuredKind | None = None
     needs_gpu_slot: bool = False
     max_concurrency: int = 1
 
@@ -50,8 +61,11 @@ DeltaSink = Callable[[str], None]
 
 
 class Provider(Protocol):
-    """A backend. ``generate`` is cancellable (asyncio cancellation stops it between tokens);
-    ``on_delta`` receives text as it is produced. Errors raise :class:`ProviderError`."""
+    """A backend. ``generate`` is cancellable (asyncio cancellation stops it between tokens;
+    when it returns or raises, the backend is idle again); ``on_delta`` receives text as it is
+    produced, on the event loop's thread. Errors raise :class:`ProviderError` (see
+    ``providers/errors.py`` for the tree). :func:`stream` gives the same call as an iterator.
+    """
 
     @property
     def name(self) -> str: ...
@@ -64,18 +78,59 @@ class Provider(Protocol):
     ) -> Generation: ...
 
 
-class ProviderError(SopError):
-    """A backend failed. ``retryable`` tells the policy layer whether another attempt may help;
-    ``retry_after`` is the backend's own hint in seconds, when it gave one."""
+@runtime_checkable
+class Closeable(Protocol):
+    """A provider holding resources (HTTP clients, a loaded model) releases them here."""
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        code: ErrorCode = ErrorCode.INTERNAL,
-        retryable: bool = False,
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(message, code=code)
-        self.retryable = retryable
-        self.retry_after = retry_after
+    async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    text: str
+
+
+StreamItem = Delta | Generation
+
+
+async def stream(provider: Provider, request: GenerationRequest) -> AsyncIterator[StreamItem]:
+    """``provider.generate`` as an async iterator: :class:`Delta` items as text arrives, then
+    the final :class:`Generation`. Leaving the loop early (``break``, cancellation) cancels the
+    generation and waits for it to stop; a :class:`ProviderError` is raised from the iterator.
+    """
+    queue: asyncio.Queue[Delta] = asyncio.Queue()
+    task = asyncio.create_task(
+        provider.generate(request, on_delta=lambda text: queue.put_nowait(Delta(text)))
+    )
+    try:
+        while not task.done():
+            getter = asyncio.ensure_future(queue.get())
+            try:
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                getter.cancel()
+            if getter.done() and not getter.cancelled():
+                yield getter.result()
+        while not queue.empty():
+            yield queue.get_nowait()
+        yield task.result()  # raises what the provider raised
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+__all__ = [
+    "Capabilities",
+    "Closeable",
+    "Delta",
+    "DeltaSink",
+    "Generation",
+    "GenerationRequest",
+    "Provider",
+    "ProviderError",
+    "StreamItem",
+    "StructuredKind",
+    "stream",
+]

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from providers.base import Provider
 from schemas.errors import ModelNotFoundError
+from schemas.models import ModelSpec
 
 
 @dataclass(slots=True)
@@ -17,6 +18,11 @@ class ModelBinding:
     pool: str
     limit: asyncio.Semaphore
     concurrency: int
+    spec: ModelSpec | None = None
+
+    @property
+    def needs_gpu_slot(self) -> bool:
+        return self.provider.capabilities.needs_gpu_slot
 
 
 class ModelRegistry:
@@ -30,11 +36,23 @@ class ModelRegistry:
         *,
         pool: str = "default",
         concurrency: int | None = None,
-    ) -> None:
+        spec: ModelSpec | None = None,
+    ) -> ModelBinding | None:
+        """Bind ``name``; returns the binding it replaced, if any (tasks that already resolved
+        it finish on it: the caller closes its provider once they have)."""
         n = concurrency or provider.capabilities.max_concurrency
         if n < 1:
             raise ValueError("concurrency must be >= 1")
-        self._models[name] = ModelBinding(name, provider, pool, asyncio.Semaphore(n), n)
+        old = self._models.get(name)
+        self._models[name] = ModelBinding(name, provider, pool, asyncio.Semaphore(n), n, spec)
+        return old
+
+    def unregister(self, name: str) -> ModelBinding | None:
+        """Forget ``name``; returns its binding (``None`` when it was not registered)."""
+        return self._models.pop(name, None)
+
+    def get(self, name: str) -> ModelBinding | None:
+        return self._models.get(name)
 
     def resolve(self, name: str) -> ModelBinding:
         """Raises :class:`ModelNotFoundError` for a model this worker does not serve."""

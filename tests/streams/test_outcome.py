@@ -100,7 +100,9 @@ async def test_reclaim_respects_free_slots(client: Redis, keys: Keys) -> None:
     assert {c["name"]: c["pending"] for c in pending["consumers"]} == {b"dead": 3, b"r": 2}
 
 
-async def test_own_orphans_are_adopted_but_running_entries_are_not(client: Redis, keys: Keys) -> None:
+async def test_own_orphans_are_adopted_but_running_entries_are_not(
+    client: Redis, keys: Keys
+) -> None:
     stream = keys.tasks("default", "normal")
     await ensure_groups(client, [stream], TASK_GROUP)
     for _ in range(3):

@@ -1,0 +1,173 @@
+"""``sop-llm models``: register, list and remove models at run time, check a models file.
+
+Wiring (in ``ops/cli.py``): ``add_parser(sub)`` next to the other commands, and
+``await run_command(settings, args)`` for ``args.command == "models"``. Runtime models live in
+the ``{ns}:models`` hash; workers pick changes up through :class:`streams.models.ModelStore`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, get_args
+
+from pydantic import ValidationError
+from redis.asyncio import Redis
+
+from ops.settings import Settings
+from providers.factory import ModelConfigError
+from providers.specs import load_specs_file
+from schemas.models import (
+    ALL_OVERRIDABLE,
+    ModelSpec,
+    ProviderKind,
+    StructuredMode,
+    describe_spec_error,
+)
+from streams.keys import Keys
+from streams.models import ModelStore
+
+# flag -> spec field, for the fields a flag sets directly
+_FIELDS = (
+    ("provider", str),
+    ("model_id", str),
+    ("pool", str),
+    ("concurrency", int),
+    ("gpu_slots", int),
+    ("gpu_device", int),
+    ("context_window", int),
+    ("timeout_s", float),
+    ("base_url", str),
+    ("api_key_env", str),
+    ("structured_output", str),
+    ("path", str),
+    ("n_gpu_layers", int),
+    ("n_threads", int),
+    ("chat_template", str),
+)
+_DEFAULTS = (("temperature", float), ("top_p", float), ("max_tokens", int), ("seed", int))
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``models add|list|show|remove|check``."""
+    m = subparsers.add_parser("models", help="register, list and remove models")
+    sub = m.add_subparsers(dest="models_command", required=True)
+    a = sub.add_parser("add", help="register (or replace) a model spec at run time")
+    a.add_argument("--spec", help="a whole spec as JSON; flags given too override its fields")
+    a.add_argument("--name")
+    choices = {"provider": get_args(ProviderKind), "structured_output": get_args(StructuredMode)}
+    for name, kind in _FIELDS:
+        a.add_argument(
+            "--" + name.replace("_", "-"), dest=name, type=kind, choices=choices.get(name)
+        )
+    for name, kind in _DEFAULTS:
+        a.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help="default")
+    a.add_argument("--stop", action="append", help="default stop sequence (repeatable)")
+    a.add_argument(
+        "--overridable",
+        help=f"comma-separated parameters a task may set (default: {','.join(ALL_OVERRIDABLE)})",
+    )
+    sub.add_parser("list", help="list runtime models (JSON lines)")
+    s = sub.add_parser("show", help="print one runtime model's spec")
+    s.add_argument("name")
+    r = sub.add_parser("remove", help="forget a runtime model")
+    r.add_argument("name")
+    c = sub.add_parser("check", help="validate a TOML models file (no Redis needed)")
+    c.add_argument("file")
+
+
+def spec_from_args(args: argparse.Namespace) -> ModelSpec:
+    """The spec ``models add`` describes. Raises ``ValueError`` with a one-line reason."""
+    doc: dict[str, Any] = {}
+    if args.spec:
+        try:
+            loaded = json.loads(args.spec)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--spec is not JSON: {exc.msg}") from exc
+        if not isinstance(loaded, dict):
+            raise ValueError("--spec must be a JSON object")
+        doc.update(loaded)
+    if args.name is not None:
+        doc["name"] = args.name
+    for name, _ in _FIELDS:
+        value = getattr(args, name)
+        if value is not None:
+            doc[name] = value
+    defaults = dict(doc.get("defaults") or {})
+    for name, _ in _DEFAULTS:
+        value = getattr(args, name)
+        if value is not None:
+            defaults[name] = value
+    if args.stop:
+        defaults["stop"] = list(args.stop)
+    if defaults:
+        doc["defaults"] = defaults
+    if args.overridable is not None:
+        doc["overridable"] = [p.strip() for p in args.overridable.split(",") if p.strip()]
+    try:
+        return ModelSpec.model_validate(doc)
+    except ValidationError as exc:
+        raise ValueError(describe_spec_error(exc)) from exc
+
+
+def _out(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc) + "\n")
+
+
+def _err(message: str) -> int:
+    sys.stderr.write(f"sop-llm: {message}\n")
+    return 1
+
+
+async def run_command(settings: Settings, args: argparse.Namespace) -> int:
+    """Run a ``models`` subcommand; returns the exit status (1: bad input or not found)."""
+    command = args.models_command
+    if command == "check":
+        try:
+            specs = load_specs_file(args.file)
+        except ModelConfigError as exc:
+            return _err(str(exc))
+        for declared in specs:
+            _out(json.loads(declared.to_wire()))
+        return 0
+    spec: ModelSpec | None = None
+    if command == "add":
+        try:
+            spec = spec_from_args(args)
+        except ValueError as exc:
+            return _err(f"invalid model spec: {exc}")
+    client = Redis.from_url(settings.redis_url_value, socket_timeout=15, socket_connect_timeout=5)
+    store = ModelStore(client=client, keys=Keys(settings.namespace))
+    try:
+        if spec is not None:
+            version = await store.put(spec)
+            _out({"added": spec.name, "version": version})
+            return 0
+        if command == "list":
+            snap = await store.snapshot()
+            for s in snap.specs:
+                _out(json.loads(s.to_wire()))
+            for name, reason in snap.invalid.items():
+                _out({"name": name, "invalid": reason})
+            return 0
+        if command == "show":
+            try:
+                found = await store.get(args.name)
+            except ValidationError as exc:
+                return _err(
+                    f"model {args.name!r}: stored spec is invalid: {exc.error_count()} error(s)"
+                )
+            if found is None:
+                return _err(f"model {args.name!r} is not registered at run time")
+            _out(found.model_dump(mode="json"))
+            return 0
+        if command == "remove":
+            if not await store.remove(args.name):
+                return _err(f"model {args.name!r} is not registered at run time")
+            _out({"removed": args.name})
+            return 0
+        sys.stderr.write(f"sop-llm: unknown models command {command!r}\n")
+        return 2
+    finally:
+        await client.aclose()

@@ -1,0 +1,284 @@
+"""llama.cpp in-process: a GGUF model run by llama-cpp-python in a thread of its own.
+
+One model, one context, one generation at a time (``max_concurrency`` 1, and it takes a GPU
+slot). Generation runs token by token in the model's own thread; text goes to ``on_delta``
+on the event loop's thread as it is produced. Cancelling ``generate`` (a cancelled task, a
+deadline) sets a :class:`threading.Event` the thread checks before every token (and between
+prompt batches); ``generate`` returns only after the thread has stopped, so the model is idle
+again when the caller releases its GPU slot.
+
+Structured output: a JSON Schema becomes a GBNF grammar (``providers/grammar.py``) checked
+once by llama.cpp's parser and cached per schema hash; the schema is also shown to the model
+in the prompt, and the output is validated (``providers/structured.py``). A raw GBNF grammar
+(``response_format`` type ``grammar``) is used as given, after the same check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import ctypes
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import llama_cpp
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+from llama_cpp.llama_grammar import LlamaGrammar
+
+from providers.base import Capabilities, DeltaSink, Generation, GenerationRequest
+from providers.errors import BadRequestError, ContextLengthError, InternalProviderError
+from providers.grammar import schema_to_gbnf
+from providers.structured import schema_instruction, schema_of, with_instruction
+from providers.text import TextAssembler
+from schemas.result import FinishReason, Usage
+
+# llama.cpp's "pick a random seed" value; a task's seed is folded into 32 bits below it
+_RANDOM_SEED = 0xFFFFFFFF
+_GRAMMAR_CACHE = 128
+
+
+@dataclass(frozen=True, slots=True)
+class LlamaOptions:
+    path: str
+    n_ctx: int = 4096
+    n_gpu_layers: int = 0
+    n_threads: int | None = None
+    n_batch: int = 512
+    chat_template: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    tokens: list[int]
+    max_tokens: int
+    stop: tuple[str, ...]
+    temperature: float
+    top_p: float
+    seed: int
+    grammar: LlamaGrammar | None
+
+
+class LlamaCppProvider:
+    """Build with :meth:`load` (blocking: it reads the GGUF file)."""
+
+    def __init__(self, *, name: str, llm: llama_cpp.Llama, options: LlamaOptions) -> None:
+        self._name = name
+        self._llm = llm
+        self._options = options
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"llama-{name}"
+        )
+        self._grammars: OrderedDict[str, LlamaGrammar] = OrderedDict()
+        template = options.chat_template or llm.metadata.get("tokenizer.chat_template")
+        eos, bos = llm.token_eos(), llm.token_bos()
+        self._bos_text = llm._model.token_get_text(bos) if bos >= 0 else ""
+        self._formatter = (
+            Jinja2ChatFormatter(
+                template=template,
+                eos_token=llm._model.token_get_text(eos) if eos >= 0 else "",
+                bos_token=self._bos_text,
+            )
+            if template
+            else None
+        )
+        self._capabilities = Capabilities(
+            streaming=True, structured_output="grammar", needs_gpu_slot=True, max_concurrency=1
+        )
+
+    @classmethod
+    def load(cls, *, name: str, options: LlamaOptions) -> LlamaCppProvider:
+        llm = llama_cpp.Llama(
+            model_path=options.path,
+            n_ctx=options.n_ctx,
+            n_gpu_layers=options.n_gpu_layers,
+            n_threads=options.n_threads,
+            n_threads_batch=options.n_threads,
+            n_batch=options.n_batch,
+            verbose=False,
+        )
+        return cls(name=name, llm=llm, options=options)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._capabilities
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
+        self._llm.close()
+
+    async def generate(
+        self, request: GenerationRequest, *, on_delta: DeltaSink | None = None
+    ) -> Generation:
+        loop = asyncio.get_running_loop()
+        cancel = threading.Event()
+        sink: Callable[[str], None] | None = None
+        if on_delta is not None:
+            callback = on_delta
+
+            def sink(text: str) -> None:
+                loop.call_soon_threadsafe(callback, text)
+
+        future = loop.run_in_executor(self._executor, self._run, request, cancel, sink)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            cancel.set()
+            # the thread stops at its next token; return only once it has, so the model is
+            # idle when the caller lets the next task in
+            while not future.done():
+                try:
+                    await asyncio.wait({future})
+                except asyncio.CancelledError:
+                    continue
+            if not future.cancelled():
+                future.exception()  # retrieved: an error after the cancel is of no interest
+            raise
+
+    # ---- in the model's thread -------------------------------------------------------
+
+    def _run(
+        self,
+        request: GenerationRequest,
+        cancel: threading.Event,
+        sink: Callable[[str], None] | None,
+    ) -> Generation:
+        job = self._prepare(request)
+        try:
+            return self._decode(job, cancel, sink)
+        except RuntimeError as exc:  # llama_decode failed (KV cache full, ...)
+            raise InternalProviderError(f"{self._name}: llama.cpp failed: {exc}") from exc
+
+    def _prepare(self, request: GenerationRequest) -> _Job:
+        fmt = request.response_format
+        schema = schema_of(fmt)
+        grammar = None
+        if fmt is not None and fmt.type == "grammar" and fmt.grammar:
+            grammar = self._grammar(fmt.grammar)
+        elif schema is not None:
+            grammar = self._grammar(schema_to_gbnf(schema))
+            if request.messages is not None:
+                request = with_instruction(request, schema)
+            else:
+                request = replace(
+                    request, prompt=f"{schema_instruction(schema)}\n\n{request.prompt or ''}"
+                )
+        tokens = self._tokens(request)
+        n_ctx = self._llm.n_ctx()
+        if len(tokens) >= n_ctx:
+            raise ContextLengthError(
+                f"{self._name}: prompt is {len(tokens)} tokens; the context window is {n_ctx}"
+            )
+        room = n_ctx - len(tokens)
+        seed = _RANDOM_SEED if request.seed is None else request.seed % _RANDOM_SEED
+        return _Job(
+            tokens=tokens,
+            max_tokens=min(request.max_tokens or room, room),
+            stop=tuple(request.stop),
+            temperature=0.8 if request.temperature is None else request.temperature,
+            top_p=0.95 if request.top_p is None else request.top_p,
+            seed=seed,
+            grammar=grammar,
+        )
+
+    def _tokens(self, request: GenerationRequest) -> list[int]:
+        llm = self._llm
+        if request.messages is None:
+            return list(llm.tokenize((request.prompt or "").encode(), add_bos=True))
+        messages: list[Any] = [{"role": m.role, "content": m.content} for m in request.messages]
+        if self._formatter is None:
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+        else:
+            try:
+                text = self._formatter(messages=messages).prompt
+            except Exception as exc:  # a template's raise_exception(), a Jinja error
+                raise BadRequestError(f"{self._name}: chat template failed: {exc}") from exc
+        # a template that writes the BOS token itself must not get a second one
+        add_bos = not (self._bos_text and text.startswith(self._bos_text))
+        return list(llm.tokenize(text.encode(), add_bos=add_bos, special=True))
+
+    def _grammar(self, gbnf: str) -> LlamaGrammar:
+        key = hashlib.sha256(gbnf.encode()).hexdigest()
+        cached = self._grammars.get(key)
+        if cached is not None:
+            self._grammars.move_to_end(key)
+            return cached
+        # llama.cpp's own parser: a grammar it rejects would otherwise crash the sampler
+        checked = llama_cpp.llama_sampler_init_grammar(
+            self._llm._model.vocab, gbnf.encode(), b"root"
+        )
+        if not checked:
+            raise BadRequestError(f"{self._name}: the GBNF grammar does not parse")
+        llama_cpp.llama_sampler_free(checked)
+        grammar = LlamaGrammar.from_string(gbnf, verbose=False)
+        self._grammars[key] = grammar
+        if len(self._grammars) > _GRAMMAR_CACHE:
+            self._grammars.popitem(last=False)
+        return grammar
+
+    def _decode(
+        self, job: _Job, cancel: threading.Event, sink: Callable[[str], None] | None
+    ) -> Generation:
+        llm = self._llm
+        llm.set_seed(job.seed)
+        self._prefill(job.tokens, cancel)
+        text = TextAssembler(job.stop, sink)
+        finish: FinishReason = "length"
+        produced = 0
+        vocab = llm._model.vocab
+        if job.max_tokens > 0 and not cancel.is_set():
+            for token in llm.generate(
+                job.tokens,
+                temp=job.temperature,
+                top_p=job.top_p,
+                grammar=job.grammar,
+                reset=True,
+            ):
+                if cancel.is_set():
+                    finish = "cancelled"
+                    break
+                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                    finish = "stop"
+                    break
+                produced += 1
+                if text.add(self._piece(vocab, token)):
+                    finish = "stop"
+                    break
+                if produced >= job.max_tokens:
+                    break
+        if cancel.is_set():
+            finish = "cancelled"
+        usage = Usage(input_tokens=len(job.tokens), output_tokens=produced)
+        return Generation(text=text.finish(), finish_reason=finish, usage=usage)
+
+    @staticmethod
+    def _piece(vocab: Any, token: int) -> bytes:
+        """A token's bytes (llama-cpp-python's own helper pads them to 32 bytes)."""
+        size = 64
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_token_to_piece(vocab, token, buf, size, 0, False)
+            if n >= 0:
+                return buf.raw[:n]
+            size = -n  # too small: llama.cpp says how much it needs
+
+    def _prefill(self, tokens: Sequence[int], cancel: threading.Event) -> None:
+        """Evaluate a long prompt batch by batch, checking ``cancel`` in between (a prompt
+        that fits one batch is left to ``generate``, which reuses a cached prefix)."""
+        llm = self._llm
+        batch = self._options.n_batch
+        if len(tokens) <= batch:
+            return
+        llm.reset()  # type: ignore[no-untyped-call]  # unannotated in llama-cpp-python
+        body = list(tokens[:-1])  # generate() evaluates the last one and samples after it
+        for start in range(0, len(body), batch):
+            if cancel.is_set():
+                return
+            llm.eval(body[start : start + batch])

@@ -1,0 +1,236 @@
+"""OpenAI Chat Completions, and any server that speaks it (vLLM, llama-server, Ollama).
+
+One adapter for both: ``openai`` talks to the spec's ``base_url`` or api.openai.com and asks for
+structured output with the ``json_schema`` response format; ``openai_compatible`` talks to the
+spec's ``base_url`` with whichever mechanism the spec declares (``json_schema``,
+``json_object`` with the schema in the prompt, a GBNF ``grammar`` field, or the prompt alone).
+SDK retries are off: the policy layer retries, honouring ``retry_after``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import httpx2
+import openai
+
+from providers.base import (
+    Capabilities,
+    DeltaSink,
+    Generation,
+    GenerationRequest,
+    StructuredKind,
+)
+from providers.errors import (
+    ContentFilterError,
+    InternalProviderError,
+    ProviderError,
+    ProviderTimeoutError,
+    error_for_status,
+)
+from providers.grammar import schema_to_gbnf
+from providers.structured import as_messages, schema_of, with_instruction
+from schemas.result import FinishReason, Usage
+
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+
+
+@dataclass(frozen=True, slots=True)
+class OpenAIConfig:
+    model_id: str
+    api_key: str | None
+    base_url: str = OPENAI_BASE_URL
+    timeout_s: float = 120.0
+    structured: StructuredKind = "json_schema"
+    # api.openai.com wants max_completion_tokens; many compatible servers know only max_tokens
+    max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = "max_completion_tokens"
+    concurrency: int = 16
+
+
+class OpenAIProvider:
+    """A Chat Completions backend. ``http_client`` is for tests and custom transports."""
+
+    def __init__(
+        self, *, name: str, config: OpenAIConfig, http_client: httpx2.AsyncClient | None = None
+    ) -> None:
+        self._name = name
+        self._config = config
+        self._client = openai.AsyncOpenAI(
+            # a keyless local server still needs a value: None would make the SDK read the
+            # environment, and the key must only ever come from the spec
+            api_key=config.api_key or "unused",
+            base_url=config.base_url,
+            timeout=openai.Timeout(config.timeout_s, connect=min(10.0, config.timeout_s)),
+            max_retries=0,
+            http_client=http_client,
+        )
+        self._capabilities = Capabilities(
+            streaming=True,
+            structured_output=config.structured,
+            needs_gpu_slot=False,
+            max_concurrency=config.concurrency,
+        )
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._capabilities
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    def build_body(self, request: GenerationRequest) -> dict[str, Any]:
+        """The Chat Completions parameters for ``request`` (without ``stream``)."""
+        cfg = self._config
+        fmt = request.response_format
+        schema = schema_of(fmt)
+        extra: dict[str, Any] = {}
+        response_format: dict[str, Any] | None = None
+        if fmt is not None and fmt.type == "grammar":
+            extra["grammar"] = fmt.grammar
+        elif schema is not None and fmt is not None:
+            if cfg.structured == "json_schema" and fmt.json_schema is not None:
+                spec = fmt.json_schema
+                response_format = {
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": spec.name,
+                        "schema": spec.schema_,
+                        "strict": spec.strict,
+                    },
+                }
+            else:
+                request = with_instruction(request, schema)
+                if cfg.structured in ("json_object", "json_schema"):
+                    response_format = {"type": "json_object"}
+                elif cfg.structured == "grammar":
+                    extra["grammar"] = schema_to_gbnf(schema)
+        body: dict[str, Any] = {
+            "model": cfg.model_id,
+            "messages": [{"role": m.role, "content": m.content} for m in as_messages(request)],
+        }
+        # None means "the backend's default"; 0 is a real value and is sent as 0
+        optional = {
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+            cfg.max_tokens_field: request.max_tokens,
+            "seed": request.seed,
+            "stop": list(request.stop) or None,
+            "response_format": response_format,
+        }
+        body.update({k: v for k, v in optional.items() if v is not None})
+        if extra:
+            body["extra_body"] = extra
+        return body
+
+    async def generate(
+        self, request: GenerationRequest, *, on_delta: DeltaSink | None = None
+    ) -> Generation:
+        body = self.build_body(request)
+        try:
+            if on_delta is None:
+                return await self._complete(body)
+            return await self._stream(body, on_delta)
+        except openai.OpenAIError as exc:
+            raise _translate(exc) from exc
+        except httpx2.TimeoutException as exc:
+            raise ProviderTimeoutError(f"{self._name}: no reply within the timeout") from exc
+        except httpx2.HTTPError as exc:
+            raise InternalProviderError(f"{self._name}: connection failed: {exc!r}") from exc
+        except ValueError as exc:  # a reply the SDK could not decode (json.JSONDecodeError)
+            raise InternalProviderError(f"{self._name}: malformed reply: {exc}") from exc
+
+    async def _complete(self, body: dict[str, Any]) -> Generation:
+        resp = await self._client.chat.completions.create(**body)
+        if not isinstance(resp, openai.types.chat.ChatCompletion):  # e.g. an HTML page
+            raise InternalProviderError(f"{self._name}: malformed reply: not a chat completion")
+        if not resp.choices:
+            raise InternalProviderError(f"{self._name}: reply has no choices")
+        choice = resp.choices[0]
+        if choice.message.refusal:
+            raise ContentFilterError(f"{self._name}: refused: {choice.message.refusal}")
+        usage = _usage(resp.usage)
+        return Generation(
+            text=choice.message.content or "",
+            finish_reason=_finish(choice.finish_reason, self._name),
+            usage=usage,
+        )
+
+    async def _stream(self, body: dict[str, Any], on_delta: DeltaSink) -> Generation:
+        parts: list[str] = []
+        finish: str | None = None
+        usage = Usage()
+        stream = await self._client.chat.completions.create(
+            **body, stream=True, stream_options={"include_usage": True}
+        )
+        async with stream:
+            async for chunk in stream:
+                if chunk.usage is not None:
+                    usage = _usage(chunk.usage)
+                for choice in chunk.choices:
+                    if choice.index != 0:
+                        continue
+                    text = choice.delta.content if choice.delta else None
+                    if text:
+                        parts.append(text)
+                        on_delta(text)
+                    if choice.finish_reason is not None:
+                        finish = choice.finish_reason
+        if finish is None:
+            raise InternalProviderError(f"{self._name}: stream ended without a finish reason")
+        return Generation(
+            text="".join(parts), finish_reason=_finish(finish, self._name), usage=usage
+        )
+
+
+def _usage(usage: openai.types.CompletionUsage | None) -> Usage:
+    if usage is None:
+        return Usage()
+    return Usage(input_tokens=usage.prompt_tokens or 0, output_tokens=usage.completion_tokens or 0)
+
+
+def _finish(reason: str | None, name: str) -> FinishReason:
+    if reason == "content_filter":
+        raise ContentFilterError(f"{name}: output stopped by the content filter")
+    return "length" if reason == "length" else "stop"
+
+
+def _headers(exc: openai.APIStatusError) -> Mapping[str, str]:
+    return dict(exc.response.headers.items())
+
+
+def _translate(exc: openai.OpenAIError) -> ProviderError:
+    """One SDK error -> our tree (the only place the SDK's error classes are named)."""
+    if isinstance(exc, openai.APITimeoutError):
+        return ProviderTimeoutError("no reply within the timeout")
+    if isinstance(exc, openai.APIConnectionError):
+        return InternalProviderError(f"connection failed: {exc.message}")
+    if isinstance(exc, openai.APIStatusError):
+        kind = " ".join(str(x) for x in (exc.type, exc.code) if x)
+        return error_for_status(
+            exc.status_code, _message(exc), headers=_headers(exc), error_type=kind or None
+        )
+    if isinstance(exc, openai.ContentFilterFinishReasonError):
+        return ContentFilterError(str(exc))
+    if isinstance(exc, openai.APIResponseValidationError):
+        return InternalProviderError(f"malformed reply: {exc.message}")
+    if isinstance(exc, openai.APIError):  # e.g. an error event inside a stream
+        return InternalProviderError(f"backend error: {exc.message}")
+    return InternalProviderError(f"{type(exc).__name__}: {exc}", retryable=False)
+
+
+def _message(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, Mapping):
+        err = body.get("error", body)
+        if isinstance(err, Mapping) and isinstance(err.get("message"), str):
+            return str(err["message"])
+    if isinstance(body, str) and body:
+        return body[:300]
+    return json.dumps(body)[:300] if body is not None else exc.message
