@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from opentelemetry.trace import Tracer
@@ -59,10 +60,27 @@ class WorkerConfig:
     trim_interval_s: float = 60.0
     trace_content: bool = False
     tokens_ttl_s: int = 3600
+    pool_slots: Mapping[str, int] = field(default_factory=dict)
+    """Slots per pool (default ``slots``): a pool whose tasks are stuck (a provider that hangs)
+    can fill its own slots, never another pool's."""
 
     def streams(self, keys: Keys) -> list[str]:
         """Task partitions in read order: priority-major, pools interleaved."""
         return [keys.tasks(pool, part) for part in self.partitions for pool in self.pools]
+
+
+@dataclass(slots=True)
+class _Lane:
+    """One pool: its partitions' reader and reclaimer, and its own slot budget."""
+
+    pool: str
+    reader: PriorityReader
+    reclaimer: Reclaimer
+    slots: int
+    inflight: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def free(self) -> int:
+        return self.slots - len(self.inflight)
 
 
 class Worker:
@@ -82,15 +100,19 @@ class Worker:
         self._client = client
         self._keys = keys
         self._config = config
-        streams = config.streams(keys)
-        self._streams = streams
-        self._reader = PriorityReader(
-            client=client, streams=streams, consumer=config.consumer, block_ms=config.block_ms,
-            aging_ms=config.aging_ms, aging_check_ms=config.aging_check_ms,
-        )  # fmt: skip
-        self._reclaimer = Reclaimer(
-            client=client, keys=keys, streams=streams, consumer=config.consumer
-        )
+        self._streams = config.streams(keys)
+        self._lanes = []
+        for pool in config.pools:
+            streams = [keys.tasks(pool, part) for part in config.partitions]
+            reader = PriorityReader(
+                client=client, streams=streams, consumer=config.consumer, block_ms=config.block_ms,
+                aging_ms=config.aging_ms, aging_check_ms=config.aging_check_ms,
+            )  # fmt: skip
+            reclaimer = Reclaimer(
+                client=client, keys=keys, streams=streams, consumer=config.consumer
+            )
+            slots = config.pool_slots.get(pool, config.slots)
+            self._lanes.append(_Lane(pool, reader, reclaimer, slots))
         self._lease = Lease(
             client=client, keys=keys, consumer=config.consumer, ttl_ms=config.lease_ttl_ms,
             info={"pools": ",".join(config.pools), "slots": str(config.slots)},
@@ -121,15 +143,17 @@ class Worker:
         return len(self._inflight)
 
     @property
+    def slots(self) -> dict[str, int]:
+        return {lane.pool: lane.slots for lane in self._lanes}
+
+    @property
     def ready(self) -> bool:
         return self._ready
 
     @property
     def reader(self) -> PriorityReader:
-        return self._reader
-
-    def _free(self) -> int:
-        return self._config.slots - len(self._inflight)
+        """The first pool's reader."""
+        return self._lanes[0].reader
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set, then drain: in-flight tasks get ``shutdown_grace_s`` to
@@ -211,15 +235,16 @@ class Worker:
     async def _consume(self, stop: asyncio.Event, tg: asyncio.TaskGroup) -> None:
         backoff = Backoff(base=0.05, cap=2.0)
         while not stop.is_set():
-            if self._free() <= 0:
+            self._slot_freed.clear()
+            active = [lane for lane in self._lanes if lane.free() > 0]
+            if not active:
                 await self._wait_for_slot(stop)
                 continue
             try:
-                async with self._intake:
-                    async with asyncio.timeout(self._reader.block_ms / 1000 + 10):
-                        entries = await self._reader.read(self._free())
-                    if entries:
-                        await self._admit(entries, tg)
+                if len(self._lanes) == 1:
+                    await self._read_one_pool(active[0], tg)
+                else:
+                    await self._read_pools(active, tg, stop)
                 if backoff.failures:
                     log.info("redis reachable again")
                 self._ready = True
@@ -233,6 +258,47 @@ class Worker:
                 # the consume loop's guard: log with the traceback, back off, go on
                 log.exception("consume loop error")
                 await backoff.sleep(stop)
+
+    async def _read_one_pool(self, lane: _Lane, tg: asyncio.TaskGroup) -> None:
+        async with self._intake:
+            async with asyncio.timeout(lane.reader.block_ms / 1000 + 10):
+                entries = await lane.reader.read(lane.free())
+            if entries:
+                await self._admit(lane, entries, tg)
+
+    async def _read_pools(
+        self, active: list[_Lane], tg: asyncio.TaskGroup, stop: asyncio.Event
+    ) -> None:
+        """Several pools: each reads against its own free slots; when none has anything, wait
+        for an arrival on any of them (a plain XREAD, safe to cut short) or for a freed slot."""
+        waits: dict[str | bytes | memoryview, int | bytes | str | memoryview] = {}
+        async with self._intake:
+            for lane in active:
+                async with asyncio.timeout(10):
+                    entries, last = await lane.reader.read_now(lane.free())
+                if entries:
+                    await self._admit(lane, entries, tg)
+                else:
+                    waits.update(zip(lane.reader.streams, last, strict=True))
+        if len(waits) < sum(len(lane.reader.streams) for lane in active):
+            return  # something was read: go round again at once
+        block_ms = self._lanes[0].reader.block_ms
+        arrival = asyncio.ensure_future(self._client.xread(waits, count=1, block=block_ms))
+        others = [
+            asyncio.ensure_future(stop.wait()),
+            asyncio.ensure_future(self._slot_freed.wait()),
+        ]
+        try:
+            await asyncio.wait(
+                {arrival, *others}, timeout=block_ms / 1000 + 5, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for f in others:
+                f.cancel()
+            if not arrival.done():
+                arrival.cancel()  # XREAD without a group delivers nothing: cutting it short is safe
+        if arrival.done() and not arrival.cancelled():
+            arrival.result()  # raise what the read raised
 
     async def _periodic(
         self, stop: asyncio.Event, interval: float, job: Callable[[], Awaitable[None]]
@@ -253,18 +319,19 @@ class Worker:
 
     def _reclaim_once(self, tg: asyncio.TaskGroup) -> Callable[[], Awaitable[None]]:
         async def reclaim() -> None:
-            if self._free() <= 0:
-                return
-            async with self._intake:
-                entries = await self._reclaimer.reclaim(self._free())
-                # ours too: entries delivered while the link broke, that nothing here runs
-                busy = set(self._running_entries.values())
-                min_idle = 2 * self._config.reclaim_interval_ms + self._config.block_ms
-                entries += await self._reclaimer.orphans(
-                    self._free() - len(entries), busy, min_idle_ms=min_idle
-                )
-                if entries:
-                    await self._admit(entries, tg)
+            min_idle = 2 * self._config.reclaim_interval_ms + self._config.block_ms
+            for lane in self._lanes:
+                if lane.free() <= 0:
+                    continue
+                async with self._intake:
+                    entries = await lane.reclaimer.reclaim(lane.free())
+                    # ours too: entries delivered while the link broke, that nothing here runs
+                    busy = set(self._running_entries.values())
+                    entries += await lane.reclaimer.orphans(
+                        lane.free() - len(entries), busy, min_idle_ms=min_idle
+                    )
+                    if entries:
+                        await self._admit(lane, entries, tg)
 
         return reclaim
 
@@ -307,7 +374,7 @@ class Worker:
             except REDIS_TROUBLE:
                 await backoff.sleep(stop)
 
-    async def _admit(self, entries: list[Entry], tg: asyncio.TaskGroup) -> None:
+    async def _admit(self, lane: _Lane, entries: list[Entry], tg: asyncio.TaskGroup) -> None:
         """Begin a read batch in one round trip and start a task per runnable entry."""
         cfg = self._config
         prepared = [
@@ -349,10 +416,12 @@ class Worker:
                 continue
             task = tg.create_task(self._runner.run(p, reply))
             self._inflight.add(task)
+            lane.inflight.add(task)
             self._running_entries[task] = (p.entry.stream, p.entry.entry_id)
-            task.add_done_callback(self._release)
+            task.add_done_callback(functools.partial(self._release, lane))
 
-    def _release(self, task: asyncio.Task[None]) -> None:
+    def _release(self, lane: _Lane, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
+        lane.inflight.discard(task)
         self._running_entries.pop(task, None)
         self._slot_freed.set()

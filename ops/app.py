@@ -103,9 +103,15 @@ def build_worker(
     metrics: Metrics | None = None,
     gpu: GpuGate | None = None,
 ) -> Worker:
-    served = registry.bindings(settings.pools)
-    slots = settings.worker_slots or max((b.concurrency for b in served), default=1)
+    # each pool gets the slots its models can use at once (or SOP_WORKER_SLOTS), so a pool whose
+    # provider hangs fills its own slots and never another pool's
+    pool_slots = {
+        pool: settings.worker_slots or max(1, sum(b.concurrency for b in registry.bindings([pool])))
+        for pool in settings.pools
+    }
+    slots = max(pool_slots.values())
     config = WorkerConfig(
+        pool_slots=pool_slots,
         consumer=settings.consumer_name(),
         pools=settings.pools,
         partitions=settings.partitions,

@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     worker_slots: int | None = Field(
         default=None,
         ge=1,
-        description="Tasks at a time per worker; default: the largest model concurrency.",
+        description="Tasks at a time per pool and worker; default: the sum of the pool's model concurrencies.",
     )
     worker_name: str | None = Field(
         default=None, description="Consumer name; default host-pid-random."

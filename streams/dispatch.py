@@ -83,6 +83,19 @@ class PriorityReader:
             await ensure_groups(self._client, self._streams, self._group)
             return []
 
+    async def read_now(self, free: int) -> tuple[list[Entry], list[str]]:
+        """Up to ``free`` entries without blocking, and (when there are none) the newest id of
+        each stream, to wait for what comes next with a plain XREAD."""
+        try:
+            await self._check_aging()
+            return await self._read_now(free)
+        except Exception as exc:
+            if not is_missing_group(exc):
+                raise
+            log.warning("consumer group missing, creating it again", extra={"group": self._group})
+            await ensure_groups(self._client, self._streams, self._group)
+            return [], ["0-0"] * len(self._streams)
+
     async def _read_now(self, free: int) -> tuple[list[Entry], list[str]]:
         order = self._streams
         first_limit = 0

@@ -15,7 +15,8 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
+import hypothesis  # noqa: F401 - imported at collection: its plugin's late import at the
+import pytest  # terminal summary trips CPython 3.11.7's "AST recursion depth mismatch" bug
 import redis
 from redis.asyncio import Redis
 
