@@ -5,23 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gpu.nvml import DeviceMemory
-from gpu.semaphore import DeviceKeys
-from streams.keys import Keys
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
-
-
-def device_keys(keys: Keys, host: str, index: int) -> DeviceKeys:
-    """The names of a device's semaphore. The holders zset is ``Keys.gpu``; the other names are
-    derived here until ``streams/keys.py`` grows them (same hash tag, same namespace)."""
-    return DeviceKeys(
-        holders=keys.gpu(host, index),
-        waiters=keys.gpu_waiters(host, index),
-        leases=keys.gpu_waiter_leases(host, index),
-        seq=keys.gpu_seq(host, index),
-        wake=keys.gpu_wake(host, index),
-    )
 
 
 @dataclass

@@ -23,9 +23,9 @@ from gpu.semaphore import (
     SemaphoreConfig,
     SlotTimeoutError,
 )
+from ops.gpu_setup import device_keys
 from streams.keys import Keys
 from tests.conftest import RedisServer, free_port, wait_for
-from tests.gpu.fakes import device_keys
 
 LEASE_MS = 500
 HOST = "host-a"

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
+from ops.gpu_setup import device_keys
 from streams.keys import Keys
 from tests.conftest import ROOT, terminating, wait_for
-from tests.gpu.fakes import device_keys
 
 SCRIPT = Path(__file__).with_name("holder_proc.py")
 LEASE_MS = 500

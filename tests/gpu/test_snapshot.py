@@ -13,9 +13,10 @@ from gpu.admission import Admission, AdmissionConfig
 from gpu.nvml import NvmlReader
 from gpu.semaphore import Device, GpuSemaphore, SemaphoreConfig
 from gpu.snapshot import gpu_snapshot
+from ops.gpu_setup import device_keys
 from streams.keys import Keys
 from tests.conftest import wait_for
-from tests.gpu.fakes import GIB, FakeGpu, device_keys
+from tests.gpu.fakes import GIB, FakeGpu
 
 
 async def test_the_snapshot_shows_memory_models_holders_and_waiters(
