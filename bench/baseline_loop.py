@@ -28,7 +28,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from streams.keys import TASK_GROUP, Keys  # noqa: E402
+from streams.keys import TASK_GROUP, Keys
 
 DEFAULT_MAX_TOKENS = 16
 
@@ -81,7 +81,8 @@ def main() -> int:
             started = int(time.time() * 1000)
             task = json.loads(fields[b"data"])
             task_id = task["task_id"]
-            text, n_in, n_out = echo(task.get("prompt") or "", task.get("max_tokens") or DEFAULT_MAX_TOKENS)
+            wanted = task.get("max_tokens") or DEFAULT_MAX_TOKENS
+            text, n_in, n_out = echo(task.get("prompt") or "", wanted)
             finished = int(time.time() * 1000)
             queued = max(0, started - int(eid.split(b"-", 1)[0]))
             result = json.dumps(
@@ -95,7 +96,8 @@ def main() -> int:
                 separators=(",", ":"),
             )  # fmt: skip
             status = keys.task(task_id)
-            pipe.hset(status, mapping={"state": "completed", "result": result, "finished_at": finished})
+            record = {"state": "completed", "result": result, "finished_at": finished}
+            pipe.hset(status, mapping=record)
             pipe.expire(status, ttl)
             pipe.xadd(results, {"type": "task.completed", "data": result})
             pipe.xack(stream, TASK_GROUP, eid)
