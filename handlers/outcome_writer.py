@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 
@@ -89,23 +88,15 @@ class OutcomeWriter:
             idempotency_key=event.idempotency_key if event else None,
             webhook=webhook_job(result, url) if url else None, dead=dead,
         )  # fmt: skip
-        # the final write is shielded: a shutdown does not cut it in half; Redis trouble is
-        # retried until it lands (the entry stays pending meanwhile, so nothing is lost)
+        # the write runs on its own (a shutdown cannot cut it in half); Redis trouble is retried
+        # until it lands (the entry stays pending meanwhile, so nothing is lost)
         backoff = Backoff(base=0.05, cap=2.0)
         while True:
             try:
-                written = await asyncio.shield(self._finish(fin))
+                written = await self._outcomes.finish(fin)
             except self._trouble as exc:
                 if backoff.failures == 0:
                     log.warning("terminal write failed, retrying", extra={"error": repr(exc)})
-                await backoff.sleep()
-                continue
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise  # we are being cancelled (a forced shutdown): leave the entry pending
-                # the write itself was cut short, not this task: the outcome is still owed
-                log.warning("terminal write interrupted, retrying")
                 await backoff.sleep()
                 continue
             if p.event is not None and p.event.stream and self._tokens is not None:
@@ -130,7 +121,3 @@ class OutcomeWriter:
         self._metrics.run_time.labels(p.model or "").observe(result.run_ms / 1000)
         if dead is not None:
             self._metrics.dead_letters.labels(dead.reason.value).inc()
-
-    async def _finish(self, fin: Finish) -> int:
-        async with asyncio.timeout(15):
-            return await self._outcomes.finish(fin)

@@ -180,6 +180,7 @@ class Worker:
                 ]
                 await stop.wait()
                 await self._drain()
+                await self._outcomes.drain()
                 for task in side:
                     task.cancel()
                 lease_stop.set()

@@ -12,10 +12,11 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
 
 from schemas.result import DeadLetter, ErrorInfo, TaskResult, WebhookJob
 from schemas.wire import EventType
@@ -23,7 +24,7 @@ from streams.entries import Entry, text
 from streams.keys import TASK_GROUP, Keys
 from streams.scripts import (
     BEGIN_SCRIPT,
-    FINISH_SCRIPT,
+    FINISH_MANY_SCRIPT,
     RETRY_SCRIPT,
     EncodableT,
     ScriptCall,
@@ -89,6 +90,7 @@ class Outcomes:
         status_ttl_s: int,
         max_attempts: int,
         group: str = TASK_GROUP,
+        write_timeout_s: float = 15.0,
     ) -> None:
         self._client = client
         self._keys = keys
@@ -96,7 +98,9 @@ class Outcomes:
         self._ttl = status_ttl_s
         self._max_attempts = max_attempts
         self._group = group
-        self._queue: list[tuple[ScriptCall, asyncio.Future[Any]]] = []
+        self._queue: list[tuple[Finish, asyncio.Future[int]]] = []
+        self._writes: set[asyncio.Future[None]] = set()
+        self._write_timeout_s = write_timeout_s
 
     async def begin(self, starts: Sequence[Start], now_ms: int) -> list[BeginReply]:
         """Mark entries running (one round trip). Verdicts: ``run``; ``done`` (already terminal,
@@ -161,66 +165,87 @@ class Outcomes:
     async def finish(self, fin: Finish) -> int:
         """Write the terminal outcome. Returns 1 when written; 0 when the task was already
         terminal (another attempt won: only the entry is acknowledged, and dead-lettered if
-        asked); -1 when ``expect_state`` did not hold (nothing written)."""
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((self._finish_call(fin), future))
+        asked); -1 when ``expect_state`` did not hold (nothing written).
+
+        The finishes of one event-loop tick go out as one script call. The write runs on its
+        own: cancelling a caller never cuts it in half (the caller just stops waiting). Raises a
+        Redis error when the batch could not be written; nothing was written for this task
+        then, and the caller may try again."""
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._queue.append((fin, future))
         if len(self._queue) == 1:
             # first in this tick: let the other finishers of the tick join, then write them all
-            await asyncio.sleep(0)
-            batch, self._queue = self._queue, []
-            try:
-                replies = await run_batch(self._client, [call for call, _ in batch])
-            except asyncio.CancelledError:
-                # the leader was cancelled (its own deadline, a shutdown): the others' writes did
-                # not happen either, and they must retry, not end as if they were cancelled
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(RedisConnectionError("terminal write interrupted"))
-                raise
-            except Exception as exc:  # noqa: BLE001 - handed to every caller of the batch, raised there
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
-            else:
-                for (_, fut), reply in zip(batch, replies, strict=True):
-                    if isinstance(reply, Exception):
-                        fut.set_exception(reply)
-                    else:
-                        fut.set_result(reply)
-        return int(await future)
+            self._writes.add(write := asyncio.ensure_future(self._write_soon()))
+            write.add_done_callback(self._writes.discard)
+        return await future
 
-    def _finish_call(self, fin: Finish) -> ScriptCall:
-        result = fin.result
+    async def drain(self, timeout: float = 15.0) -> None:
+        """Wait for the terminal writes under way (at shutdown)."""
+        if self._writes:
+            await asyncio.wait(set(self._writes), timeout=timeout)
+
+    async def _write_soon(self) -> None:
+        await asyncio.sleep(0)
+        batch, self._queue = self._queue, []
+        try:
+            async with asyncio.timeout(self._write_timeout_s):
+                replies = await FINISH_MANY_SCRIPT(self._client, *self._finish_many(batch))
+        except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 - handed to the callers
+            # nothing of the batch is known to be written: every caller retries (a task the
+            # script did finish answers 0, "already terminal", on the retry)
+            error = (
+                exc
+                if isinstance(exc, RedisError)
+                else RedisConnectionError(f"terminal write failed: {exc!r}")
+            )
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(error)
+            return
+        for (_, fut), reply in zip(batch, replies, strict=True):
+            if fut.done():
+                continue
+            if isinstance(reply, bytes | str):
+                fut.set_exception(ResponseError(text(reply)))
+            else:
+                fut.set_result(int(reply))
+
+    def _finish_many(
+        self, batch: list[tuple[Finish, asyncio.Future[int]]]
+    ) -> tuple[list[str], list[EncodableT]]:
         k = self._keys
-        keys = [
-            k.task(result.task_id),
-            k.results,
-            fin.entry.stream,
-            k.webhooks,
-            k.dead,
-            k.reply_streams,
-        ]
-        if fin.reply_to:
-            keys.append(k.results_for(fin.reply_to))
-        if fin.idempotency_key is not None:
-            keys.append(k.idem(fin.idempotency_key))
-        args: list[EncodableT] = [
-            self._group,
-            fin.entry.entry_id,
-            result.state.value,
-            _RESULT_TYPES[result.state.value].value,
-            result.model_dump_json(exclude_none=True),
-            self._ttl,
-            fin.entry.traceparent if fin.traceparent is None else fin.traceparent,
-            fin.webhook.model_dump_json(exclude_none=True) if fin.webhook else "",
-            fin.dead.model_dump_json(exclude_none=True) if fin.dead else "",
-            result.finished_at,
-            "1" if fin.reply_to else "0",
-            "1" if fin.idempotency_key is not None else "0",
-            result.task_id,
-            fin.expect_state,
-        ]
-        return FINISH_SCRIPT, keys, args
+        keys = [k.results, k.webhooks, k.dead, k.reply_streams]
+        index: dict[str, int] = {}
+
+        def key(name: str) -> int:
+            if name not in index:
+                keys.append(name)
+                index[name] = len(keys)  # Lua indexes from 1
+            return index[name]
+
+        args: list[EncodableT] = [self._group, self._ttl]
+        for fin, _ in batch:
+            result = fin.result
+            task = {
+                "k": [
+                    key(k.task(result.task_id)),
+                    key(fin.entry.stream),
+                    key(k.results_for(fin.reply_to)) if fin.reply_to else 0,
+                    key(k.idem(fin.idempotency_key)) if fin.idempotency_key is not None else 0,
+                ],
+                "e": fin.entry.entry_id,
+                "id": result.task_id,
+                "s": result.state.value,
+                "t": _RESULT_TYPES[result.state.value].value,
+                "r": result.model_dump_json(exclude_none=True),
+                "f": result.finished_at,
+                "tp": fin.entry.traceparent if fin.traceparent is None else fin.traceparent,
+                "w": fin.webhook.model_dump_json(exclude_none=True) if fin.webhook else "",
+                "d": fin.dead.model_dump_json(exclude_none=True) if fin.dead else "",
+                "x": fin.expect_state,
+            }
+            args.append(json.dumps(task, separators=(",", ":")))
+        return keys, args
 
 
 def webhook_job(result: TaskResult, url: str) -> WebhookJob:

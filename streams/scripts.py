@@ -114,50 +114,64 @@ return {'run', attempts, errors}
 """
 )
 
-# The terminal write: status, results entry (and reply_to copy), webhook job, dead letter and
-# XACK, all or nothing. A task already terminal gets no second result.
-# KEYS: status, results, source stream, webhooks, dead, reply-streams set[, reply stream][, idem]
-# ARGV: group, entry_id, state, type, result_json, ttl_s, traceparent, webhook_json,
-#       dead_json, finished_at, has_reply, has_idem, task_id
-# Returns 1 when written, 0 when the task was already terminal.
-FINISH: Final = (
+# The terminal writes of a batch of tasks in one call. Each task is atomic on its own (and
+# isolated: one that fails to write does not stop the others): status, results entry (and the
+# reply_to copy), webhook job, dead letter and XACK, or nothing. A task already terminal gets
+# no second result.
+# KEYS: results, webhooks, dead, reply-streams set, then every key the tasks name
+# ARGV: group, ttl_s, then one JSON object per task:
+#   k: [status, source stream, reply stream or 0, idem key or 0] (indexes into KEYS)
+#   e: entry id, id: task id, s: state, t: event type, r: result JSON, f: finished_at,
+#   tp: traceparent, w: webhook job JSON, d: dead letter JSON, x: expected state ('' = any)
+# Returns per task: 1 written, 0 already terminal (acked only), -1 state not as expected
+# (nothing written), or "ERR <message>".
+FINISH_MANY: Final = (
     _TERMINAL_LUA
     + """
-local st = redis.call('HGET', KEYS[1], 'state')
-local nkey_index_set = 6
-local nkey = 7
-local reply, idem
-if ARGV[11] == '1' then reply = KEYS[nkey]; nkey = nkey + 1 end
-if ARGV[12] == '1' then idem = KEYS[nkey] end
-local function tagged(fields)
-  if ARGV[7] ~= '' then
-    table.insert(fields, 'traceparent'); table.insert(fields, ARGV[7])
+local group, ttl = ARGV[1], ARGV[2]
+local function finish_one(t)
+  local status, source = KEYS[t.k[1]], KEYS[t.k[2]]
+  local st = redis.call('HGET', status, 'state')
+  if t.x ~= '' and st ~= t.x then return -1 end
+  local function tagged(fields)
+    if t.tp ~= '' then
+      table.insert(fields, 'traceparent'); table.insert(fields, t.tp)
+    end
+    return fields
   end
-  return fields
+  if terminal(st) then
+    -- dead-letter this entry only if it was still pending (not on a retry of our own write)
+    if redis.call('XACK', source, group, t.e) == 1 and t.d ~= '' then
+      redis.call('XADD', KEYS[3], '*', unpack(tagged({'type', 'task.dead', 'data', t.d})))
+    end
+    return 0
+  end
+  if t.d ~= '' then
+    redis.call('XADD', KEYS[3], '*', unpack(tagged({'type', 'task.dead', 'data', t.d})))
+  end
+  redis.call('HSET', status, 'state', t.s, 'result', t.r, 'finished_at', t.f, 'task_id', t.id)
+  redis.call('EXPIRE', status, ttl)
+  local fields = tagged({'type', t.t, 'data', t.r})
+  redis.call('XADD', KEYS[1], '*', unpack(fields))
+  if t.k[3] > 0 then
+    local reply = KEYS[t.k[3]]
+    redis.call('XADD', reply, '*', unpack(fields))
+    redis.call('SADD', KEYS[4], string.sub(reply, #KEYS[1] + 2))
+  end
+  if t.w ~= '' then
+    redis.call('XADD', KEYS[2], '*', unpack(tagged({'type', 'webhook.delivery', 'data', t.w})))
+    redis.call('HSET', status, 'webhook_state', 'pending', 'webhook_attempts', 0)
+  end
+  if t.k[4] > 0 then redis.call('EXPIRE', KEYS[t.k[4]], ttl) end
+  redis.call('XACK', source, group, t.e)
+  return 1
 end
-if ARGV[9] ~= '' then
-  redis.call('XADD', KEYS[5], '*', unpack(tagged({'type', 'task.dead', 'data', ARGV[9]})))
+local out = {}
+for i = 3, #ARGV do
+  local ok, res = pcall(finish_one, cjson.decode(ARGV[i]))
+  if ok then out[#out + 1] = res else out[#out + 1] = 'ERR ' .. tostring(res) end
 end
-if terminal(st) then
-  redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
-  return 0
-end
-redis.call('HSET', KEYS[1], 'state', ARGV[3], 'result', ARGV[5], 'finished_at', ARGV[10],
-  'task_id', ARGV[13])
-redis.call('EXPIRE', KEYS[1], ARGV[6])
-local fields = tagged({'type', ARGV[4], 'data', ARGV[5]})
-redis.call('XADD', KEYS[2], '*', unpack(fields))
-if reply then
-  redis.call('XADD', reply, '*', unpack(fields))
-  redis.call('SADD', KEYS[nkey_index_set], string.sub(reply, #KEYS[2] + 2))
-end
-if ARGV[8] ~= '' then
-  redis.call('XADD', KEYS[4], '*', unpack(tagged({'type', 'webhook.delivery', 'data', ARGV[8]})))
-  redis.call('HSET', KEYS[1], 'webhook_state', 'pending', 'webhook_attempts', 0)
-end
-if idem then redis.call('EXPIRE', idem, ARGV[6]) end
-redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
-return 1
+return out
 """
 )
 
@@ -341,7 +355,7 @@ async def run_batch(client: Redis, calls: Sequence[ScriptCall]) -> list[Any]:
 
 SUBMIT_SCRIPT: Final = LuaScript("submit", SUBMIT)
 BEGIN_SCRIPT: Final = LuaScript("begin", BEGIN)
-FINISH_SCRIPT: Final = LuaScript("finish", FINISH)
+FINISH_MANY_SCRIPT: Final = LuaScript("finish_many", FINISH_MANY)
 READ_SCRIPT: Final = LuaScript("read", READ)
 HEADS_SCRIPT: Final = LuaScript("heads", HEADS)
 RETRY_SCRIPT: Final = LuaScript("retry", RETRY)
