@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from pydantic import ValidationError
 
@@ -85,4 +85,4 @@ def _salvage_task_id(data: bytes) -> str | None:
 
 
 def now_ms() -> int:
-    return int(datetime.now(UTC).timestamp() * 1000)
+    return time.time_ns() // 1_000_000

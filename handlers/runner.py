@@ -8,8 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.util.types import AttributeValue
 from redis.exceptions import RedisError
 
@@ -62,7 +61,8 @@ class TaskRunner:
         self._tokens = tokens
         self._gpu = gpu
         self._consumer = consumer
-        self._tracer = tracer or trace.get_tracer("sop_llm.worker")
+        # None: tracing is off, and no span (not even a no-op one) is made per task
+        self._tracer = tracer
         self._metrics = metrics
         self._trace_content = trace_content
         self._registry = registry
@@ -86,18 +86,22 @@ class TaskRunner:
 
     async def run(self, p: Prepared, begin: BeginReply) -> None:
         """Take an admitted entry to its outcome. Never raises except on cancellation."""
-        parent = context_from(p.entry.traceparent, p.entry.tracestate)
-        attributes: dict[str, AttributeValue] = {
-            "messaging.system": "redis", "messaging.operation.type": "process",
-            "messaging.destination.name": p.entry.stream, "messaging.message.id": p.entry.entry_id,
-            "sop.task_id": p.task_id, "sop.attempt": begin.attempts,
-        }  # fmt: skip
-        with self._tracer.start_as_current_span(
-            f"process {p.entry.stream}",
-            context=parent,
-            kind=SpanKind.CONSUMER,
-            attributes=attributes,
-        ) as span:
+        if self._tracer is None:
+            span_cm: contextlib.AbstractContextManager[Span] = contextlib.nullcontext(INVALID_SPAN)
+        else:
+            attributes: dict[str, AttributeValue] = {
+                "messaging.system": "redis", "messaging.operation.type": "process",
+                "messaging.destination.name": p.entry.stream,
+                "messaging.message.id": p.entry.entry_id,
+                "sop.task_id": p.task_id, "sop.attempt": begin.attempts,
+            }  # fmt: skip
+            span_cm = self._tracer.start_as_current_span(
+                f"process {p.entry.stream}",
+                context=context_from(p.entry.traceparent, p.entry.tracestate),
+                kind=SpanKind.CONSUMER,
+                attributes=attributes,
+            )
+        with span_cm as span:
             trace_id = span.get_span_context().trace_id
             bind(
                 task_id=p.task_id, stream=p.entry.stream, entry_id=p.entry.entry_id, model=p.model,
@@ -214,12 +218,16 @@ class TaskRunner:
         )  # fmt: skip
         timeout = None if deadline is None else max(0.0, (deadline - now_ms()) / 1000)
         operation = "chat" if event.messages is not None else "text_completion"
-        attributes = genai_request_attributes(
-            operation, binding.provider.name, request, self._trace_content
-        )
-        with self._tracer.start_as_current_span(
-            f"{operation} {event.model}", kind=SpanKind.CLIENT, attributes=attributes
-        ) as span:
+        if self._tracer is None:
+            span_cm: contextlib.AbstractContextManager[Span] = contextlib.nullcontext(INVALID_SPAN)
+        else:
+            attributes = genai_request_attributes(
+                operation, binding.provider.name, request, self._trace_content
+            )
+            span_cm = self._tracer.start_as_current_span(
+                f"{operation} {event.model}", kind=SpanKind.CLIENT, attributes=attributes
+            )
+        with span_cm as span:
             try:
                 async with (
                     asyncio.timeout(timeout),
@@ -254,7 +262,8 @@ class TaskRunner:
                 span.set_status(Status(StatusCode.ERROR, str(exc)[:200]))
                 raise
             elapsed = asyncio.get_running_loop().time() - began
-            span.set_attributes(genai_response_attributes(result, self._trace_content))
+            if self._tracer is not None:
+                span.set_attributes(genai_response_attributes(result, self._trace_content))
             self._observe_generation(event.model, result, elapsed)
             return result
 
