@@ -23,12 +23,10 @@ from schemas.wire import EventType
 from streams.entries import Entry, text
 from streams.keys import TASK_GROUP, Keys
 from streams.scripts import (
-    BEGIN_SCRIPT,
+    BEGIN_MANY_SCRIPT,
     FINISH_MANY_SCRIPT,
     RETRY_SCRIPT,
     EncodableT,
-    ScriptCall,
-    run_batch,
 )
 
 Verdict = Literal["run", "done", "duplicate", "conflict", "exhausted", "cancelled"]
@@ -108,32 +106,31 @@ class Outcomes:
         idempotency key holds another payload); ``exhausted`` (over the attempt limit)."""
         if not starts:
             return []
-        calls: list[ScriptCall] = []
+        keys: list[str] = []
+        index: dict[str, int] = {}
+
+        def key(name: str) -> int:
+            if name not in index:
+                keys.append(name)
+                index[name] = len(keys)  # Lua indexes from 1
+            return index[name]
+
+        args: list[EncodableT] = [self._group, self._worker, now_ms, self._ttl]
         for s in starts:
-            keys = [self._keys.task(s.task_id), s.entry.stream]
-            if s.idempotency_key is not None:
-                keys.append(self._keys.idem(s.idempotency_key))
-            args: list[EncodableT] = [
-                self._group,
-                s.entry.entry_id,
-                s.task_id,
-                self._worker,
-                now_ms,
-                s.max_attempts or self._max_attempts,
-                s.model,
-                s.payload_hash,
-                s.entry.timestamp_ms,
-                self._ttl,
-                s.reply_to or "",
-                s.webhook_url or "",
-            ]
-            calls.append((BEGIN_SCRIPT, keys, args))
-        replies = await run_batch(self._client, calls)
+            idem = key(self._keys.idem(s.idempotency_key)) if s.idempotency_key is not None else 0
+            task = {
+                "k": [key(self._keys.task(s.task_id)), key(s.entry.stream), idem],
+                "e": s.entry.entry_id, "id": s.task_id, "a": s.max_attempts or self._max_attempts,
+                "m": s.model, "h": s.payload_hash, "c": s.entry.timestamp_ms,
+                "r": s.reply_to or "", "w": s.webhook_url or "",
+            }  # fmt: skip
+            args.append(json.dumps(task, separators=(",", ":")))
+        replies = await BEGIN_MANY_SCRIPT(self._client, keys, args)
         out = []
         for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
             verdict = text(reply[0])
+            if verdict == "error":
+                raise ResponseError(f"begin failed: {text(reply[1])}")
             value = reply[1]
             if verdict in ("run", "exhausted"):
                 raw = json.loads(text(reply[2]) or "[]")

@@ -65,52 +65,65 @@ end
 return {'new', ARGV[1], id}
 """
 
-# A worker is about to run an entry.
-# KEYS: status, source stream[, idem]
-# ARGV: group, entry_id, task_id, worker, now_ms, max_attempts, model, payload_hash,
-#       created_ms, ttl_s, reply_to, webhook_url
-# Returns {'run', attempts, errors_json} | {'done', state} | {'duplicate', task_id}
-#       | {'conflict', task_id} | {'exhausted', attempts, errors_json} | {'cancelled', attempts}
-BEGIN: Final = (
+# A worker is about to run a read batch: per entry, in one call, each atomic on its own.
+# KEYS: every key the entries name (status, source stream, idempotency key)
+# ARGV: group, worker, now_ms, ttl_s, then one JSON object per entry:
+#   k: [status, source stream, idem key or 0] (indexes into KEYS), e: entry id, id: task id,
+#   a: max attempts, m: model, h: payload hash, c: created ms, r: reply_to, w: webhook_url
+# Returns per entry: {'run', attempts, errors_json} | {'done', state} | {'duplicate', task id}
+#   | {'conflict', task id} | {'exhausted', attempts, errors_json} | {'cancelled', attempts}
+#   | {'error', message}
+BEGIN_MANY: Final = (
     _TERMINAL_LUA
     + """
-local st = redis.call('HGET', KEYS[1], 'state')
-if terminal(st) then
-  redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
-  return {'done', st}
-end
-local eid = redis.call('HGET', KEYS[1], 'entry_id')
-if st and eid and eid ~= ARGV[2] and redis.call('HEXISTS', KEYS[1], 'duplicate_of') == 0 then
-  -- a second entry carrying the same task id: the first one owns the task
-  redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
-  return {'duplicate', ARGV[3]}
-end
-if #KEYS >= 3 then
-  local cur = redis.call('GET', KEYS[3])
-  if cur then
-    local sep = string.find(cur, ' ', 1, true)
-    local h, tid = string.sub(cur, 1, sep - 1), string.sub(cur, sep + 1)
-    if tid ~= ARGV[3] then
-      if h ~= ARGV[8] then return {'conflict', tid} end
-      -- same key, same payload, published again by plain XADD: point at the first task
-      redis.call('HSET', KEYS[1], 'task_id', ARGV[3], 'duplicate_of', tid, 'entry_id', ARGV[2])
-      redis.call('EXPIRE', KEYS[1], ARGV[10])
-      redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
-      return {'duplicate', tid}
-    end
-  else
-    redis.call('SET', KEYS[3], ARGV[8] .. ' ' .. ARGV[3])
+local group, worker, now, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local function begin_one(t)
+  local status, source = KEYS[t.k[1]], KEYS[t.k[2]]
+  local st = redis.call('HGET', status, 'state')
+  if terminal(st) then
+    redis.call('XACK', source, group, t.e)
+    return {'done', st}
   end
+  local eid = redis.call('HGET', status, 'entry_id')
+  if st and eid and eid ~= t.e and redis.call('HEXISTS', status, 'duplicate_of') == 0 then
+    -- a second entry carrying the same task id: the first one owns the task
+    redis.call('XACK', source, group, t.e)
+    return {'duplicate', t.id}
+  end
+  if t.k[3] > 0 then
+    local idem = KEYS[t.k[3]]
+    local cur = redis.call('GET', idem)
+    if cur then
+      local sep = string.find(cur, ' ', 1, true)
+      local h, tid = string.sub(cur, 1, sep - 1), string.sub(cur, sep + 1)
+      if tid ~= t.id then
+        if h ~= t.h then return {'conflict', tid} end
+        -- same key, same payload, published again by plain XADD: point at the first task
+        redis.call('HSET', status, 'task_id', t.id, 'duplicate_of', tid, 'entry_id', t.e)
+        redis.call('EXPIRE', status, ttl)
+        redis.call('XACK', source, group, t.e)
+        return {'duplicate', tid}
+      end
+    else
+      redis.call('SET', idem, t.h .. ' ' .. t.id)
+    end
+  end
+  local attempts = redis.call('HINCRBY', status, 'attempts', 1)
+  redis.call('HSET', status, 'state', 'running', 'task_id', t.id, 'model', t.m,
+    'stream', source, 'entry_id', t.e, 'started_at', now, 'worker', worker,
+    'reply_to', t.r, 'webhook_url', t.w)
+  redis.call('HSETNX', status, 'created_at', t.c)
+  if redis.call('HGET', status, 'cancel_requested') == '1' then return {'cancelled', attempts} end
+  local errors = redis.call('HGET', status, 'errors') or ''
+  if attempts > t.a then return {'exhausted', attempts, errors} end
+  return {'run', attempts, errors}
 end
-local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-redis.call('HSET', KEYS[1], 'state', 'running', 'task_id', ARGV[3], 'model', ARGV[7],
-  'stream', KEYS[2], 'entry_id', ARGV[2], 'started_at', ARGV[5], 'worker', ARGV[4],
-  'reply_to', ARGV[11], 'webhook_url', ARGV[12])
-redis.call('HSETNX', KEYS[1], 'created_at', ARGV[9])
-if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return {'cancelled', attempts} end
-local errors = redis.call('HGET', KEYS[1], 'errors') or ''
-if attempts > tonumber(ARGV[6]) then return {'exhausted', attempts, errors} end
-return {'run', attempts, errors}
+local out = {}
+for i = 5, #ARGV do
+  local ok, res = pcall(begin_one, cjson.decode(ARGV[i]))
+  if ok then out[#out + 1] = res else out[#out + 1] = {'error', tostring(res)} end
+end
+return out
 """
 )
 
@@ -354,7 +367,7 @@ async def run_batch(client: Redis, calls: Sequence[ScriptCall]) -> list[Any]:
 
 
 SUBMIT_SCRIPT: Final = LuaScript("submit", SUBMIT)
-BEGIN_SCRIPT: Final = LuaScript("begin", BEGIN)
+BEGIN_MANY_SCRIPT: Final = LuaScript("begin_many", BEGIN_MANY)
 FINISH_MANY_SCRIPT: Final = LuaScript("finish_many", FINISH_MANY)
 READ_SCRIPT: Final = LuaScript("read", READ)
 HEADS_SCRIPT: Final = LuaScript("heads", HEADS)
