@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _SECONDS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
 _TOKENS_PER_S = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 5000, 20000)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMetrics:
+    """One model's children of the labelled metrics (``labels()`` is not free on a hot path)."""
+
+    tokens_in: Counter
+    tokens_out: Counter
+    tokens_per_s: Histogram
+    run_time: Histogram
 
 
 class Metrics:
@@ -45,9 +57,29 @@ class Metrics:
         self.queue_pending = Gauge(
             "sop_queue_pending", "Entries delivered, not finished", labels, registry=r
         )
+        self._models: dict[str, ModelMetrics] = {}
+        self._outcomes: dict[str, Counter] = {}
         self.queue_oldest = Gauge(
             "sop_queue_oldest_pending_age_seconds",
             "Age of the oldest pending entry",
             labels,
             registry=r,
         )
+
+    def model(self, name: str) -> ModelMetrics:
+        found = self._models.get(name)
+        if found is None:
+            found = ModelMetrics(
+                tokens_in=self.tokens.labels("input", name),
+                tokens_out=self.tokens.labels("output", name),
+                tokens_per_s=self.tokens_per_s.labels(name),
+                run_time=self.run_time.labels(name),
+            )
+            self._models[name] = found
+        return found
+
+    def outcome(self, state: str) -> Counter:
+        found = self._outcomes.get(state)
+        if found is None:
+            found = self._outcomes[state] = self.outcomes.labels(state)
+        return found

@@ -117,7 +117,7 @@ class OutcomeWriter:
     def _observe_outcome(self, p: Prepared, result: TaskResult, dead: DeadLetter | None) -> None:
         if self._metrics is None:
             return
-        self._metrics.outcomes.labels(result.state.value).inc()
-        self._metrics.run_time.labels(p.model or "").observe(result.run_ms / 1000)
+        self._metrics.outcome(result.state.value).inc()
+        self._metrics.model(p.model or "").run_time.observe(result.run_ms / 1000)
         if dead is not None:
             self._metrics.dead_letters.labels(dead.reason.value).inc()

@@ -230,7 +230,7 @@ class TaskRunner:
         with span_cm as span:
             try:
                 async with (
-                    asyncio.timeout(timeout),
+                    asyncio.timeout(timeout) if timeout is not None else contextlib.nullcontext(),
                     binding.limit,
                     self._gpu_slot(p, binding, timeout),
                     self._token_writer(p) as tokens,
@@ -291,10 +291,11 @@ class TaskRunner:
     def _observe_generation(self, model: str, gen: Generation, elapsed_s: float) -> None:
         if self._metrics is None:
             return
-        self._metrics.tokens.labels("input", model).inc(gen.usage.input_tokens)
-        self._metrics.tokens.labels("output", model).inc(gen.usage.output_tokens)
+        m = self._metrics.model(model)
+        m.tokens_in.inc(gen.usage.input_tokens)
+        m.tokens_out.inc(gen.usage.output_tokens)
         if elapsed_s > 0 and gen.usage.output_tokens:
-            self._metrics.tokens_per_s.labels(model).observe(gen.usage.output_tokens / elapsed_s)
+            m.tokens_per_s.observe(gen.usage.output_tokens / elapsed_s)
 
     async def _schedule_retry(self, p: Prepared, due: int, error: ErrorInfo) -> bool:
         backoff = Backoff(base=0.05, cap=2.0)
