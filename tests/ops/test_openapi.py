@@ -18,13 +18,14 @@ from gpu.admission import Admission, AdmissionConfig
 from gpu.semaphore import Device, GpuSemaphore, SemaphoreConfig
 from gpu.snapshot import gpu_snapshot
 from ops.asyncapi import asyncapi_document
+from ops.gpu_setup import device_keys
 from ops.openapi import openapi_document, render
 from ops.settings import Settings
 from ops.sidecar import Sidecar
 from streams.keys import Keys
 from streams.producer import Producer, ProducerConfig
 from tests.conftest import ROOT
-from tests.gpu.fakes import GIB, FakeGpu, device_keys
+from tests.gpu.fakes import GIB, FakeGpu
 from tests.harness import running_worker
 
 _DOC_URI = "urn:sop:openapi"
