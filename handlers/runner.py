@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.util.types import AttributeValue
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from handlers.genai import genai_request_attributes, genai_response_attributes
 from handlers.gpu_gate import GpuGate
@@ -30,7 +30,8 @@ from streams.tracecontext import context_from
 
 log = logging.getLogger(__name__)
 
-REDIS_TROUBLE = (RedisError, OSError, TimeoutError)
+# RedisClusterException is not a RedisError: without it a cluster hiccup would end the worker
+REDIS_TROUBLE = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 
 class _Cancelled(Exception):
@@ -152,62 +153,72 @@ class TaskRunner:
             await self._writer.write(p, result, begin.errors)
             return
         parts: list[str] = []
+        # queue and run times count from when the model really started (after its permit and
+        # GPU slot), not from when this worker took the entry
+        began = [started]
         try:
-            gen = await self._generate(p, parts, deadline)
-        except TimeoutError:
-            result = self._writer.result(
-                p,
-                attempts,
-                started,
-                TaskState.EXPIRED,
-                finish_reason="deadline",
-                text="".join(parts),
-            )
+            gen = await self._generate(p, parts, deadline, began)
         except _Cancelled:
             result = self._writer.result(
-                p,
-                attempts,
-                started,
-                TaskState.CANCELLED,
-                finish_reason="cancelled",
+                p, attempts, began[0], TaskState.CANCELLED, finish_reason="cancelled",
                 text="".join(parts),
-            )
-        except Exception as exc:
-            if not isinstance(exc, SopError):
-                # a provider bug must not take the worker down: logged, then treated as retryable
-                log.exception("provider raised an unexpected error")
-            decision = self._policy.decide(exc, attempts=attempts, max_attempts=limit)
-            if isinstance(decision, Fail):
-                # a schema_invalid answer keeps the model's raw output for the caller to inspect
-                raw = getattr(exc, "raw_text", None)
-                result = self._writer.failed(p, attempts, started, decision, text=raw)
-                await self._writer.write(p, result, begin.errors, decision)
-                return
-            error = _error_info(exc)
-            due = now_ms() + int(decision.delay_s * 1000)
-            if self._metrics is not None:
-                self._metrics.retries.labels(error.code.value).inc()
-            if await self._schedule_retry(p, due, error):
-                log.info(
-                    "retry scheduled",
-                    extra={
-                        "attempts": attempts,
-                        "delay_s": round(decision.delay_s, 3),
-                        "error": error.code.value,
-                    },
-                )
+            )  # fmt: skip
+        except TimeoutError as exc:
+            if isinstance(exc, SopError):  # waiting for a GPU slot or a model load: a failure
+                await self._attempt_failed(p, begin, began[0], limit, exc)
                 return
             result = self._writer.result(
-                p, attempts, started, TaskState.CANCELLED, finish_reason="cancelled"
-            )
+                p, attempts, began[0], TaskState.EXPIRED, finish_reason="deadline",
+                text="".join(parts),
+            )  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - the policy decides; unexpected ones are logged there
+            await self._attempt_failed(p, begin, began[0], limit, exc)
+            return
         else:
             result = self._writer.result(
-                p, attempts, started, TaskState.COMPLETED,
+                p, attempts, began[0], TaskState.COMPLETED,
                 text=gen.text, finish_reason=gen.finish_reason, usage=gen.usage,
             )  # fmt: skip
         await self._writer.write(p, result, begin.errors)
 
-    async def _generate(self, p: Prepared, parts: list[str], deadline: int | None) -> Generation:
+    async def _attempt_failed(
+        self, p: Prepared, begin: BeginReply, started: int, limit: int, exc: Exception
+    ) -> None:
+        """The policy decides: the task ends ``failed`` (maybe dead-lettered), or is retried."""
+        attempts = begin.attempts
+        if not isinstance(exc, SopError):
+            # a provider bug must not take the worker down: logged, then treated as retryable
+            log.exception("provider raised an unexpected error")
+        decision = self._policy.decide(exc, attempts=attempts, max_attempts=limit)
+        if isinstance(decision, Fail):
+            # a schema_invalid answer keeps the model's raw output for the caller to inspect
+            raw = getattr(exc, "raw_text", None)
+            result = self._writer.failed(p, attempts, started, decision, text=raw)
+            await self._writer.write(p, result, begin.errors, decision)
+            return
+        error = _error_info(exc)
+        due = now_ms() + int(decision.delay_s * 1000)
+        if self._metrics is not None:
+            self._metrics.retries.labels(error.code.value).inc()
+        if await self._schedule_retry(p, due, error):
+            log.info(
+                "retry scheduled",
+                extra={
+                    "attempts": attempts,
+                    "delay_s": round(decision.delay_s, 3),
+                    "error": error.code.value,
+                },
+            )
+            return
+        # a cancel came while it failed: it ends cancelled rather than being retried
+        result = self._writer.result(
+            p, attempts, started, TaskState.CANCELLED, finish_reason="cancelled"
+        )
+        await self._writer.write(p, result, begin.errors)
+
+    async def _generate(
+        self, p: Prepared, parts: list[str], deadline: int | None, began: list[int]
+    ) -> Generation:
         event = p.event
         assert event is not None
         binding = self._registry.resolve(event.model)
@@ -235,7 +246,8 @@ class TaskRunner:
                     self._gpu_slot(p, binding, timeout),
                     self._token_writer(p) as tokens,
                 ):
-                    began = asyncio.get_running_loop().time()
+                    began[0] = now_ms()
+                    t0 = asyncio.get_running_loop().time()
 
                     def on_delta(text: str) -> None:
                         parts.append(text)
@@ -261,7 +273,7 @@ class TaskRunner:
                 span.set_attribute("error.type", _error_type(exc))
                 span.set_status(Status(StatusCode.ERROR, str(exc)[:200]))
                 raise
-            elapsed = asyncio.get_running_loop().time() - began
+            elapsed = asyncio.get_running_loop().time() - t0
             if self._tracer is not None:
                 span.set_attributes(genai_response_attributes(result, self._trace_content))
             self._observe_generation(event.model, result, elapsed)

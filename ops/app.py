@@ -12,16 +12,17 @@ from collections.abc import AsyncIterator
 from opentelemetry import trace
 from prometheus_client import start_http_server
 from pydantic import SecretStr
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from handlers.gpu_gate import GpuGate
 from handlers.metrics import Metrics
 from handlers.policy import RetryPolicy
 from handlers.tasks import Worker, WorkerConfig
+from ops.connect import redis_client_for, target_for
 from ops.embedded import embedded_redis
 from ops.gpu_setup import build_gpu_runtime
-from ops.settings import Settings, redact_url
+from ops.settings import Settings
 from ops.sidecar import Sidecar
 from ops.telemetry import tracing
 from ops.webhooks_cli import build_sender
@@ -86,17 +87,6 @@ async def watch_models(
             await backoff.sleep(stop)
 
 
-def redis_client(url: str, *, max_connections: int = 64) -> Redis:
-    """A client whose pool makes callers wait for a free connection (up to 20 s) instead of
-    failing when a burst needs more than ``max_connections``. The socket timeout sits above the
-    longest blocking read; health checks catch half-open links."""
-    pool = BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=20, socket_timeout=15,
-        socket_connect_timeout=5, health_check_interval=15,
-    )  # fmt: skip
-    return Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
-
-
 def build_worker(
     settings: Settings,
     client: Redis,
@@ -147,8 +137,8 @@ def build_worker(
 @contextlib.asynccontextmanager
 async def resolved_redis(settings: Settings, *, allow_embedded: bool) -> AsyncIterator[Settings]:
     """Settings with a Redis URL: the configured one, or an embedded server's."""
-    if settings.redis_url is not None or not allow_embedded:
-        settings.redis_url_value  # noqa: B018 - raises a clear error when unset
+    if settings.redis_sentinels or settings.redis_url is not None or not allow_embedded:
+        target_for(settings)  # raises a clear ValueError when unset or contradictory
         yield settings
         return
     async with embedded_redis(settings.data_dir) as url:
@@ -172,10 +162,10 @@ async def serve(
         settings = await stack.enter_async_context(
             resolved_redis(settings, allow_embedded=allow_embedded)
         )
-        url = settings.redis_url_value
-        log.info("connecting", extra={"redis": redact_url(url), "namespace": settings.namespace})
+        target = target_for(settings).describe()  # no password in it
+        log.info("connecting", extra={"redis": target, "namespace": settings.namespace})
         stack.enter_context(tracing(settings))
-        client = redis_client(url)
+        client = redis_client_for(settings)
         stack.push_async_callback(client.aclose)
         gpus = await build_gpu_runtime(settings, client)
         metrics = Metrics()
@@ -188,7 +178,12 @@ async def serve(
                 client,
                 registry,
                 metrics,
-                GpuGate(semaphores=gpus.semaphores, partitions=settings.partitions),
+                GpuGate(
+                    semaphores=gpus.semaphores,
+                    partitions=settings.partitions,
+                    admission=gpus.admission,
+                    loader=gpus.loader,
+                ),
             )
             if not sidecar and settings.metrics_port is not None:
                 # a worker without a sidecar still exposes its own metrics
@@ -204,7 +199,7 @@ async def serve(
         gc.freeze()
         gc.set_threshold(50_000, 50, 100)
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(gpus.monitor.run(stop))
+            tg.create_task(gpus.run(stop))  # VRAM sampling and idle-model unloading
             if worker:
                 tg.create_task(watch_models(settings, client, loader, file_specs, stop))
             if sender is not None:

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import Any
 
 from pydantic import ValidationError
 
 from ops import dead_cli, inspect_cli, logs, models_cli, replay, replay_select, webhooks_cli
-from ops.app import redis_client, serve
+from ops.app import serve
+from ops.connect import redis_client_for
 from ops.settings import Settings
 from schemas.errors import SopError
 from streams.entries import entries_from_read
@@ -67,6 +69,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+@contextlib.asynccontextmanager
+async def _producer(settings: Settings) -> AsyncIterator[Producer]:
+    # the client comes from ops.connect, so the CLI works with Sentinel and Cluster too
+    client = redis_client_for(settings)
+    try:
+        async with Producer(settings, client=client) as p:
+            yield p
+    finally:
+        await client.aclose()
+
+
 def _install_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     hits = {"n": 0}
@@ -99,7 +112,7 @@ async def _submit(settings: Settings, args: argparse.Namespace) -> int:
         fields["prompt"] = args.prompt
     model = fields.pop("model", args.model)
     prompt = fields.pop("prompt", None)
-    async with Producer(settings) as p:
+    async with _producer(settings) as p:
         task_id = await p.submit(model, prompt, **fields)
         print(task_id)
         if args.wait:
@@ -109,7 +122,7 @@ async def _submit(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _status(settings: Settings, task_id: str) -> int:
-    async with Producer(settings) as p:
+    async with _producer(settings) as p:
         record = await p.status(task_id)
     if record is None:
         print(f"no task {task_id} (never seen, or expired)", file=sys.stderr)
@@ -122,7 +135,7 @@ async def _tail(settings: Settings, args: argparse.Namespace) -> int:
     keys = Keys(settings.namespace)
     named = {"results": keys.results, "dead": keys.dead, "webhooks": keys.webhooks}
     stream = named.get(args.stream, args.stream)
-    client = redis_client(settings.redis_url_value)
+    client = redis_client_for(settings)
     seen, last = 0, args.start
     try:
         while True:

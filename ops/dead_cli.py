@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from ops.app import redis_client
+from ops.connect import redis_client_for
 from ops.settings import Settings
 from streams.control import cancel_task
 from streams.dead import DeadEntry, NotRequeueable, all_dead, matcher, purge, requeue
@@ -50,7 +50,7 @@ def _summary(d: DeadEntry) -> str:
 
 
 async def run_cancel(settings: Settings, task_id: str) -> int:
-    client = redis_client(settings.redis_url_value)
+    client = redis_client_for(settings)
     try:
         outcome = await cancel_task(
             client, Keys(settings.namespace), task_id, status_ttl_s=settings.status_ttl_s
@@ -63,7 +63,7 @@ async def run_cancel(settings: Settings, task_id: str) -> int:
 
 async def run_dead(settings: Settings, args: argparse.Namespace) -> int:
     keys = Keys(settings.namespace)
-    client = redis_client(settings.redis_url_value)
+    client = redis_client_for(settings)
     try:
         match = matcher(task_id=args.task_id, reason=args.reason, model=args.model)
         chosen = [d for d in await all_dead(client, keys) if match(d)]

@@ -1,7 +1,9 @@
-"""This host's GPUs as a worker and the sidecar see them: NVML sampling and device semaphores."""
+"""This host's GPUs as a worker and the sidecar see them: NVML sampling, device semaphores and
+model admission (load a local model only where it fits; unload idle ones)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from dataclasses import dataclass, field
@@ -10,8 +12,11 @@ from typing import Any
 from redis.asyncio import Redis
 
 from gpu import (
+    Admission,
+    AdmissionConfig,
     Device,
     DeviceKeys,
+    DeviceMemory,
     GpuSemaphore,
     NvmlError,
     NvmlReader,
@@ -19,6 +24,7 @@ from gpu import (
     VramMonitor,
     gpu_snapshot,
 )
+from handlers.gpu_gate import ProviderLoader
 from handlers.metrics import Metrics
 from ops.settings import Settings
 from streams.keys import Keys
@@ -38,11 +44,27 @@ def device_keys(keys: Keys, host: str, index: int) -> DeviceKeys:
 
 @dataclass(slots=True)
 class GpuRuntime:
+    """``admission`` (built with ``loader``) loads local models; hand both to the worker's
+    ``GpuGate``. Run :meth:`run` in the worker's task group."""
+
     monitor: VramMonitor
     semaphores: dict[int, GpuSemaphore] = field(default_factory=dict)
+    loader: ProviderLoader = field(default_factory=ProviderLoader)
+    admission: Admission | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Sample the devices and unload idle models until ``stop`` is set."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.monitor.run(stop))
+            if self.admission is not None:
+                tg.create_task(self.admission.run(stop))
 
     async def snapshot(self) -> dict[str, Any]:
-        return await gpu_snapshot(reader=self.monitor, semaphores=list(self.semaphores.values()))
+        return await gpu_snapshot(
+            reader=self.monitor,
+            admission=self.admission,
+            semaphores=list(self.semaphores.values()),
+        )
 
     def export(self, metrics: Metrics) -> None:
         """Put the latest memory sample on the ``sop_gpu_memory_bytes`` gauge."""
@@ -82,4 +104,25 @@ async def build_gpu_runtime(settings: Settings, client: Redis) -> GpuRuntime:
         for d in devices
     }
     log.info("gpus", extra={"status": monitor.status, "devices": [d.index for d in devices]})
-    return GpuRuntime(monitor=monitor, semaphores=semaphores)
+    loader = ProviderLoader()
+    admission = Admission(
+        reader=_Fresh(monitor),
+        loader=loader,
+        config=AdmissionConfig(
+            max_vram_usage_percent=settings.max_vram_usage_percent,
+            vram_reserve_mb=settings.vram_reserve_mb,
+            idle_unload_s=settings.model_idle_unload_s,
+        ),
+    )
+    return GpuRuntime(monitor=monitor, semaphores=semaphores, loader=loader, admission=admission)
+
+
+class _Fresh:
+    """Admission decides on a fresh reading (a load changes free memory at once), which also
+    refreshes the monitor's sample for /v1/gpu and the metrics."""
+
+    def __init__(self, monitor: VramMonitor) -> None:
+        self._monitor = monitor
+
+    async def read(self) -> list[DeviceMemory]:
+        return await self._monitor.read_fresh()

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from ops.app import redis_client
+from ops.connect import redis_client_for
 from ops.settings import Settings
 from ops.sidecar import queue_figures
 from schemas.result import DeadLetter
@@ -191,7 +191,7 @@ def render(report: dict[str, Any]) -> str:
 
 async def run(settings: Settings, args: argparse.Namespace) -> int:
     keys = Keys(settings.namespace)
-    client = redis_client(settings.redis_url_value)
+    client = redis_client_for(settings)
     try:
         async with asyncio.timeout(30):
             report = await collect(client, keys, settings)

@@ -13,8 +13,8 @@ import sys
 from typing import Any, get_args
 
 from pydantic import ValidationError
-from redis.asyncio import Redis
 
+from ops.connect import redis_client_for
 from ops.settings import Settings
 from providers.factory import ModelConfigError
 from providers.specs import load_specs_file
@@ -137,7 +137,7 @@ async def run_command(settings: Settings, args: argparse.Namespace) -> int:
             spec = spec_from_args(args)
         except ValueError as exc:
             return _err(f"invalid model spec: {exc}")
-    client = Redis.from_url(settings.redis_url_value, socket_timeout=15, socket_connect_timeout=5)
+    client = redis_client_for(settings)
     store = ModelStore(client=client, keys=Keys(settings.namespace))
     try:
         if spec is not None:

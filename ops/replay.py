@@ -22,7 +22,8 @@ from typing import TextIO
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from ops.app import model_registry, redis_client
+from ops.app import model_registry
+from ops.connect import redis_client_for
 from ops.replay_select import Candidate, Filters, parse_time, select, source_streams
 from ops.settings import Settings
 from providers.base import Generation, GenerationRequest
@@ -232,7 +233,7 @@ async def _rerun(
     context = {CTX_MAX_PROMPT_BYTES: settings.max_prompt_bytes,
                CTX_MAX_METADATA_BYTES: settings.max_metadata_bytes}  # fmt: skip
     failed = 0
-    client = redis_client(settings.redis_url_value)
+    client = redis_client_for(settings)
     try:
         async with model_registry(settings, client) as (registry, _, _):
             for c in chosen:
@@ -267,7 +268,7 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
     source, streams = source_streams(args.stream, prod, pools=pools,
                                      partitions=settings.partitions)  # fmt: skip
     failed = 0
-    client = redis_client(settings.redis_url_value)
+    client = redis_client_for(settings)
     try:
         # no overall deadline: a long stream takes long to scan; each call has the client's
         chosen = await select(client, prod, source, streams, filters)

@@ -29,8 +29,19 @@ class Settings(BaseSettings):
 
     redis_url: SecretStr | None = Field(
         default=None,
-        description="Redis URL (redis:// or rediss://, may carry a password). Unset: `sop-llm up` "
-        "starts an embedded Redis.",
+        description="Redis URL (redis:// or rediss://, may carry a password; redis+cluster:// or "
+        "rediss+cluster:// for a Redis Cluster). Unset: `sop-llm up` starts an embedded Redis.",
+    )
+    redis_cluster: bool = Field(
+        default=False,
+        description="Treat SOP_REDIS_URL as a Redis Cluster node (same as a redis+cluster:// URL).",
+    )
+    redis_sentinels: CommaList = Field(
+        default=(),
+        description="Sentinel addresses host:port,...; with SOP_REDIS_SENTINEL_MASTER, connect to the master they name (SOP_REDIS_URL then only lends user, password, db, rediss).",
+    )
+    redis_sentinel_master: str | None = Field(
+        default=None, description="Name of the master the sentinels monitor."
     )
     namespace: str = Field(default="sop", description="Key namespace; its keys share one hash tag.")
     partitions: CommaList = Field(
@@ -220,7 +231,12 @@ class Settings(BaseSettings):
     webhook_thin: bool = Field(default=False, description="Send only ids, not the whole outcome.")
 
     _split_lists = field_validator(
-        "partitions", "pools", "webhook_allow", "webhook_schedule_s", mode="before"
+        "partitions",
+        "pools",
+        "webhook_allow",
+        "webhook_schedule_s",
+        "redis_sentinels",
+        mode="before",
     )(_split)
 
     @field_validator("partitions", "pools")

@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from handlers.metrics import Metrics
 from handlers.webhook_admin import WebhookAdmin, WebhookBusyError, WebhookNotFoundError
 from handlers.webhooks import CONSUMER_PREFIX, WebhookConfig, WebhookSender
+from ops.connect import redis_client_for
 from ops.settings import Settings
 from streams.keys import Keys
 
@@ -40,7 +41,7 @@ def _out(doc: dict[str, Any]) -> None:
 
 async def run_command(settings: Settings, args: argparse.Namespace) -> int:
     """Run a ``webhooks`` subcommand; returns the exit status (1: nothing to redeliver)."""
-    client = Redis.from_url(settings.redis_url_value, socket_timeout=15, socket_connect_timeout=5)
+    client = redis_client_for(settings)
     admin = WebhookAdmin(client=client, keys=Keys(settings.namespace))
     try:
         if args.webhooks_command == "redeliver":

@@ -85,6 +85,24 @@ class Closeable(Protocol):
     async def aclose(self) -> None: ...
 
 
+@runtime_checkable
+class Loadable(Protocol):
+    """A provider holding a local model whose weights it loads and frees on demand (llama.cpp).
+
+    ``estimated_bytes``: the device memory the loaded model needs (0 for a CPU-only model);
+    the handlers' admission checks it against free VRAM before ``load``. ``generate`` loads the
+    model itself when it is not loaded, so a worker without admission still works."""
+
+    def estimated_bytes(self) -> int: ...
+
+    async def load(self) -> None: ...
+
+    async def unload(self) -> None: ...
+
+    @property
+    def loaded(self) -> bool: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Delta:
     text: str
@@ -128,6 +146,7 @@ __all__ = [
     "DeltaSink",
     "Generation",
     "GenerationRequest",
+    "Loadable",
     "Provider",
     "ProviderError",
     "StreamItem",

@@ -96,7 +96,7 @@ def build_backend(
             chat_template=spec.chat_template,
         )
         try:
-            return LlamaCppProvider.load(name=spec.name, options=options)
+            return LlamaCppProvider.build(name=spec.name, options=options)
         except (OSError, ValueError, RuntimeError) as exc:  # what llama.cpp raises for a bad file
             raise ModelConfigError(f"model {spec.name!r}: cannot load {spec.path}: {exc}") from exc
     raise ModelConfigError(f"model {spec.name!r}: unknown provider {spec.provider!r}")

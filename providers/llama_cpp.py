@@ -1,11 +1,15 @@
 """llama.cpp in-process: a GGUF model run by llama-cpp-python in a thread of its own.
 
 One model, one context, one generation at a time (``max_concurrency`` 1, and it takes a GPU
-slot). Generation runs token by token in the model's own thread; text goes to ``on_delta``
-on the event loop's thread as it is produced. Cancelling ``generate`` (a cancelled task, a
-deadline) sets a :class:`threading.Event` the thread checks before every token (and between
-prompt batches); ``generate`` returns only after the thread has stopped, so the model is idle
-again when the caller releases its GPU slot.
+slot). Building the provider reads only the GGUF header (for :meth:`estimated_bytes`, the
+device memory admission checks); the weights load on :meth:`LlamaCppProvider.load` (in the
+model's thread), or on the first ``generate`` when nothing loaded them, and are freed on
+``unload`` (the :class:`~providers.base.Loadable` protocol). Generation runs token by token in
+the model's own thread; text goes to ``on_delta`` on the event loop's thread as it is
+produced. Cancelling ``generate`` (a cancelled task, a deadline) sets a
+:class:`threading.Event` the thread checks before every token (and between prompt batches);
+``generate`` returns only after the thread has stopped, so the model is idle again when the
+caller releases its GPU slot.
 
 Structured output: a JSON Schema becomes a GBNF grammar (``providers/grammar.py``) checked
 once by llama.cpp's parser and cached per schema hash; the schema is also shown to the model
@@ -19,12 +23,15 @@ import asyncio
 import concurrent.futures
 import ctypes
 import hashlib
+import math
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import gguf
 import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import LlamaGrammar
@@ -62,45 +69,95 @@ class _Job:
     grammar: LlamaGrammar | None
 
 
-class LlamaCppProvider:
-    """Build with :meth:`load` (blocking: it reads the GGUF file)."""
+@dataclass(frozen=True, slots=True)
+class GgufShape:
+    """What the GGUF header says about a model's size: enough to estimate its device memory."""
 
-    def __init__(self, *, name: str, llm: llama_cpp.Llama, options: LlamaOptions) -> None:
+    file_bytes: int
+    n_layers: int
+    n_embd_kv: int  # width of K (and of V) per layer and token, grouped-query attention included
+
+
+def read_shape(path: str) -> GgufShape:
+    """The header of the GGUF file at ``path`` (no tensor data is read). Raises ``OSError``
+    for a missing file and ``ValueError`` for one that is not a GGUF model."""
+    size = os.path.getsize(path)
+    try:
+        fields = gguf.GGUFReader(path).fields
+    except (IndexError, KeyError, TypeError) as exc:  # a truncated or malformed header
+        raise ValueError(f"{path}: not a readable GGUF file: {exc}") from exc
+
+    def value(key: str) -> int | None:
+        field = fields.get(key)
+        if field is None:
+            return None
+        got = field.contents()
+        if isinstance(got, list):  # per-layer values (some architectures): the largest
+            got = max(got) if got else None
+        return int(got) if isinstance(got, int | float) else None
+
+    arch_field = fields.get("general.architecture")
+    arch = str(arch_field.contents()) if arch_field is not None else ""
+    n_layers = value(f"{arch}.block_count")
+    n_embd = value(f"{arch}.embedding_length")
+    n_head = value(f"{arch}.attention.head_count")
+    if not n_layers or not n_embd or not n_head:
+        raise ValueError(f"{path}: the GGUF header lacks block_count, embedding_length or heads")
+    n_head_kv = value(f"{arch}.attention.head_count_kv") or n_head
+    k = value(f"{arch}.attention.key_length") or n_embd // n_head
+    v = value(f"{arch}.attention.value_length") or n_embd // n_head
+    return GgufShape(file_bytes=size, n_layers=n_layers, n_embd_kv=(k + v) * n_head_kv // 2)
+
+
+def estimate_bytes(shape: GgufShape, *, n_gpu_layers: int, n_ctx: int) -> int:
+    """Device memory of the offloaded share of the model: its weights plus an f16 KV cache
+    (``2 * n_ctx * n_embd_kv * 2 bytes`` per offloaded layer); 0 with no layer offloaded.
+    Compute buffers are not counted (the admission reserve covers them). Mirrors
+    ``gpu.admission.estimate_need``, which providers may not import."""
+    if n_gpu_layers == 0:
+        return 0
+    layers = shape.n_layers if n_gpu_layers < 0 else min(n_gpu_layers, shape.n_layers)
+    weights = shape.file_bytes * layers / shape.n_layers
+    kv = 2 * n_ctx * shape.n_embd_kv * 2 * layers
+    return math.ceil(weights + kv)
+
+
+@dataclass(slots=True)
+class _Model:
+    """A loaded model and what is derived from it."""
+
+    llm: llama_cpp.Llama
+    bos_text: str
+    formatter: Jinja2ChatFormatter | None
+
+
+class LlamaCppProvider:
+    """A GGUF model, loaded on :meth:`load` (or by the first ``generate``), freed on
+    :meth:`unload`. Building one (:meth:`build`) reads only the GGUF header."""
+
+    def __init__(self, *, name: str, options: LlamaOptions, shape: GgufShape) -> None:
         self._name = name
-        self._llm = llm
         self._options = options
+        self._shape = shape
+        self._estimate = estimate_bytes(
+            shape, n_gpu_layers=options.n_gpu_layers, n_ctx=options.n_ctx
+        )
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"llama-{name}"
         )
         self._grammars: OrderedDict[str, LlamaGrammar] = OrderedDict()
-        template = options.chat_template or llm.metadata.get("tokenizer.chat_template")
-        eos, bos = llm.token_eos(), llm.token_bos()
-        self._bos_text = llm._model.token_get_text(bos) if bos >= 0 else ""
-        self._formatter = (
-            Jinja2ChatFormatter(
-                template=template,
-                eos_token=llm._model.token_get_text(eos) if eos >= 0 else "",
-                bos_token=self._bos_text,
-            )
-            if template
-            else None
-        )
+        self._model: _Model | None = None
+        # held across load, unload and each generation: one of them at a time
+        self._lock = asyncio.Lock()
         self._capabilities = Capabilities(
             streaming=True, structured_output="grammar", needs_gpu_slot=True, max_concurrency=1
         )
 
     @classmethod
-    def load(cls, *, name: str, options: LlamaOptions) -> LlamaCppProvider:
-        llm = llama_cpp.Llama(
-            model_path=options.path,
-            n_ctx=options.n_ctx,
-            n_gpu_layers=options.n_gpu_layers,
-            n_threads=options.n_threads,
-            n_threads_batch=options.n_threads,
-            n_batch=options.n_batch,
-            verbose=False,
-        )
-        return cls(name=name, llm=llm, options=options)
+    def build(cls, *, name: str, options: LlamaOptions) -> LlamaCppProvider:
+        """A provider for ``options.path``, not loaded yet (blocking: reads the GGUF header).
+        Raises ``OSError`` (no such file) or ``ValueError`` (not a GGUF model)."""
+        return cls(name=name, options=options, shape=read_shape(options.path))
 
     @property
     def name(self) -> str:
@@ -110,12 +167,78 @@ class LlamaCppProvider:
     def capabilities(self) -> Capabilities:
         return self._capabilities
 
+    @property
+    def options(self) -> LlamaOptions:
+        return self._options
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def estimated_bytes(self) -> int:
+        return self._estimate
+
+    async def load(self) -> None:
+        async with self._lock:
+            await self._load_locked()
+
+    async def unload(self) -> None:
+        async with self._lock:
+            model, self._model = self._model, None
+            self._grammars.clear()
+            if model is not None:
+                await asyncio.get_running_loop().run_in_executor(self._executor, model.llm.close)
+
     async def aclose(self) -> None:
+        await self.unload()
         await asyncio.to_thread(self._executor.shutdown, wait=True)
-        self._llm.close()
+
+    async def _load_locked(self) -> None:
+        if self._model is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self._model = await loop.run_in_executor(self._executor, self._open)
+
+    def _open(self) -> _Model:
+        options = self._options
+        try:
+            llm = llama_cpp.Llama(
+                model_path=options.path,
+                n_ctx=options.n_ctx,
+                n_gpu_layers=options.n_gpu_layers,
+                n_threads=options.n_threads,
+                n_threads_batch=options.n_threads,
+                n_batch=options.n_batch,
+                verbose=False,
+            )
+        except (OSError, ValueError, RuntimeError) as exc:  # what llama.cpp raises for a bad file
+            raise InternalProviderError(
+                f"{self._name}: cannot load {options.path}: {exc}", retryable=False
+            ) from exc
+        template = options.chat_template or llm.metadata.get("tokenizer.chat_template")
+        eos, bos = llm.token_eos(), llm.token_bos()
+        bos_text = llm._model.token_get_text(bos) if bos >= 0 else ""
+        formatter = (
+            Jinja2ChatFormatter(
+                template=template,
+                eos_token=llm._model.token_get_text(eos) if eos >= 0 else "",
+                bos_token=bos_text,
+            )
+            if template
+            else None
+        )
+        return _Model(llm=llm, bos_text=bos_text, formatter=formatter)
 
     async def generate(
         self, request: GenerationRequest, *, on_delta: DeltaSink | None = None
+    ) -> Generation:
+        async with self._lock:
+            await self._load_locked()  # a no-op when admission (or an earlier call) loaded it
+            assert self._model is not None
+            return await self._generate(self._model, request, on_delta)
+
+    async def _generate(
+        self, model: _Model, request: GenerationRequest, on_delta: DeltaSink | None
     ) -> Generation:
         loop = asyncio.get_running_loop()
         cancel = threading.Event()
@@ -126,7 +249,7 @@ class LlamaCppProvider:
             def sink(text: str) -> None:
                 loop.call_soon_threadsafe(callback, text)
 
-        future = loop.run_in_executor(self._executor, self._run, request, cancel, sink)
+        future = loop.run_in_executor(self._executor, self._run, model, request, cancel, sink)
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
@@ -146,32 +269,35 @@ class LlamaCppProvider:
 
     def _run(
         self,
+        model: _Model,
         request: GenerationRequest,
         cancel: threading.Event,
         sink: Callable[[str], None] | None,
     ) -> Generation:
         job = self._prepare(request)
         try:
-            return self._decode(job, cancel, sink)
+            return self._decode(model.llm, job, cancel, sink)
         except RuntimeError as exc:  # llama_decode failed (KV cache full, ...)
             raise InternalProviderError(f"{self._name}: llama.cpp failed: {exc}") from exc
 
     def _prepare(self, request: GenerationRequest) -> _Job:
+        model = self._model  # set: generate holds the lock while this thread runs
+        assert model is not None
         fmt = request.response_format
         schema = schema_of(fmt)
         grammar = None
         if fmt is not None and fmt.type == "grammar" and fmt.grammar:
-            grammar = self._grammar(fmt.grammar)
+            grammar = self._grammar(model.llm, fmt.grammar)
         elif schema is not None:
-            grammar = self._grammar(schema_to_gbnf(schema))
+            grammar = self._grammar(model.llm, schema_to_gbnf(schema))
             if request.messages is not None:
                 request = with_instruction(request, schema)
             else:
                 request = replace(
                     request, prompt=f"{schema_instruction(schema)}\n\n{request.prompt or ''}"
                 )
-        tokens = self._tokens(request)
-        n_ctx = self._llm.n_ctx()
+        tokens = self._tokens(model, request)
+        n_ctx = model.llm.n_ctx()
         if len(tokens) >= n_ctx:
             raise ContextLengthError(
                 f"{self._name}: prompt is {len(tokens)} tokens; the context window is {n_ctx}"
@@ -188,32 +314,30 @@ class LlamaCppProvider:
             grammar=grammar,
         )
 
-    def _tokens(self, request: GenerationRequest) -> list[int]:
-        llm = self._llm
+    def _tokens(self, model: _Model, request: GenerationRequest) -> list[int]:
+        llm = model.llm
         if request.messages is None:
             return list(llm.tokenize((request.prompt or "").encode(), add_bos=True))
         messages: list[Any] = [{"role": m.role, "content": m.content} for m in request.messages]
-        if self._formatter is None:
+        if model.formatter is None:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
         else:
             try:
-                text = self._formatter(messages=messages).prompt
+                text = model.formatter(messages=messages).prompt
             except Exception as exc:  # a template's raise_exception(), a Jinja error
                 raise BadRequestError(f"{self._name}: chat template failed: {exc}") from exc
         # a template that writes the BOS token itself must not get a second one
-        add_bos = not (self._bos_text and text.startswith(self._bos_text))
+        add_bos = not (model.bos_text and text.startswith(model.bos_text))
         return list(llm.tokenize(text.encode(), add_bos=add_bos, special=True))
 
-    def _grammar(self, gbnf: str) -> LlamaGrammar:
+    def _grammar(self, llm: llama_cpp.Llama, gbnf: str) -> LlamaGrammar:
         key = hashlib.sha256(gbnf.encode()).hexdigest()
         cached = self._grammars.get(key)
         if cached is not None:
             self._grammars.move_to_end(key)
             return cached
         # llama.cpp's own parser: a grammar it rejects would otherwise crash the sampler
-        checked = llama_cpp.llama_sampler_init_grammar(
-            self._llm._model.vocab, gbnf.encode(), b"root"
-        )
+        checked = llama_cpp.llama_sampler_init_grammar(llm._model.vocab, gbnf.encode(), b"root")
         if not checked:
             raise BadRequestError(f"{self._name}: the GBNF grammar does not parse")
         llama_cpp.llama_sampler_free(checked)
@@ -224,11 +348,14 @@ class LlamaCppProvider:
         return grammar
 
     def _decode(
-        self, job: _Job, cancel: threading.Event, sink: Callable[[str], None] | None
+        self,
+        llm: llama_cpp.Llama,
+        job: _Job,
+        cancel: threading.Event,
+        sink: Callable[[str], None] | None,
     ) -> Generation:
-        llm = self._llm
         llm.set_seed(job.seed)
-        self._prefill(job.tokens, cancel)
+        self._prefill(llm, job.tokens, cancel)
         text = TextAssembler(job.stop, sink)
         finish: FinishReason = "length"
         produced = 0
@@ -269,10 +396,11 @@ class LlamaCppProvider:
                 return buf.raw[:n]
             size = -n  # too small: llama.cpp says how much it needs
 
-    def _prefill(self, tokens: Sequence[int], cancel: threading.Event) -> None:
+    def _prefill(
+        self, llm: llama_cpp.Llama, tokens: Sequence[int], cancel: threading.Event
+    ) -> None:
         """Evaluate a long prompt batch by batch, checking ``cancel`` in between (a prompt
         that fits one batch is left to ``generate``, which reuses a cached prefix)."""
-        llm = self._llm
         batch = self._options.n_batch
         if len(tokens) <= batch:
             return

@@ -350,7 +350,8 @@ async def run_batch(client: Redis, calls: Sequence[ScriptCall]) -> list[Any]:
         pipe = client.pipeline(transaction=False)
         for i in todo:
             script, keys, args = calls[i]
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            # execute_command, not pipe.evalsha: redis-py's cluster pipeline refuses the latter
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
         out = await pipe.execute(raise_on_error=False)
         missing = []
         for i, reply in zip(todo, out, strict=True):

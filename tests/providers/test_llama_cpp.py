@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -195,3 +196,45 @@ async def test_a_grammar_that_does_not_parse_is_a_bad_request(tiny: ConfiguredPr
     with pytest.raises(ProviderError) as info:
         await tiny.generate(req(max_tokens=8, response_format=fmt))
     assert info.value.code == ErrorCode.BAD_REQUEST
+
+
+async def test_building_reads_the_header_and_loading_is_on_demand(tiny_gguf: Path) -> None:
+    from providers.base import Loadable
+    from providers.llama_cpp import LlamaCppProvider
+
+    spec = ModelSpec(
+        name="tiny", provider="llama_cpp", path=str(tiny_gguf), context_window=1024,
+        n_threads=1, n_gpu_layers=-1,
+    )  # fmt: skip
+    provider = build_provider(spec, env={})
+    inner = provider.inner
+    assert isinstance(inner, LlamaCppProvider) and isinstance(inner, Loadable)
+    assert not inner.loaded  # nothing but the header was read
+    # all layers offloaded: the file's bytes plus an f16 KV cache of 2 layers, n_embd_kv 64
+    size = await asyncio.to_thread(os.path.getsize, tiny_gguf)
+    assert inner.estimated_bytes() == size + 2 * 1024 * 64 * 2 * 2
+    await inner.load()
+    assert inner.loaded
+    await inner.unload()
+    assert not inner.loaded
+    gen = await provider.generate(req(max_tokens=3, seed=1))  # loads lazily
+    assert inner.loaded and gen.usage.output_tokens >= 1
+    await provider.aclose()
+    assert not inner.loaded
+
+
+async def test_a_cpu_model_needs_no_device_memory(tiny: ConfiguredProvider) -> None:
+    from providers.llama_cpp import LlamaCppProvider
+
+    assert isinstance(tiny.inner, LlamaCppProvider) and tiny.inner.estimated_bytes() == 0
+
+
+def test_a_missing_or_broken_file_is_refused_when_built(tmp_path: Path) -> None:
+    from providers.factory import ModelConfigError
+
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"not a gguf file")
+    for path in (tmp_path / "missing.gguf", broken):
+        spec = ModelSpec(name="bad", provider="llama_cpp", path=str(path))
+        with pytest.raises(ModelConfigError, match="cannot load"):
+            build_provider(spec, env={})

@@ -1,0 +1,205 @@
+"""The Redis client every sop-llm process uses: one server, Redis Sentinel or Redis Cluster.
+
+The choice follows the settings, nothing else:
+
+* **Cluster** when ``SOP_REDIS_URL`` starts with ``redis+cluster://`` (or ``rediss+cluster://``)
+  or ``SOP_REDIS_CLUSTER=true``: a :class:`~redis.asyncio.cluster.RedisCluster` that finds the
+  other nodes from the one in the URL. Every key of a namespace carries the hash tag
+  ``{<namespace>}``, so a namespace lives in one slot and its multi-key scripts, pipelines and
+  multi-stream reads all go to one node.
+* **Sentinel** when ``SOP_REDIS_SENTINELS=host:port,...`` and ``SOP_REDIS_SENTINEL_MASTER`` are
+  set: the master the sentinels name, found again after a failover. ``SOP_REDIS_URL`` is then
+  optional and only lends its user name, password, database and ``rediss`` scheme (its host is
+  ignored), e.g. ``redis://:secret@sentinel/0``.
+* Otherwise the **one server** of ``SOP_REDIS_URL``.
+
+Every mode gets the same timeouts: a socket timeout above the longest blocking read (15 s),
+5 s to connect and a health check on links idle for 15 s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final, Literal, Protocol, cast
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from pydantic import SecretStr
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+
+from ops.settings import redact_url
+
+MAX_CONNECTIONS: Final = 64
+POOL_TIMEOUT_S: Final = 20.0
+SOCKET_TIMEOUT_S: Final = 15.0
+CONNECT_TIMEOUT_S: Final = 5.0
+HEALTH_CHECK_S: Final = 15
+
+_CLUSTER_SCHEMES: Final = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+_TIMEOUTS: Final[dict[str, Any]] = {
+    "socket_timeout": SOCKET_TIMEOUT_S,
+    "socket_connect_timeout": CONNECT_TIMEOUT_S,
+    "health_check_interval": HEALTH_CHECK_S,
+}
+
+Mode = Literal["single", "sentinel", "cluster"]
+
+
+class ConnectSettings(Protocol):
+    """What this module reads from :class:`~ops.settings.Settings`. The deployment fields
+    (``redis_cluster``, ``redis_sentinels``, ``redis_sentinel_master``) are read with
+    ``getattr`` and their defaults, so a settings object without them means one server."""
+
+    @property
+    def redis_url(self) -> SecretStr | None: ...
+
+    @property
+    def redis_url_value(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where to connect, decided from the settings (no I/O)."""
+
+    mode: Mode
+    url: str | None
+    """``single``/``cluster``: the URL with a plain ``redis``/``rediss`` scheme; ``sentinel``:
+    the optional URL that lends credentials and the database."""
+    sentinels: tuple[tuple[str, int], ...] = ()
+    master: str = ""
+
+    def describe(self) -> str:
+        """For logs: the mode and where, with any password hidden."""
+        if self.mode == "sentinel":
+            nodes = ",".join(f"{h}:{p}" for h, p in self.sentinels)
+            return f"sentinel {self.master}@{nodes}"
+        assert self.url is not None
+        where = redact_url(self.url)
+        return f"cluster {where}" if self.mode == "cluster" else where
+
+
+def parse_sentinels(value: object) -> tuple[tuple[str, int], ...]:
+    """``"h1:26379,h2:26379"`` (or a sequence of ``host:port``) as address pairs.
+
+    Raises :class:`ValueError` on an entry without a valid port."""
+    items = value.split(",") if isinstance(value, str) else list(cast("list[str]", value or ()))
+    out: list[tuple[str, int]] = []
+    for raw in items:
+        item = raw.strip()
+        if not item:
+            continue
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"SOP_REDIS_SENTINELS: {item!r} is not host:port")
+        out.append((host.strip("[]"), int(port)))
+    return tuple(out)
+
+
+def target_for(settings: ConnectSettings) -> Target:
+    """Decide the mode. Raises :class:`ValueError` on a half-configured Sentinel (sentinels
+    without a master name or the reverse), on Sentinel combined with Cluster, and when no URL
+    is set outside Sentinel mode."""
+    sentinels = parse_sentinels(getattr(settings, "redis_sentinels", ()))
+    master = getattr(settings, "redis_sentinel_master", None) or ""
+    if bool(sentinels) != bool(master):
+        raise ValueError("Sentinel needs both SOP_REDIS_SENTINELS and SOP_REDIS_SENTINEL_MASTER")
+    secret = settings.redis_url
+    raw = secret.get_secret_value() if secret is not None else None
+    scheme = urlsplit(raw).scheme.lower() if raw else ""
+    cluster = bool(getattr(settings, "redis_cluster", False)) or scheme in _CLUSTER_SCHEMES
+    if sentinels:
+        if cluster:
+            raise ValueError("choose Redis Sentinel or Redis Cluster, not both")
+        return Target("sentinel", raw, sentinels, master)
+    url = raw if raw is not None else settings.redis_url_value
+    scheme = urlsplit(url).scheme.lower()
+    cluster = cluster or scheme in _CLUSTER_SCHEMES
+    if scheme in _CLUSTER_SCHEMES:
+        url = urlunsplit(urlsplit(url)._replace(scheme=_CLUSTER_SCHEMES[scheme]))
+    return Target("cluster" if cluster else "single", url)
+
+
+def redis_client(url: str, *, max_connections: int = MAX_CONNECTIONS) -> Redis:
+    """One server. The pool makes callers wait for a free connection (up to 20 s) instead of
+    failing when a burst needs more than ``max_connections``."""
+    pool = BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=POOL_TIMEOUT_S, **_TIMEOUTS
+    )
+    return Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
+
+
+def cluster_client(url: str) -> Redis:
+    """A Redis Cluster client, typed as :class:`Redis` for the code that takes one.
+
+    ``RedisCluster`` is not a ``Redis`` subclass but offers the same commands, pipelines
+    (``transaction=False`` is split per node; ``transaction=True`` needs one slot, which a
+    namespace's hash tag gives) and ``aclose()``; everything sop-llm calls on a client works
+    on it (tests/ops/test_connect.py runs a worker on a real cluster). Its connections are not
+    capped per node: redis-py's cluster pool fails instead of waiting when a cap is reached."""
+    return cast(Redis, RedisCluster.from_url(url, **_TIMEOUTS))
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """The master's pool: waits for a free connection like the one-server pool, and closes the
+    sentinel connections with its own (the client owns both)."""
+
+    async def aclose(self) -> None:
+        try:
+            await super().aclose()
+        finally:
+            await self.sentinel_manager.aclose()
+
+
+def sentinel_client(
+    sentinels: tuple[tuple[str, int], ...],
+    master: str,
+    url: str | None = None,
+    *,
+    max_connections: int = MAX_CONNECTIONS,
+) -> Redis:
+    """The current master of ``master`` as the sentinels report it; connections follow a
+    failover. ``url`` lends user name, password, database and TLS (``rediss``)."""
+    kwargs: dict[str, Any] = {}
+    if url:
+        parts = urlsplit(url)
+        if parts.username:
+            kwargs["username"] = unquote(parts.username)
+        if parts.password:
+            kwargs["password"] = unquote(parts.password)
+        db = parts.path.strip("/")
+        if db:
+            kwargs["db"] = int(db)
+        if parts.scheme.lower() == "rediss":
+            kwargs["ssl"] = True
+    # the sentinels themselves get the timeouts but no credentials (Sentinel ACLs: not used)
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+        list(sentinels),
+        sentinel_kwargs={
+            "socket_timeout": CONNECT_TIMEOUT_S,
+            "socket_connect_timeout": CONNECT_TIMEOUT_S,
+        },
+    )
+    client = sentinel.master_for(
+        master,
+        connection_pool_class=_BlockingSentinelPool,
+        max_connections=max_connections,
+        timeout=POOL_TIMEOUT_S,
+        **_TIMEOUTS,
+        **kwargs,
+    )
+    return cast(Redis, client)
+
+
+def redis_client_for(settings: ConnectSettings) -> Redis:
+    """The client the settings ask for (see the module docstring); ``aclose()`` releases every
+    connection it opened. Opens nothing yet: the first command connects.
+
+    Raises :class:`ValueError` when the settings are contradictory or name no server."""
+    target = target_for(settings)
+    if target.mode == "sentinel":
+        return sentinel_client(target.sentinels, target.master, target.url)
+    assert target.url is not None
+    if target.mode == "cluster":
+        return cluster_client(target.url)
+    return redis_client(target.url)
