@@ -24,6 +24,7 @@ from providers.base import GenerationRequest
 from providers.configured import ConfiguredProvider
 from schemas.models import ModelSpec, SamplingDefaults
 from schemas.result import TaskResult, TaskState, Usage
+from streams.control import CancelOutcome
 from streams.keys import F_ERRORS, Keys
 from tests.conftest import wait_for
 from tests.e2e.pipeline_helper import (
@@ -469,3 +470,25 @@ async def test_a_stuck_pool_does_not_block_another_pool(
     # the slow pool was stuck the whole time, within its own budget: none of its tasks ended
     assert all(s is not None and not s.state.terminal for s in stuck_states)
     assert len(slow.seen) == budget
+
+
+async def test_cancel_during_a_real_llama_cpp_generation(
+    tiny_gguf: Path, client: Redis, keys: Keys, redis_url: str
+) -> None:
+    spec = tiny_spec(tiny_gguf).model_copy(update={"context_window": 32768})
+    async with pipeline(client, keys, redis_url, [spec]) as pipe:
+        # a grammar that admits no end before 20,000 letters: still running when cancelled
+        task_id = await pipe.producer.submit(
+            "tiny", "Hello", max_tokens=30000, seed=3, stream=True,
+            response_format={"type": "grammar", "grammar": "root ::= w{100}\nw ::= [a-z]{200}"},
+        )  # fmt: skip
+        await wait_for(lambda: client.exists(keys.task_tokens(task_id)), 10)
+        assert await pipe.producer.cancel(task_id) == CancelOutcome.REQUESTED
+        result = await result_of(client, keys, task_id)
+        # the model's only permit was given back: the next task runs
+        follow = await pipe.producer.submit("tiny", "again", max_tokens=4, seed=1)
+        after = await _completed(pipe, client, keys, follow)
+    assert result.state == TaskState.CANCELLED and result.finish_reason == "cancelled"
+    assert result.text is not None and 0 < len(result.text) < 20_000  # stopped partway
+    assert result.run_ms < 10_000
+    assert after.state == TaskState.COMPLETED
