@@ -12,17 +12,16 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 
 from opentelemetry.trace import Tracer
 from redis.asyncio import Redis
 
 from handlers.gpu_gate import GpuGate
 from handlers.metrics import Metrics
-from handlers.policy import RetryPolicy
 from handlers.prepare import now_ms, prepare
 from handlers.runner import REDIS_TROUBLE, TaskRunner
+from handlers.worker_config import Lane, WorkerConfig
 from providers.registry import ModelRegistry
 from streams.control import cancel_task, control_events
 from streams.dispatch import PriorityReader
@@ -30,57 +29,12 @@ from streams.entries import Entry
 from streams.keys import TASK_GROUP, Keys
 from streams.leases import Lease, Reclaimer
 from streams.outcome import BeginReply, Outcomes, Start
-from streams.retention import Retention, trim_all
+from streams.retention import trim_all
 from streams.retry import move_due
 from streams.tokens import TokenStreams
 from streams.topology import Backoff, ensure_groups
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerConfig:
-    consumer: str
-    pools: Sequence[str]
-    partitions: Sequence[str]
-    slots: int
-    block_ms: int = 1000
-    aging_ms: int = 30_000
-    aging_check_ms: int = 1_000
-    lease_ttl_ms: int = 10_000
-    reclaim_interval_ms: int = 2_000
-    max_attempts: int = 3
-    status_ttl_s: int = 86_400
-    max_prompt_bytes: int = 1 << 20
-    max_metadata_bytes: int = 16 << 10
-    shutdown_grace_s: float = 30.0
-    retry_poll_ms: int = 250
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-    retention: Retention = field(default_factory=Retention)
-    trim_interval_s: float = 60.0
-    trace_content: bool = False
-    tokens_ttl_s: int = 3600
-    pool_slots: Mapping[str, int] = field(default_factory=dict)
-    """Slots per pool (default ``slots``): a pool whose tasks are stuck (a provider that hangs)
-    can fill its own slots, never another pool's."""
-
-    def streams(self, keys: Keys) -> list[str]:
-        """Task partitions in read order: priority-major, pools interleaved."""
-        return [keys.tasks(pool, part) for part in self.partitions for pool in self.pools]
-
-
-@dataclass(slots=True)
-class _Lane:
-    """One pool: its partitions' reader and reclaimer, and its own slot budget."""
-
-    pool: str
-    reader: PriorityReader
-    reclaimer: Reclaimer
-    slots: int
-    inflight: set[asyncio.Task[None]] = field(default_factory=set)
-
-    def free(self) -> int:
-        return self.slots - len(self.inflight)
 
 
 class Worker:
@@ -112,7 +66,7 @@ class Worker:
                 client=client, keys=keys, streams=streams, consumer=config.consumer
             )
             slots = config.pool_slots.get(pool, config.slots)
-            self._lanes.append(_Lane(pool, reader, reclaimer, slots))
+            self._lanes.append(Lane(pool, reader, reclaimer, slots))
         self._lease = Lease(
             client=client, keys=keys, consumer=config.consumer, ttl_ms=config.lease_ttl_ms,
             info={"pools": ",".join(config.pools), "slots": str(config.slots)},
@@ -260,7 +214,7 @@ class Worker:
                 log.exception("consume loop error")
                 await backoff.sleep(stop)
 
-    async def _read_one_pool(self, lane: _Lane, tg: asyncio.TaskGroup) -> None:
+    async def _read_one_pool(self, lane: Lane, tg: asyncio.TaskGroup) -> None:
         async with self._intake:
             async with asyncio.timeout(lane.reader.block_ms / 1000 + 10):
                 entries = await lane.reader.read(lane.free())
@@ -268,7 +222,7 @@ class Worker:
                 await self._admit(lane, entries, tg)
 
     async def _read_pools(
-        self, active: list[_Lane], tg: asyncio.TaskGroup, stop: asyncio.Event
+        self, active: list[Lane], tg: asyncio.TaskGroup, stop: asyncio.Event
     ) -> None:
         """Several pools: each reads against its own free slots; when none has anything, wait
         for an arrival on any of them (a plain XREAD, safe to cut short) or for a freed slot."""
@@ -375,7 +329,7 @@ class Worker:
             except REDIS_TROUBLE:
                 await backoff.sleep(stop)
 
-    async def _admit(self, lane: _Lane, entries: list[Entry], tg: asyncio.TaskGroup) -> None:
+    async def _admit(self, lane: Lane, entries: list[Entry], tg: asyncio.TaskGroup) -> None:
         """Begin a read batch in one round trip and start a task per runnable entry."""
         cfg = self._config
         prepared = [
@@ -421,7 +375,7 @@ class Worker:
             self._running_entries[task] = (p.entry.stream, p.entry.entry_id)
             task.add_done_callback(functools.partial(self._release, lane))
 
-    def _release(self, lane: _Lane, task: asyncio.Task[None]) -> None:
+    def _release(self, lane: Lane, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
         lane.inflight.discard(task)
         self._running_entries.pop(task, None)

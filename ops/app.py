@@ -18,7 +18,8 @@ from redis.exceptions import RedisError
 from handlers.gpu_gate import GpuGate
 from handlers.metrics import Metrics
 from handlers.policy import RetryPolicy
-from handlers.tasks import Worker, WorkerConfig
+from handlers.tasks import Worker
+from handlers.worker_config import WorkerConfig
 from ops.connect import redis_client_for, target_for
 from ops.embedded import embedded_redis
 from ops.gpu_setup import build_gpu_runtime

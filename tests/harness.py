@@ -13,7 +13,8 @@ from redis.asyncio import Redis
 
 from handlers.gpu_gate import GpuGate
 from handlers.metrics import Metrics
-from handlers.tasks import Worker, WorkerConfig
+from handlers.tasks import Worker
+from handlers.worker_config import WorkerConfig
 from providers.echo import EchoProvider
 from providers.registry import ModelRegistry
 from schemas.result import TaskResult

@@ -31,7 +31,7 @@ from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from handlers.ssrf import IPAddress
-from handlers.tasks import Worker, WorkerConfig
+from handlers.tasks import Worker
 from handlers.webhook_policy import (
     Decision,
     decide,
@@ -40,6 +40,7 @@ from handlers.webhook_policy import (
     parse_retry_after,
 )
 from handlers.webhooks import WebhookConfig, WebhookSender
+from handlers.worker_config import WorkerConfig
 from ops.settings import Settings
 from ops.webhooks_cli import add_parser, build_sender, run_command
 from providers.echo import EchoProvider
