@@ -32,7 +32,7 @@ from streams.outcome import BeginReply, Outcomes, Start
 from streams.retention import trim_all
 from streams.retry import move_due
 from streams.tokens import TokenStreams
-from streams.topology import Backoff, ensure_groups
+from streams.topology import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -141,27 +141,12 @@ class Worker:
                 await lease_task
         finally:
             self._ready = False
-            with contextlib.suppress(*REDIS_TROUBLE):
-                async with asyncio.timeout(2):
-                    # leave at once: our unfinished entries become claimable without waiting
-                    await self._lease.release()
+            await self._lease.leave()
 
     async def _start_up(self, stop: asyncio.Event) -> None:
-        backoff = Backoff(base=0.1, cap=5.0)
-        while not stop.is_set():
-            try:
-                async with asyncio.timeout(10):
-                    await ensure_groups(self._client, self._streams, TASK_GROUP)
-                    await self._lease.renew()
-                self._ready = True
-                log.info(
-                    "worker started", extra={"consumer": self.consumer, "slots": self._config.slots}
-                )
-                return
-            except REDIS_TROUBLE as exc:
-                if backoff.failures == 0:
-                    log.warning("redis unavailable at start, retrying", extra={"error": repr(exc)})
-                await backoff.sleep(stop)
+        if await self._lease.join(self._streams, TASK_GROUP, stop):
+            self._ready = True
+            log.info("worker started", extra={"consumer": self.consumer, "slots": self.slots})
 
     async def _drain(self) -> None:
         if self._inflight:

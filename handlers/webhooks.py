@@ -142,27 +142,15 @@ class WebhookSender:
                 await lease_task
         finally:
             await self._session.close()
-            with contextlib.suppress(*_REDIS_TROUBLE):
-                async with asyncio.timeout(2):
-                    # leave at once: our unfinished entries become claimable without waiting
-                    await self._lease.release()
+            await self._lease.leave()
 
     async def _start_up(self, stop: asyncio.Event) -> bool:
-        backoff = Backoff(base=0.1, cap=5.0)
-        while not stop.is_set():
-            try:
-                async with asyncio.timeout(10):
-                    await ensure_groups(self._client, [self._keys.webhooks], WEBHOOK_GROUP)
-                    await self._lease.renew()
-                if not self._signer.active:
-                    log.warning("no webhook secrets configured: deliveries go out unsigned")
-                log.info("webhook sender started", extra={"consumer": self.consumer})
-                return True
-            except _REDIS_TROUBLE as exc:
-                if backoff.failures == 0:
-                    log.warning("redis unavailable at start, retrying", extra={"error": repr(exc)})
-                await backoff.sleep(stop)
-        return False
+        if not await self._lease.join([self._keys.webhooks], WEBHOOK_GROUP, stop):
+            return False
+        if not self._signer.active:
+            log.warning("no webhook secrets configured: deliveries go out unsigned")
+        log.info("webhook sender started", extra={"consumer": self.consumer})
+        return True
 
     async def _drain(self) -> None:
         if not self._inflight:

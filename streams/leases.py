@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 
 from streams.entries import Entry, text
 from streams.keys import TASK_GROUP, Keys
-from streams.topology import Backoff
+from streams.topology import Backoff, ensure_groups
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,29 @@ class Lease:
 
     async def release(self) -> None:
         await self._client.delete(self._key)
+
+    async def join(self, streams: Sequence[str], group: str, stop: asyncio.Event) -> bool:
+        """Create ``group`` on ``streams`` and take the lease, retrying with backoff while Redis
+        is away (one warning per outage). ``False`` when ``stop`` came first."""
+        backoff = Backoff(base=0.1, cap=5.0)
+        while not stop.is_set():
+            try:
+                async with asyncio.timeout(10):
+                    await ensure_groups(self._client, streams, group)
+                    await self.renew()
+                return True
+            except (RedisError, OSError, TimeoutError) as exc:
+                if backoff.failures == 0:
+                    log.warning("redis unavailable at start, retrying", extra={"error": repr(exc)})
+                await backoff.sleep(stop)
+        return False
+
+    async def leave(self) -> None:
+        """Drop the lease at once (best effort): what this consumer leaves pending becomes
+        claimable by others without waiting for the lease to expire."""
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(2):
+                await self.release()
 
 
 class Reclaimer:
