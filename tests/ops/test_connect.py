@@ -13,7 +13,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from functools import partial
+from pathlib import Path
 
 import pytest
 import redis
@@ -161,22 +161,18 @@ def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A private 3-master Redis Cluster (no replicas) on free ports."""
     server, cli = _exe("redis-server"), _exe("redis-cli")
     workdir = tmp_path_factory.mktemp("cluster")
-    # each node's bus port is given too: the default (port + 10000) may be taken or past 65535
-    ports, bus_ports = [free_port() for _ in range(3)], [free_port() for _ in range(3)]
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        for port, bus_port in zip(ports, bus_ports, strict=True):
-            procs.append(
-                subprocess.Popen(
-                    [server, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
-                     "--cluster-enabled", "yes", "--cluster-port", str(bus_port),
-                     "--cluster-config-file", f"nodes-{port}.conf",
-                     "--save", "", "--appendonly", "no"],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                )
-            )  # fmt: skip
-        for port in ports:
-            _wait(partial(_command, port, "PING"), 10, "a cluster node")
+        # a free port can be taken again before the server binds it (the suite opens many
+        # connections): start the three nodes on fresh ports until all of them answer
+        for attempt in range(4):
+            ports, procs = _start_cluster_nodes(server, workdir / f"try{attempt}")
+            if _all_answer(ports, procs, timeout=10):
+                break
+            _kill(procs)
+        else:
+            logs = " | ".join(p.read_text()[-200:] for p in workdir.glob("try*/node-*.log"))
+            pytest.skip(f"cluster nodes did not come up after 4 tries: {logs}")
         created = subprocess.run(
             [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
              "--cluster-replicas", "0", "--cluster-yes"],
@@ -195,10 +191,54 @@ def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         _wait(ok, 15, "cluster_state:ok")
         yield f"redis+cluster://127.0.0.1:{ports[0]}"
     finally:
-        for proc in procs:
-            proc.kill()
-        for proc in procs:
-            proc.wait(10)
+        _kill(procs)
+
+
+def _start_cluster_nodes(
+    server: str, workdir: Path
+) -> tuple[list[int], list[subprocess.Popen[bytes]]]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    ports: list[int] = []
+    while len(ports) < 6:  # three node ports and their bus ports, all distinct
+        port = free_port()
+        if port not in ports and port + 10000 not in ports:
+            ports.append(port)
+    procs = []
+    for port, bus_port in zip(ports[:3], ports[3:], strict=True):
+        with open(workdir / f"node-{port}.log", "wb") as log:  # the child keeps its own copy
+            procs.append(
+                subprocess.Popen(
+                    [server, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
+                     "--cluster-enabled", "yes", "--cluster-port", str(bus_port),
+                     "--cluster-config-file", f"nodes-{port}.conf",
+                     "--save", "", "--appendonly", "no"],
+                    stdout=log, stderr=subprocess.STDOUT,
+                )
+            )  # fmt: skip
+    return ports[:3], procs
+
+
+def _all_answer(ports: list[int], procs: list[subprocess.Popen[bytes]], *, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    for port, proc in zip(ports, procs, strict=True):
+        while True:
+            if proc.poll() is not None:
+                return False  # it exited: its port was taken
+            try:
+                _command(port, "PING")
+                break
+            except redis.RedisError:
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.05)
+    return True
+
+
+def _kill(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        proc.kill()
+    for proc in procs:
+        proc.wait(10)
 
 
 @pytest.fixture(scope="module")
