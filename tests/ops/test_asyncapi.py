@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from jsonschema import Draft202012Validator, ValidationError
 from redis.asyncio import Redis
-from referencing import Registry, Resource
-from referencing.jsonschema import DRAFT202012
 
 from ops.asyncapi import asyncapi_document, render
 from schemas.wire import FIELD_DATA, FIELD_TYPE, EventType
@@ -20,48 +17,17 @@ from streams.keys import Keys
 from streams.producer import Producer, ProducerConfig
 from tests.conftest import ROOT, wait_for
 from tests.harness import running_worker, stream_entries, xadd_task
-
-_DOC_URI = "urn:sop:asyncapi"
+from tests.ops.docschema import refs, resolve, validate
 
 
 def _doc(namespace: str = "sop") -> dict[str, Any]:
     return asyncapi_document(namespace)
 
 
-def _refs(node: object) -> Iterator[str]:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "$ref" and isinstance(value, str):
-                yield value
-            else:
-                yield from _refs(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _refs(item)
-
-
-def _resolve(doc: dict[str, Any], ref: str) -> Any:
-    assert ref.startswith("#/"), f"{ref}: only local references are used"
-    node: Any = doc
-    for part in ref[2:].split("/"):
-        part = part.replace("~1", "/").replace("~0", "~")
-        assert isinstance(node, dict) and part in node, f"{ref} does not resolve"
-        node = node[part]
-    return node
-
-
-def _validate(doc: dict[str, Any], ref: str, instance: object) -> None:
-    """Validate ``instance`` against the schema at ``ref`` (its own refs resolved in ``doc``)."""
-    registry: Registry[Any] = Registry().with_resource(
-        _DOC_URI, Resource.from_contents(doc, default_specification=DRAFT202012)
-    )
-    Draft202012Validator({"$ref": _DOC_URI + ref}, registry=registry).validate(instance)
-
-
 def _message_for(doc: dict[str, Any], channel: str, type_: str) -> str:
     """The pointer of the message of ``channel`` whose ``type`` field is ``type_``."""
     for name, msg in doc["channels"][channel]["messages"].items():
-        if _resolve(doc, msg["$ref"])["payload"]["properties"][FIELD_TYPE]["const"] == type_:
+        if resolve(doc, msg["$ref"])["payload"]["properties"][FIELD_TYPE]["const"] == type_:
             return f"#/components/messages/{name}"
     raise AssertionError(f"no {type_!r} message on channel {channel!r}")
 
@@ -69,9 +35,9 @@ def _message_for(doc: dict[str, Any], channel: str, type_: str) -> str:
 def _check_entry(doc: dict[str, Any], channel: str, fields: dict[str, str]) -> None:
     """An entry as read from Redis satisfies its message: the fields, then the JSON in data."""
     message = _message_for(doc, channel, fields[FIELD_TYPE])
-    _validate(doc, f"{message}/payload", fields)
-    data_ref = _resolve(doc, message)["payload"]["properties"][FIELD_DATA]["contentSchema"]["$ref"]
-    _validate(doc, data_ref, json.loads(fields[FIELD_DATA]))
+    validate(doc, f"{message}/payload", fields)
+    data_ref = resolve(doc, message)["payload"]["properties"][FIELD_DATA]["contentSchema"]["$ref"]
+    validate(doc, data_ref, json.loads(fields[FIELD_DATA]))
 
 
 def test_asyncapi_doc_is_current() -> None:
@@ -94,17 +60,17 @@ def test_document_structure() -> None:
     for op_id, op in doc["operations"].items():
         assert op["action"] in ("send", "receive")
         channel_ref = op["channel"]["$ref"]
-        _resolve(doc, channel_ref)
+        resolve(doc, channel_ref)
         for msg in op["messages"]:
             assert msg["$ref"].startswith(channel_ref + "/messages/"), f"{op_id}: foreign message"
 
 
 def test_every_reference_resolves() -> None:
     doc = _doc()
-    refs = set(_refs(doc))
-    assert "#/components/schemas/TaskEvent" in refs
-    for ref in refs:
-        _resolve(doc, ref)
+    found = set(refs(doc))
+    assert "#/components/schemas/TaskEvent" in found
+    for ref in found:
+        resolve(doc, ref)
 
 
 def test_payload_schemas_are_valid_json_schemas() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -11,8 +11,6 @@ import pytest
 from jsonschema import Draft202012Validator
 from pydantic import SecretStr
 from redis.asyncio import Redis
-from referencing import Registry, Resource
-from referencing.jsonschema import DRAFT202012
 
 from gpu.admission import Admission, AdmissionConfig
 from gpu.semaphore import Device, GpuSemaphore, SemaphoreConfig
@@ -27,8 +25,8 @@ from streams.producer import Producer, ProducerConfig
 from tests.conftest import ROOT
 from tests.gpu.fakes import GIB, FakeGpu
 from tests.harness import running_worker
+from tests.ops.docschema import refs, resolve, validate
 
-_DOC_URI = "urn:sop:openapi"
 # documented, served once ops/sidecar.py wires them; until then only their documents are checked
 _NOT_YET_SERVED: set[str] = set()
 
@@ -37,39 +35,10 @@ def _doc() -> dict[str, Any]:
     return openapi_document()
 
 
-def _refs(node: object) -> Iterator[str]:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "$ref" and isinstance(value, str):
-                yield value
-            else:
-                yield from _refs(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _refs(item)
-
-
-def _resolve(doc: dict[str, Any], ref: str) -> Any:
-    assert ref.startswith("#/"), f"{ref}: only local references are used"
-    node: Any = doc
-    for part in ref[2:].split("/"):
-        part = part.replace("~1", "/").replace("~0", "~")
-        assert isinstance(node, dict) and part in node, f"{ref} does not resolve"
-        node = node[part]
-    return node
-
-
-def _validate(doc: dict[str, Any], schema_ref: str, instance: object) -> None:
-    registry: Registry[Any] = Registry().with_resource(
-        _DOC_URI, Resource.from_contents(doc, default_specification=DRAFT202012)
-    )
-    Draft202012Validator({"$ref": _DOC_URI + schema_ref}, registry=registry).validate(instance)
-
-
 def _response_schema(doc: dict[str, Any], path: str, status: int) -> str:
     """The pointer of the JSON schema documented for ``GET path`` answering ``status``."""
     pointer = f"#/paths/{path.replace('/', '~1')}/get/responses/{status}"
-    response = _resolve(doc, pointer)
+    response = resolve(doc, pointer)
     if "$ref" in response:
         pointer = response["$ref"]
     return f"{pointer}/content/application~1json/schema"
@@ -85,7 +54,7 @@ async def _check(
         assert r.status == status, await r.text()
         assert r.content_type == "application/json"
         body = await r.json()
-    _validate(doc, _response_schema(doc, template, status), body)
+    validate(doc, _response_schema(doc, template, status), body)
     return body
 
 
@@ -132,10 +101,10 @@ def test_document_structure() -> None:
         else:
             assert "security" not in op and "401" in op["responses"], path
         for param in op.get("parameters", []):
-            param = _resolve(doc, param["$ref"]) if "$ref" in param else param
+            param = resolve(doc, param["$ref"]) if "$ref" in param else param
             assert "{" + param["name"] + "}" in path
-    for ref in set(_refs(doc)):
-        _resolve(doc, ref)
+    for ref in set(refs(doc)):
+        resolve(doc, ref)
     for schema in doc["components"]["schemas"].values():
         Draft202012Validator.check_schema(schema)
 
@@ -198,7 +167,7 @@ async def _check_stream(http: aiohttp.ClientSession, url: str) -> None:
     assert kinds and kinds[-1] == "end" and set(kinds[:-1]) == {"delta"}
     for kind, data in events:
         name = "TokenEnd" if kind == "end" else "TokenDelta"
-        _validate(doc, f"#/components/schemas/{name}", data)
+        validate(doc, f"#/components/schemas/{name}", data)
 
 
 async def test_the_token_guards_everything_but_liveness(
@@ -229,5 +198,5 @@ async def test_the_gpu_snapshot_matches_the_document(client: Redis, keys: Keys) 
     ):
         snap = await gpu_snapshot(reader=gpu, admission=admission, semaphores=[sem])
     assert snap["devices"] and snap["models"] and snap["semaphores"] and snap["errors"] == []
-    _validate(_doc(), "#/components/schemas/GpuSnapshot", json.loads(json.dumps(snap)))
+    validate(_doc(), "#/components/schemas/GpuSnapshot", json.loads(json.dumps(snap)))
     assert set(snap) == set(_doc()["components"]["schemas"]["GpuSnapshot"]["properties"])
