@@ -42,11 +42,16 @@ def namespace() -> Iterator[str]:
     """A namespace of this test's own; its keys are deleted afterwards (never FLUSHALL)."""
     ns = f"t{uuid.uuid4().hex[:12]}"
     yield ns
+    drop_namespace(ns)
+
+
+def drop_namespace(namespace: str) -> None:
+    """Delete every key of ``namespace`` on the shared Redis (and nothing else)."""
     client = redis.Redis.from_url(SHARED_REDIS_URL)
     try:
-        keys = list(client.scan_iter(match=Keys(ns).all_pattern, count=1000))
-        for i in range(0, len(keys), 500):
-            client.delete(*keys[i : i + 500])
+        found = list(client.scan_iter(match=Keys(namespace).all_pattern, count=1000))
+        for i in range(0, len(found), 500):
+            client.delete(*found[i : i + 500])
     finally:
         client.close()
 

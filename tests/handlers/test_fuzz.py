@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from schemas.result import TaskResult, TaskState
 from streams.keys import Keys
-from tests.conftest import SHARED_REDIS_URL
+from tests.conftest import SHARED_REDIS_URL, drop_namespace
 from tests.harness import running_worker, stream_entries
 
 json_leaf = st.one_of(
@@ -107,10 +107,8 @@ async def _scenario(entries: list[dict[str, Any]]) -> None:
         assert await client.xlen(keys.dead) == len(entries)
         assert pending["pending"] == 0
     finally:
-        keys_left = [k async for k in client.scan_iter(match=keys.all_pattern)]
-        if keys_left:
-            await client.delete(*keys_left)
         await client.aclose()
+        drop_namespace(keys.namespace)
 
 
 async def _all_done(client: Redis, keys: Keys, ids: list[str]) -> bool:

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-import redis
 from aiohttp import web
 from pydantic import SecretStr
 from redis.asyncio import Redis
@@ -27,7 +26,7 @@ from schemas.result import TaskState
 from streams.entries import entries_from_range
 from streams.keys import DEFAULT_PARTITIONS, Keys
 from streams.status import read_status
-from tests.conftest import SHARED_REDIS_URL, wait_for
+from tests.conftest import drop_namespace, wait_for
 from tests.fakes import ScriptedProvider
 from tests.harness import echo_registry, running_worker, wait_results, xadd_task
 
@@ -37,13 +36,7 @@ def sandbox() -> Iterator[str]:
     """A sandbox namespace of this test's own, deleted afterwards."""
     ns = f"sbx{uuid.uuid4().hex[:12]}"
     yield ns
-    client = redis.Redis.from_url(SHARED_REDIS_URL)
-    try:
-        found = list(client.scan_iter(match=Keys(ns).all_pattern, count=1000))
-        for i in range(0, len(found), 500):
-            client.delete(*found[i : i + 500])
-    finally:
-        client.close()
+    drop_namespace(ns)
 
 
 def settings_for(redis_url: str, namespace: str) -> Settings:
