@@ -43,7 +43,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -59,6 +58,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.redisutil import start_private_redis  # noqa: E402
 from streams.keys import Keys  # noqa: E402
 
 PROMPT_WORDS = (
@@ -227,32 +227,6 @@ def wait_results(
 def last_result_id(r: redis.Redis, keys: Keys) -> bytes:
     newest = r.xrevrange(keys.results, count=1)
     return newest[0][0] if newest else b"0-0"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_private_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """A throw-away redis-server (no persistence) for this run only: clean commandstats."""
-    port = free_port()
-    workdir.mkdir(parents=True, exist_ok=True)
-    cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
-    cmd += ["--appendonly", "no", "--dir", str(workdir)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            redis.Redis.from_url(url).ping()
-            return proc, url
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise
-            time.sleep(0.05)
 
 
 # --------------------------------------------------------------------------------------------
