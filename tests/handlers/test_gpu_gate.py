@@ -13,7 +13,7 @@ from handlers.gpu_gate import GpuGate
 from ops.gpu_setup import device_keys
 from providers.base import Capabilities, DeltaSink, Generation, GenerationRequest
 from providers.registry import ModelRegistry
-from schemas.result import Usage
+from schemas.result import TaskState, Usage
 from streams.keys import Keys
 from streams.producer import Producer, ProducerConfig
 from tests.harness import running_worker, wait_results
@@ -47,12 +47,16 @@ class TimedProvider:
         return Generation(text="ok", finish_reason="stop", usage=Usage(output_tokens=1))
 
 
-def gate(client: Redis, keys: Keys) -> GpuGate:
-    sem = GpuSemaphore(
+def semaphore(client: Redis, keys: Keys) -> GpuSemaphore:
+    return GpuSemaphore(
         client=client, keys=device_keys(keys, "host-a", 0), device=Device("host-a", 0),
         config=SemaphoreConfig(permits=1, lease_ms=2000, poll_s=0.02),
     )  # fmt: skip
-    return GpuGate(semaphores={0: sem}, partitions=("high", "normal", "low"))
+
+
+def gate(client: Redis, keys: Keys, sem: GpuSemaphore | None = None, **kw: float) -> GpuGate:
+    sem = sem or semaphore(client, keys)
+    return GpuGate(semaphores={0: sem}, partitions=("high", "normal", "low"), **kw)
 
 
 async def test_two_workers_one_permit_never_overlap(client: Redis, keys: Keys) -> None:
@@ -75,10 +79,27 @@ async def test_two_workers_one_permit_never_overlap(client: Redis, keys: Keys) -
         await wait_results(client, keys, 10, timeout=20)
     local = sorted((s, e) for name, s, e in log if name.startswith("local"))
     assert len(local) == 6
-    assert all(
-        prev_end <= start for (_, prev_end), (start, _) in itertools.pairwise(local)
-    )
+    assert all(prev_end <= start for (_, prev_end), (start, _) in itertools.pairwise(local))
     # remote models ran beside the local ones: they hold no GPU slot
     remote = [(s, e) for name, s, e in log if name.startswith("remote")]
     span = (min(s for s, _ in local), max(e for _, e in local))
     assert any(s < span[1] and e > span[0] for s, e in remote)
+
+
+async def test_no_gpu_slot_in_time_fails_the_task_with_timeout(client: Redis, keys: Keys) -> None:
+    held = semaphore(client, keys)
+    slow_gate = gate(client, keys, held, slot_timeout_s=0.3)
+    log: list[tuple[str, float, float]] = []
+    registry = ModelRegistry()
+    registry.register("local", TimedProvider(gpu=True, seconds=0.01, log=log, name="llama_cpp"))
+    p = Producer(ProducerConfig(namespace=keys.namespace), client=client)
+    # someone else holds the device's only permit for longer than the task may wait
+    async with (
+        held.slot(priority=0, holder_id="other-process", timeout=5),
+        running_worker(client, keys, registry=registry, gpu=slow_gate, max_attempts=1),
+    ):
+        task_id = await p.submit("local", "wants the gpu")
+        result = await p.wait(task_id, timeout=10)
+    assert result.state == TaskState.FAILED  # a failure, not an expired deadline
+    assert result.error is not None and result.error.code == "timeout"
+    assert log == []  # the model never ran
