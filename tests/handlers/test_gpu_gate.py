@@ -54,9 +54,13 @@ def semaphore(client: Redis, keys: Keys) -> GpuSemaphore:
     )  # fmt: skip
 
 
-def gate(client: Redis, keys: Keys, sem: GpuSemaphore | None = None, **kw: float) -> GpuGate:
+def gate(
+    client: Redis, keys: Keys, sem: GpuSemaphore | None = None, *, slot_timeout_s: float = 600.0
+) -> GpuGate:
     sem = sem or semaphore(client, keys)
-    return GpuGate(semaphores={0: sem}, partitions=("high", "normal", "low"), **kw)
+    return GpuGate(
+        semaphores={0: sem}, partitions=("high", "normal", "low"), slot_timeout_s=slot_timeout_s
+    )
 
 
 async def test_two_workers_one_permit_never_overlap(client: Redis, keys: Keys) -> None:
