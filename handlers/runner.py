@@ -104,10 +104,9 @@ class TaskRunner:
             )
         with span_cm as span:
             trace_id = span.get_span_context().trace_id
-            bind(
-                task_id=p.task_id, stream=p.entry.stream, entry_id=p.entry.entry_id, model=p.model,
-                trace_id=format(trace_id, "032x") if trace_id else None,
-            )  # fmt: skip
+            bind(task_id=p.task_id, stream=p.entry.stream, entry_id=p.entry.entry_id, model=p.model)
+            if trace_id:  # tracing on: logs and traces meet on the trace id
+                bind(trace_id=format(trace_id, "032x"))
             if self._metrics is not None:
                 self._metrics.inflight.inc()
                 self._metrics.queue_wait.observe(max(0, now_ms() - p.entry.timestamp_ms) / 1000)
