@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
+from providers.base import GenerationRequest
 from schemas.errors import ErrorCode
 from schemas.task import TASK_ID_PATTERN, TaskEvent, describe_validation_error, parse_task_event
 from schemas.wire import EventType
@@ -70,6 +71,15 @@ def prepare(
         return bad(describe_validation_error(exc), _salvage_task_id(data) or derived)
     # the stream decides the priority: a plain-XADD producer's `priority` field is informational
     return Prepared(entry, event.task_id or derived, event)
+
+
+def generation_request(event: TaskEvent) -> GenerationRequest:
+    """What the provider is asked for this task."""
+    return GenerationRequest(
+        model=event.model, prompt=event.prompt, messages=event.messages,
+        temperature=event.temperature, top_p=event.top_p, max_tokens=event.max_tokens,
+        stop=tuple(event.stop or ()), seed=event.seed, response_format=event.response_format,
+    )  # fmt: skip
 
 
 def _salvage_task_id(data: bytes) -> str | None:

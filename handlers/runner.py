@@ -18,8 +18,8 @@ from handlers.logctx import bind
 from handlers.metrics import Metrics
 from handlers.outcome_writer import OutcomeWriter
 from handlers.policy import Fail, RetryPolicy
-from handlers.prepare import Prepared, now_ms
-from providers.base import Generation, GenerationRequest
+from handlers.prepare import Prepared, generation_request, now_ms
+from providers.base import Generation
 from providers.registry import ModelBinding, ModelRegistry
 from schemas.errors import ErrorCode, SopError
 from schemas.result import ErrorInfo, TaskState
@@ -75,6 +75,10 @@ class TaskRunner:
             metrics=metrics,
         )  # fmt: skip
         self._running: dict[str, _Running] = {}
+
+    @property
+    def writer(self) -> OutcomeWriter:
+        return self._writer
 
     def cancel(self, task_id: str) -> bool:
         """Stop the generation of ``task_id`` if it runs here (between tokens); True if it did."""
@@ -221,11 +225,7 @@ class TaskRunner:
         event = p.event
         assert event is not None
         binding = self._registry.resolve(event.model)
-        request = GenerationRequest(
-            model=event.model, prompt=event.prompt, messages=event.messages,
-            temperature=event.temperature, top_p=event.top_p, max_tokens=event.max_tokens,
-            stop=tuple(event.stop or ()), seed=event.seed, response_format=event.response_format,
-        )  # fmt: skip
+        request = generation_request(event)
         timeout = None if deadline is None else max(0.0, (deadline - now_ms()) / 1000)
         operation = "chat" if event.messages is not None else "text_completion"
         if self._tracer is None:

@@ -1,7 +1,9 @@
 """The task worker: pull when ready, run, write exactly one outcome.
 
 One loop takes free slots, then reads at most that many entries (highest partition first); each
-entry becomes an asyncio task that holds its slot until its outcome is written. Beside it run
+entry becomes an asyncio task that holds its slot until its outcome is written, except the tasks
+of instant models, whose outcomes are written with their start, inside the batch
+(``handlers/instant.py``). Beside it run
 the reclaimer (entries of workers whose lease expired), the lease renewal, the control reader
 (cancellations), the retry mover (due retries back to their partitions) and the trimmer.
 """
@@ -18,8 +20,9 @@ from opentelemetry.trace import Tracer
 from redis.asyncio import Redis
 
 from handlers.gpu_gate import GpuGate
+from handlers.instant import InstantTasks
 from handlers.metrics import Metrics
-from handlers.prepare import now_ms, prepare
+from handlers.prepare import Prepared, now_ms, prepare
 from handlers.runner import REDIS_TROUBLE, TaskRunner
 from handlers.worker_config import Lane, WorkerConfig
 from providers.registry import ModelRegistry
@@ -28,7 +31,7 @@ from streams.dispatch import PriorityReader
 from streams.entries import Entry
 from streams.keys import TASK_GROUP, Keys
 from streams.leases import Lease, Reclaimer
-from streams.outcome import BeginReply, Outcomes, Start
+from streams.outcome import BeginReply, Finish, Outcomes, Start
 from streams.retention import trim_all
 from streams.retry import move_due
 from streams.tokens import TokenStreams
@@ -82,6 +85,10 @@ class Worker:
             tokens=TokenStreams(client=client, keys=keys, ttl_s=config.tokens_ttl_s),
             gpu=gpu,
         )  # fmt: skip
+        # with tracing on, every task takes the runner's path and gets its spans
+        self._instant = InstantTasks(
+            registry=registry, writer=self._runner.writer, metrics=metrics, enabled=tracer is None
+        )
         self._inflight: set[asyncio.Task[None]] = set()
         self._running_entries: dict[asyncio.Task[None], tuple[str, str]] = {}
         self._slot_freed = asyncio.Event()
@@ -315,8 +322,10 @@ class Worker:
                 await backoff.sleep(stop)
 
     async def _admit(self, lane: Lane, entries: list[Entry], tg: asyncio.TaskGroup) -> None:
-        """Begin a read batch in one round trip and start a task per runnable entry."""
+        """Begin a read batch in one round trip and start a task per runnable entry (an instant
+        model's outcome is written by the same round trip)."""
         cfg = self._config
+        now = now_ms()
         prepared = [
             prepare(
                 e,
@@ -342,12 +351,21 @@ class Worker:
                     reply_to=event.reply_to,
                     webhook_url=event.webhook_url,
                     max_attempts=event.max_attempts or cfg.max_attempts,
+                    finish=self._instant.outcome(p, now),
                 )
             )
-        replies = iter(await self._outcomes.begin(starts, now_ms()))
+        replies = iter(await self._outcomes.begin(starts, now))
+        begun = iter(starts)
+        finished: list[tuple[Prepared, Finish]] = []
         for p in prepared:
             # invalid entries skip `begin`: they end at once, as their first attempt
-            reply = next(replies) if p.event is not None else BeginReply("run", attempts=1)
+            if p.event is None:
+                reply = BeginReply("run", attempts=1)
+            else:
+                reply, start = next(replies), next(begun)
+                if reply.verdict == "finished" and start.finish is not None:
+                    finished.append((p, start.finish))
+                    continue
             if reply.verdict in ("done", "duplicate"):
                 log.info(
                     "entry skipped",
@@ -359,6 +377,7 @@ class Worker:
             lane.inflight.add(task)
             self._running_entries[task] = (p.entry.stream, p.entry.entry_id)
             task.add_done_callback(functools.partial(self._release, lane))
+        self._instant.finished(finished)
 
     def _release(self, lane: Lane, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)

@@ -28,6 +28,10 @@ class Capabilities:
     structured_output: StructuredKind | None = None
     needs_gpu_slot: bool = False
     max_concurrency: int = 1
+    instant: bool = False
+    """The provider is also :class:`Instant`: it answers at once, in-process, with no I/O and
+    no waiting. The worker then runs a read batch of its tasks inside the batch (no task each)
+    and writes each outcome with the task's start, in one round trip."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +80,14 @@ class Provider(Protocol):
     async def generate(
         self, request: GenerationRequest, *, on_delta: DeltaSink | None = None
     ) -> Generation: ...
+
+
+@runtime_checkable
+class Instant(Protocol):
+    """A provider that can answer synchronously (``Capabilities.instant``). ``answer`` gives
+    what ``generate`` without ``on_delta`` would, and raises the same errors."""
+
+    def answer(self, request: GenerationRequest) -> Generation: ...
 
 
 @runtime_checkable

@@ -1,7 +1,8 @@
 """The built-in ``echo`` provider: deterministic output with no model at all.
 
 It answers with exactly ``max_tokens`` tokens (default 16): the prompt's words in order,
-cycling when they run out, at ``tokens_per_s`` tokens per second (0: no delay).
+cycling when they run out, at ``tokens_per_s`` tokens per second (0: no delay, and then it is
+an instant provider: the worker runs its tasks inside the read batch).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ class EchoProvider:
         if tokens_per_s < 0:
             raise ValueError("tokens_per_s must be >= 0")
         self._tokens_per_s = tokens_per_s
-        self._capabilities = Capabilities(streaming=True, max_concurrency=slots)
+        self._capabilities = Capabilities(
+            streaming=True, max_concurrency=slots, instant=tokens_per_s == 0
+        )
 
     @property
     def name(self) -> str:
@@ -31,12 +34,14 @@ class EchoProvider:
     def capabilities(self) -> Capabilities:
         return self._capabilities
 
+    def answer(self, request: GenerationRequest) -> Generation:
+        words, tokens = _tokens(request)
+        return _generation(words, tokens)
+
     async def generate(
         self, request: GenerationRequest, *, on_delta: DeltaSink | None = None
     ) -> Generation:
-        words = request.words_source().split()
-        wanted = request.max_tokens or DEFAULT_MAX_TOKENS
-        tokens = list(itertools.islice(itertools.cycle(words), wanted)) if words else []
+        words, tokens = _tokens(request)
         if self._tokens_per_s > 0 or on_delta is not None:
             start = time.monotonic()
             for i, token in enumerate(tokens):
@@ -46,8 +51,18 @@ class EchoProvider:
                     await asyncio.sleep(max(0.0, delay))
                 if on_delta is not None:
                     on_delta(token if i == 0 else " " + token)
-        return Generation(
-            text=" ".join(tokens),
-            finish_reason="length",
-            usage=Usage(input_tokens=len(words), output_tokens=len(tokens)),
-        )
+        return _generation(words, tokens)
+
+
+def _tokens(request: GenerationRequest) -> tuple[list[str], list[str]]:
+    words = request.words_source().split()
+    wanted = request.max_tokens or DEFAULT_MAX_TOKENS
+    return words, list(itertools.islice(itertools.cycle(words), wanted)) if words else []
+
+
+def _generation(words: list[str], tokens: list[str]) -> Generation:
+    return Generation(
+        text=" ".join(tokens),
+        finish_reason="length",
+        usage=Usage(input_tokens=len(words), output_tokens=len(tokens)),
+    )

@@ -1,8 +1,11 @@
 """Starting an entry and writing its one terminal outcome.
 
 ``begin`` runs for a whole read batch in one round trip; ``finish`` calls made in the same
-event-loop tick are written together in one pipeline (one round trip), each atomically: status,
-``results`` (and the ``reply_to`` copy), the webhook job, the dead letter and the XACK.
+event-loop tick are written together in one script call (one round trip), each atomically:
+status, ``results`` (and the ``reply_to`` copy), the webhook job, the dead letter and the XACK.
+An entry whose outcome is known before it starts (an instant model) carries it into ``begin``,
+which writes it in the same step when this is the task's first attempt: one round trip for the
+whole life of the task.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,7 +32,7 @@ from streams.scripts import (
     EncodableT,
 )
 
-Verdict = Literal["run", "done", "duplicate", "conflict", "exhausted", "cancelled"]
+Verdict = Literal["run", "finished", "done", "duplicate", "conflict", "exhausted", "cancelled"]
 
 _RESULT_TYPES = {
     "completed": EventType.TASK_COMPLETED,
@@ -51,6 +54,9 @@ class Start:
     reply_to: str | None = None
     webhook_url: str | None = None
     max_attempts: int | None = None
+    finish: Finish | None = None
+    """The outcome, already computed: written by ``begin`` itself on the first attempt (the
+    verdict is then ``finished``); on a later attempt ``begin`` answers ``run`` as usual."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,29 +107,25 @@ class Outcomes:
         self._write_timeout_s = write_timeout_s
 
     async def begin(self, starts: Sequence[Start], now_ms: int) -> list[BeginReply]:
-        """Mark entries running (one round trip). Verdicts: ``run``; ``done`` (already terminal,
-        acked); ``duplicate`` (another entry owns the task or key, acked); ``conflict`` (the
-        idempotency key holds another payload); ``exhausted`` (over the attempt limit)."""
+        """Mark entries running (one round trip). Verdicts: ``run``; ``finished`` (the start's
+        ``finish`` was written: the task is over); ``done`` (already terminal, acked);
+        ``duplicate`` (another entry owns the task or key, acked); ``conflict`` (the
+        idempotency key holds another payload); ``exhausted`` (over the attempt limit);
+        ``cancelled`` (a cancel came before the start)."""
         if not starts:
             return []
-        keys: list[str] = []
-        index: dict[str, int] = {}
-
-        def key(name: str) -> int:
-            if name not in index:
-                keys.append(name)
-                index[name] = len(keys)  # Lua indexes from 1
-            return index[name]
-
+        keys, key = self._key_table()
         args: list[EncodableT] = [self._group, self._worker, now_ms, self._ttl]
         for s in starts:
             idem = key(self._keys.idem(s.idempotency_key)) if s.idempotency_key is not None else 0
-            task = {
+            task: dict[str, object] = {
                 "k": [key(self._keys.task(s.task_id)), key(s.entry.stream), idem],
                 "e": s.entry.entry_id, "id": s.task_id, "a": s.max_attempts or self._max_attempts,
                 "m": s.model, "h": s.payload_hash, "c": s.entry.timestamp_ms,
                 "r": s.reply_to or "", "w": s.webhook_url or "",
             }  # fmt: skip
+            if s.finish is not None:
+                task["f"] = self._finish_fields(s.finish, key)
             args.append(json.dumps(task, separators=(",", ":")))
         replies = await BEGIN_MANY_SCRIPT(self._client, keys, args)
         out = []
@@ -132,7 +134,9 @@ class Outcomes:
             if verdict == "error":
                 raise ResponseError(f"begin failed: {text(reply[1])}")
             value = reply[1]
-            if verdict in ("run", "exhausted"):
+            if verdict == "finished":
+                out.append(BeginReply("finished", attempts=int(value)))
+            elif verdict in ("run", "exhausted"):
                 raw = json.loads(text(reply[2]) or "[]")
                 errors = tuple(ErrorInfo.model_validate(e) for e in raw)
                 out.append(BeginReply(verdict, attempts=int(value), errors=errors))  # type: ignore[arg-type]
@@ -207,41 +211,52 @@ class Outcomes:
             else:
                 fut.set_result(int(reply))
 
-    def _finish_many(
-        self, batch: list[tuple[Finish, asyncio.Future[int]]]
-    ) -> tuple[list[str], list[EncodableT]]:
+    def _key_table(self) -> tuple[list[str], Callable[[str], int]]:
+        """KEYS for a batch script: the four every terminal write may touch (results,
+        webhooks, dead, reply-streams set), then each task's own, added once, by index."""
         k = self._keys
         keys = [k.results, k.webhooks, k.dead, k.reply_streams]
         index: dict[str, int] = {}
 
         def key(name: str) -> int:
-            if name not in index:
+            found = index.get(name)
+            if found is None:
                 keys.append(name)
-                index[name] = len(keys)  # Lua indexes from 1
-            return index[name]
+                found = index[name] = len(keys)  # Lua indexes from 1
+            return found
 
+        return keys, key
+
+    def _finish_fields(self, fin: Finish, key: Callable[[str], int]) -> dict[str, object]:
+        """One task's terminal write, as the scripts' ``finish_one`` takes it."""
+        k = self._keys
+        result = fin.result
+        return {
+            "k": [
+                key(k.task(result.task_id)),
+                key(fin.entry.stream),
+                key(k.results_for(fin.reply_to)) if fin.reply_to else 0,
+                key(k.idem(fin.idempotency_key)) if fin.idempotency_key is not None else 0,
+            ],
+            "e": fin.entry.entry_id,
+            "id": result.task_id,
+            "s": result.state.value,
+            "t": _RESULT_TYPES[result.state.value].value,
+            "r": result.model_dump_json(exclude_none=True),
+            "f": result.finished_at,
+            "tp": fin.entry.traceparent if fin.traceparent is None else fin.traceparent,
+            "w": fin.webhook.model_dump_json(exclude_none=True) if fin.webhook else "",
+            "d": fin.dead.model_dump_json(exclude_none=True) if fin.dead else "",
+            "x": fin.expect_state,
+        }
+
+    def _finish_many(
+        self, batch: list[tuple[Finish, asyncio.Future[int]]]
+    ) -> tuple[list[str], list[EncodableT]]:
+        keys, key = self._key_table()
         args: list[EncodableT] = [self._group, self._ttl]
         for fin, _ in batch:
-            result = fin.result
-            task = {
-                "k": [
-                    key(k.task(result.task_id)),
-                    key(fin.entry.stream),
-                    key(k.results_for(fin.reply_to)) if fin.reply_to else 0,
-                    key(k.idem(fin.idempotency_key)) if fin.idempotency_key is not None else 0,
-                ],
-                "e": fin.entry.entry_id,
-                "id": result.task_id,
-                "s": result.state.value,
-                "t": _RESULT_TYPES[result.state.value].value,
-                "r": result.model_dump_json(exclude_none=True),
-                "f": result.finished_at,
-                "tp": fin.entry.traceparent if fin.traceparent is None else fin.traceparent,
-                "w": fin.webhook.model_dump_json(exclude_none=True) if fin.webhook else "",
-                "d": fin.dead.model_dump_json(exclude_none=True) if fin.dead else "",
-                "x": fin.expect_state,
-            }
-            args.append(json.dumps(task, separators=(",", ":")))
+            args.append(json.dumps(self._finish_fields(fin, key), separators=(",", ":")))
         return keys, args
 
 

@@ -65,16 +65,67 @@ end
 return {'new', ARGV[1], id}
 """
 
+# The terminal write of one task: status, results entry (and the reply_to copy), webhook job,
+# dead letter and XACK, or nothing. A task already terminal gets no second result.
+# KEYS[1..4]: results, webhooks, dead, reply-streams set; the task's own keys by index.
+# t: k: [status, source stream, reply stream or 0, idem key or 0] (indexes into KEYS)
+#   e: entry id, id: task id, s: state, t: event type, r: result JSON, f: finished_at,
+#   tp: traceparent, w: webhook job JSON, d: dead letter JSON, x: expected state ('' = any)
+# Returns 1 written, 0 already terminal (acked only), -1 state not as expected (nothing written).
+_FINISH_ONE_LUA: Final = """
+local function finish_one(t, group, ttl)
+  local status, source = KEYS[t.k[1]], KEYS[t.k[2]]
+  local st = redis.call('HGET', status, 'state')
+  if t.x ~= '' and st ~= t.x then return -1 end
+  local function tagged(fields)
+    if t.tp ~= '' then
+      table.insert(fields, 'traceparent'); table.insert(fields, t.tp)
+    end
+    return fields
+  end
+  if terminal(st) then
+    -- dead-letter this entry only if it was still pending (not on a retry of our own write)
+    if redis.call('XACK', source, group, t.e) == 1 and t.d ~= '' then
+      redis.call('XADD', KEYS[3], '*', unpack(tagged({'type', 'task.dead', 'data', t.d})))
+    end
+    return 0
+  end
+  if t.d ~= '' then
+    redis.call('XADD', KEYS[3], '*', unpack(tagged({'type', 'task.dead', 'data', t.d})))
+  end
+  redis.call('HSET', status, 'state', t.s, 'result', t.r, 'finished_at', t.f, 'task_id', t.id)
+  redis.call('EXPIRE', status, ttl)
+  local fields = tagged({'type', t.t, 'data', t.r})
+  redis.call('XADD', KEYS[1], '*', unpack(fields))
+  if t.k[3] > 0 then
+    local reply = KEYS[t.k[3]]
+    redis.call('XADD', reply, '*', unpack(fields))
+    redis.call('SADD', KEYS[4], string.sub(reply, #KEYS[1] + 2))
+  end
+  if t.w ~= '' then
+    redis.call('XADD', KEYS[2], '*', unpack(tagged({'type', 'webhook.delivery', 'data', t.w})))
+    redis.call('HSET', status, 'webhook_state', 'pending', 'webhook_attempts', 0)
+  end
+  if t.k[4] > 0 then redis.call('EXPIRE', KEYS[t.k[4]], ttl) end
+  redis.call('XACK', source, group, t.e)
+  return 1
+end
+"""
+
 # A worker is about to run a read batch: per entry, in one call, each atomic on its own.
-# KEYS: every key the entries name (status, source stream, idempotency key)
+# KEYS: results, webhooks, dead, reply-streams set, then every key the entries name (status,
+#   source stream, idempotency key, reply stream)
 # ARGV: group, worker, now_ms, ttl_s, then one JSON object per entry:
 #   k: [status, source stream, idem key or 0] (indexes into KEYS), e: entry id, id: task id,
-#   a: max attempts, m: model, h: payload hash, c: created ms, r: reply_to, w: webhook_url
-# Returns per entry: {'run', attempts, errors_json} | {'done', state} | {'duplicate', task id}
-#   | {'conflict', task id} | {'exhausted', attempts, errors_json} | {'cancelled', attempts}
-#   | {'error', message}
+#   a: max attempts, m: model, h: payload hash, c: created ms, r: reply_to, w: webhook_url,
+#   f (optional): the entry's outcome, already computed (an instant model), shaped as for
+#   finish_one: written in the same step when this is the task's first attempt
+# Returns per entry: {'run', attempts, errors_json} | {'finished', attempts} | {'done', state}
+#   | {'duplicate', task id} | {'conflict', task id} | {'exhausted', attempts, errors_json}
+#   | {'cancelled', attempts} | {'error', message}
 BEGIN_MANY: Final = (
     _TERMINAL_LUA
+    + _FINISH_ONE_LUA
     + """
 local group, worker, now, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local function begin_one(t)
@@ -116,6 +167,10 @@ local function begin_one(t)
   if redis.call('HGET', status, 'cancel_requested') == '1' then return {'cancelled', attempts} end
   local errors = redis.call('HGET', status, 'errors') or ''
   if attempts > t.a then return {'exhausted', attempts, errors} end
+  if t.f and attempts == 1 then
+    finish_one(t.f, group, ttl)
+    return {'finished', attempts}
+  end
   return {'run', attempts, errors}
 end
 local out = {}
@@ -127,61 +182,20 @@ return out
 """
 )
 
-# The terminal writes of a batch of tasks in one call. Each task is atomic on its own (and
-# isolated: one that fails to write does not stop the others): status, results entry (and the
-# reply_to copy), webhook job, dead letter and XACK, or nothing. A task already terminal gets
-# no second result.
+# The terminal writes of a batch of tasks in one call, each with finish_one: atomic on its own
+# and isolated (one that fails to write does not stop the others).
 # KEYS: results, webhooks, dead, reply-streams set, then every key the tasks name
-# ARGV: group, ttl_s, then one JSON object per task:
-#   k: [status, source stream, reply stream or 0, idem key or 0] (indexes into KEYS)
-#   e: entry id, id: task id, s: state, t: event type, r: result JSON, f: finished_at,
-#   tp: traceparent, w: webhook job JSON, d: dead letter JSON, x: expected state ('' = any)
+# ARGV: group, ttl_s, then one JSON object per task, as finish_one takes it
 # Returns per task: 1 written, 0 already terminal (acked only), -1 state not as expected
 # (nothing written), or "ERR <message>".
 FINISH_MANY: Final = (
     _TERMINAL_LUA
+    + _FINISH_ONE_LUA
     + """
 local group, ttl = ARGV[1], ARGV[2]
-local function finish_one(t)
-  local status, source = KEYS[t.k[1]], KEYS[t.k[2]]
-  local st = redis.call('HGET', status, 'state')
-  if t.x ~= '' and st ~= t.x then return -1 end
-  local function tagged(fields)
-    if t.tp ~= '' then
-      table.insert(fields, 'traceparent'); table.insert(fields, t.tp)
-    end
-    return fields
-  end
-  if terminal(st) then
-    -- dead-letter this entry only if it was still pending (not on a retry of our own write)
-    if redis.call('XACK', source, group, t.e) == 1 and t.d ~= '' then
-      redis.call('XADD', KEYS[3], '*', unpack(tagged({'type', 'task.dead', 'data', t.d})))
-    end
-    return 0
-  end
-  if t.d ~= '' then
-    redis.call('XADD', KEYS[3], '*', unpack(tagged({'type', 'task.dead', 'data', t.d})))
-  end
-  redis.call('HSET', status, 'state', t.s, 'result', t.r, 'finished_at', t.f, 'task_id', t.id)
-  redis.call('EXPIRE', status, ttl)
-  local fields = tagged({'type', t.t, 'data', t.r})
-  redis.call('XADD', KEYS[1], '*', unpack(fields))
-  if t.k[3] > 0 then
-    local reply = KEYS[t.k[3]]
-    redis.call('XADD', reply, '*', unpack(fields))
-    redis.call('SADD', KEYS[4], string.sub(reply, #KEYS[1] + 2))
-  end
-  if t.w ~= '' then
-    redis.call('XADD', KEYS[2], '*', unpack(tagged({'type', 'webhook.delivery', 'data', t.w})))
-    redis.call('HSET', status, 'webhook_state', 'pending', 'webhook_attempts', 0)
-  end
-  if t.k[4] > 0 then redis.call('EXPIRE', KEYS[t.k[4]], ttl) end
-  redis.call('XACK', source, group, t.e)
-  return 1
-end
 local out = {}
 for i = 3, #ARGV do
-  local ok, res = pcall(finish_one, cjson.decode(ARGV[i]))
+  local ok, res = pcall(finish_one, cjson.decode(ARGV[i]), group, ttl)
   if ok then out[#out + 1] = res else out[#out + 1] = 'ERR ' .. tostring(res) end
 end
 return out

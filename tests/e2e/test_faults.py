@@ -56,13 +56,13 @@ async def test_grace_over_leaves_work_for_another_worker(
         block_ms=100,
         shutdown_grace_s=0.3,
         reclaim_interval_ms=200,
-        lease_ttl_ms=5000,
+        lease_ttl_ms=10_000,
     )
     p = Producer(ProducerConfig(namespace=keys.namespace), client=client)
     with terminating(
         spawn_cli(["worker"], {**env, "SOP_WORKER_NAME": "leaver"}, tmp_path / "a.log")
     ) as proc:
-        task_id = await p.submit("echo", "long one", max_tokens=30)  # 3 s
+        task_id = await p.submit("echo", "long one", max_tokens=20)  # 2 s
         await wait_for(lambda: _running(client, keys, [task_id]), 10)
         proc.send_signal(signal.SIGTERM)
         assert await _exit_code(proc, 10) == 0
@@ -72,7 +72,8 @@ async def test_grace_over_leaves_work_for_another_worker(
     with terminating(
         spawn_cli(["worker"], {**env, "SOP_WORKER_NAME": "taker"}, tmp_path / "b.log")
     ):
-        result = await p.wait(task_id, timeout=4)
+        # start-up (~1 s) and the 2-s generation; waiting out the lease would take over 12 s
+        result = await p.wait(task_id, timeout=6)
     assert result.worker == "taker" and result.attempts == 2
 
 
