@@ -54,8 +54,8 @@ class OutcomeWriter:
         error: ErrorInfo | None = None,
     ) -> TaskResult:
         finished = now_ms()
-        # our own values: constructed without re-validation (hot path)
-        return TaskResult.model_construct(
+        # validated: pydantic's (compiled) validation is faster than model_construct's loop
+        return TaskResult(
             task_id=p.task_id, state=state, model=p.model or None, text=text,
             finish_reason=finish_reason, usage=usage,
             queued_ms=max(0, started - p.entry.timestamp_ms), run_ms=max(0, finished - started),

@@ -91,6 +91,9 @@ class Worker:
         )
         self._inflight: set[asyncio.Task[None]] = set()
         self._running_entries: dict[asyncio.Task[None], tuple[str, str]] = {}
+        # read batches whose begin round trip is under way, and their entries
+        self._admissions: set[asyncio.Task[None]] = set()
+        self._admitting: set[tuple[str, str]] = set()
         self._slot_freed = asyncio.Event()
         self._intake = asyncio.Lock()
         self._ready = False
@@ -156,6 +159,8 @@ class Worker:
             log.info("worker started", extra={"consumer": self.consumer, "slots": self.slots})
 
     async def _drain(self) -> None:
+        if self._admissions:  # batches being begun start their tasks first
+            await asyncio.wait(set(self._admissions), timeout=self._config.shutdown_grace_s)
         if self._inflight:
             log.info("draining", extra={"inflight": len(self._inflight)})
             _, pending = await asyncio.wait(
@@ -209,9 +214,9 @@ class Worker:
     async def _read_one_pool(self, lane: Lane, tg: asyncio.TaskGroup) -> None:
         async with self._intake:
             async with asyncio.timeout(lane.reader.block_ms / 1000 + 10):
-                entries = await lane.reader.read(lane.free())
+                entries = await lane.reader.read(lane.read_size())
             if entries:
-                await self._admit(lane, entries, tg)
+                self._admit(lane, entries, tg)
 
     async def _read_pools(
         self, active: list[Lane], tg: asyncio.TaskGroup, stop: asyncio.Event
@@ -222,9 +227,9 @@ class Worker:
         async with self._intake:
             for lane in active:
                 async with asyncio.timeout(10):
-                    entries, last = await lane.reader.read_now(lane.free())
+                    entries, last = await lane.reader.read_now(lane.read_size())
                 if entries:
-                    await self._admit(lane, entries, tg)
+                    self._admit(lane, entries, tg)
                 else:
                     waits.update(zip(lane.reader.streams, last, strict=True))
         if len(waits) < sum(len(lane.reader.streams) for lane in active):
@@ -273,12 +278,12 @@ class Worker:
                 async with self._intake:
                     entries = await lane.reclaimer.reclaim(lane.free())
                     # ours too: entries delivered while the link broke, that nothing here runs
-                    busy = set(self._running_entries.values())
+                    busy = set(self._running_entries.values()) | self._admitting
                     entries += await lane.reclaimer.orphans(
                         lane.free() - len(entries), busy, min_idle_ms=min_idle
                     )
                     if entries:
-                        await self._admit(lane, entries, tg)
+                        self._admit(lane, entries, tg)
 
         return reclaim
 
@@ -321,9 +326,10 @@ class Worker:
             except REDIS_TROUBLE:
                 await backoff.sleep(stop)
 
-    async def _admit(self, lane: Lane, entries: list[Entry], tg: asyncio.TaskGroup) -> None:
-        """Begin a read batch in one round trip and start a task per runnable entry (an instant
-        model's outcome is written by the same round trip)."""
+    def _admit(self, lane: Lane, entries: list[Entry], tg: asyncio.TaskGroup) -> None:
+        """Prepare a read batch and begin it in the background (one round trip, which also
+        writes the outcomes of instant models), so that it overlaps the next read. The batch
+        holds its slots, and its entries are not orphans, until its tasks hold their own."""
         cfg = self._config
         now = now_ms()
         prepared = [
@@ -354,7 +360,40 @@ class Worker:
                     finish=self._instant.outcome(p, now),
                 )
             )
-        replies = iter(await self._outcomes.begin(starts, now))
+        held = [(p.entry.stream, p.entry.entry_id) for p in prepared]
+        lane.admitting += len(held)
+        self._admitting.update(held)
+        task = tg.create_task(self._begin(lane, prepared, starts, now, tg))
+        self._admissions.add(task)
+        task.add_done_callback(functools.partial(self._admitted, lane, held))
+
+    def _admitted(self, lane: Lane, held: list[tuple[str, str]], task: asyncio.Task[None]) -> None:
+        self._admissions.discard(task)
+        lane.admitting -= len(held)
+        self._admitting.difference_update(held)
+        self._slot_freed.set()
+
+    async def _begin(
+        self,
+        lane: Lane,
+        prepared: list[Prepared],
+        starts: list[Start],
+        now: int,
+        tg: asyncio.TaskGroup,
+    ) -> None:
+        try:
+            replies = iter(await self._outcomes.begin(starts, now))
+        except REDIS_TROUBLE as exc:
+            # nothing started: the entries stay pending here and are adopted again
+            log.warning(
+                "begin failed, entries left pending",
+                extra={"count": len(starts), "error": repr(exc)},
+            )
+            return
+        except Exception:
+            # the admission's guard: an error here must not end the worker's task group
+            log.exception("begin failed, entries left pending")
+            return
         begun = iter(starts)
         finished: list[tuple[Prepared, Finish]] = []
         for p in prepared:

@@ -53,6 +53,13 @@ class Lane:
     reclaimer: Reclaimer
     slots: int
     inflight: set[asyncio.Task[None]] = field(default_factory=set)
+    admitting: int = 0
+    """Entries of read batches whose begin round trip is under way (they hold slots)."""
 
     def free(self) -> int:
-        return self.slots - len(self.inflight)
+        return self.slots - len(self.inflight) - self.admitting
+
+    def read_size(self) -> int:
+        """How many entries the next read may take: the free slots, at most half of all, so
+        that a batch is read and prepared while the one before it is being begun."""
+        return min(self.free(), max(1, self.slots // 2))

@@ -51,6 +51,9 @@ class PriorityReader:
         self._aging_check_s = aging_check_ms / 1000
         self._next_aging_check = 0.0
         self._promoted: str | None = None
+        # the last read took fewer entries than it could: the partitions were empty then, so
+        # the next read may block at once (XREADGROUP answers at once when entries wait)
+        self._drained = False
 
     @property
     def streams(self) -> list[str]:
@@ -72,11 +75,20 @@ class PriorityReader:
             return []
         try:
             await self._check_aging()
+            blocks = self._block_ms > 0 and free >= len(self._streams)
+            if self._drained and blocks and self._promoted is None:
+                entries = await self._block(free)
+                self._drained = len(entries) < self._block_count(free)
+                return entries
             entries, last_ids = await self._read_now(free)
             if entries or self._block_ms <= 0:
+                self._drained = len(entries) < free
                 return entries
-            return await self._wait(free, last_ids)
+            entries = await self._wait(free, last_ids)
+            self._drained = len(entries) < self._block_count(free)
+            return entries
         except Exception as exc:
+            self._drained = False
             if not is_missing_group(exc):
                 raise
             log.warning("consumer group missing, creating it again", extra={"group": self._group})
@@ -117,17 +129,7 @@ class PriorityReader:
     async def _wait(self, free: int, last_ids: list[str]) -> list[Entry]:
         streams = self._streams
         if free >= len(streams):
-            # a blocked XREADGROUP is served by the first stream that receives an entry and
-            # returns at most COUNT from each stream that already has some: never more than
-            # `free` entries
-            reply: Any = await self._client.xreadgroup(
-                self._group,
-                self._consumer,
-                dict.fromkeys(streams, ">"),
-                count=1,
-                block=self._block_ms,
-            )
-            return entries_from_read(reply)
+            return await self._block(free)
         # fewer slots than partitions: wait without reading (XREAD from the newest ids seen),
         # then take the entries in priority order through the script
         reply = await self._client.xread(
@@ -137,6 +139,22 @@ class PriorityReader:
             return []
         entries, _ = await self._read_now(free)
         return entries
+
+    def _block_count(self, free: int) -> int:
+        return max(1, free // len(self._streams))
+
+    async def _block(self, free: int) -> list[Entry]:
+        # a blocked XREADGROUP is served by the first stream that receives an entry, and
+        # answers at once with at most COUNT from each stream that already has some: never
+        # more than `free` entries
+        reply: Any = await self._client.xreadgroup(
+            self._group,
+            self._consumer,
+            dict.fromkeys(self._streams, ">"),
+            count=self._block_count(free),
+            block=self._block_ms,
+        )
+        return entries_from_read(reply)
 
     async def _check_aging(self) -> None:
         if self._aging_ms <= 0 or len(self._streams) < 2:

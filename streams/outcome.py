@@ -13,10 +13,11 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import orjson
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
@@ -42,7 +43,7 @@ _RESULT_TYPES = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Start:
     """What the worker knows about an entry before running it."""
 
@@ -59,7 +60,7 @@ class Start:
     verdict is then ``finished``); on a later attempt ``begin`` answers ``run`` as usual."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BeginReply:
     verdict: Verdict
     attempts: int = 0
@@ -69,7 +70,7 @@ class BeginReply:
     """The errors of earlier attempts (retries), oldest first."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Finish:
     entry: Entry
     result: TaskResult
@@ -114,8 +115,8 @@ class Outcomes:
         ``cancelled`` (a cancel came before the start)."""
         if not starts:
             return []
-        keys, key = self._key_table()
-        args: list[EncodableT] = [self._group, self._worker, now_ms, self._ttl]
+        b = _Batch(self._keys, [self._group, self._worker, now_ms, self._ttl], len(starts))
+        key = b.key
         for s in starts:
             idem = key(self._keys.idem(s.idempotency_key)) if s.idempotency_key is not None else 0
             task: dict[str, object] = {
@@ -125,9 +126,9 @@ class Outcomes:
                 "r": s.reply_to or "", "w": s.webhook_url or "",
             }  # fmt: skip
             if s.finish is not None:
-                task["f"] = self._finish_fields(s.finish, key)
-            args.append(json.dumps(task, separators=(",", ":")))
-        replies = await BEGIN_MANY_SCRIPT(self._client, keys, args)
+                task["f"] = self._finish_fields(s.finish, b)
+            b.add(task)
+        replies = await BEGIN_MANY_SCRIPT(self._client, b.keys, b.args())
         out = []
         for reply in replies:
             verdict = text(reply[0])
@@ -211,25 +212,10 @@ class Outcomes:
             else:
                 fut.set_result(int(reply))
 
-    def _key_table(self) -> tuple[list[str], Callable[[str], int]]:
-        """KEYS for a batch script: the four every terminal write may touch (results,
-        webhooks, dead, reply-streams set), then each task's own, added once, by index."""
-        k = self._keys
-        keys = [k.results, k.webhooks, k.dead, k.reply_streams]
-        index: dict[str, int] = {}
-
-        def key(name: str) -> int:
-            found = index.get(name)
-            if found is None:
-                keys.append(name)
-                found = index[name] = len(keys)  # Lua indexes from 1
-            return found
-
-        return keys, key
-
-    def _finish_fields(self, fin: Finish, key: Callable[[str], int]) -> dict[str, object]:
+    def _finish_fields(self, fin: Finish, b: _Batch) -> dict[str, object]:
         """One task's terminal write, as the scripts' ``finish_one`` takes it."""
         k = self._keys
+        key = b.key
         result = fin.result
         return {
             "k": [
@@ -242,22 +228,58 @@ class Outcomes:
             "id": result.task_id,
             "s": result.state.value,
             "t": _RESULT_TYPES[result.state.value].value,
-            "r": result.model_dump_json(exclude_none=True),
+            "r": b.blob(result.model_dump_json(exclude_none=True)),
             "f": result.finished_at,
             "tp": fin.entry.traceparent if fin.traceparent is None else fin.traceparent,
-            "w": fin.webhook.model_dump_json(exclude_none=True) if fin.webhook else "",
-            "d": fin.dead.model_dump_json(exclude_none=True) if fin.dead else "",
+            "w": b.blob(fin.webhook.model_dump_json(exclude_none=True)) if fin.webhook else 0,
+            "d": b.blob(fin.dead.model_dump_json(exclude_none=True)) if fin.dead else 0,
             "x": fin.expect_state,
         }
 
     def _finish_many(
         self, batch: list[tuple[Finish, asyncio.Future[int]]]
     ) -> tuple[list[str], list[EncodableT]]:
-        keys, key = self._key_table()
-        args: list[EncodableT] = [self._group, self._ttl]
+        b = _Batch(self._keys, [self._group, self._ttl], len(batch))
         for fin, _ in batch:
-            args.append(json.dumps(self._finish_fields(fin, key), separators=(",", ":")))
-        return keys, args
+            b.add(self._finish_fields(fin, b))
+        return b.keys, b.args()
+
+
+class _Batch:
+    """KEYS and ARGV of a batch script. KEYS: the four every terminal write may touch
+    (results, webhooks, dead, reply-streams set), then each task's own, once each, by index.
+    ARGV: the fixed arguments, the number of tasks, one compact JSON object per task, then the
+    documents (result, webhook job, dead letter) the objects point to by ARGV index: sent as
+    they are, so neither side escapes or parses them a second time."""
+
+    __slots__ = ("_base", "_fixed", "_index", "blobs", "keys", "tasks")
+
+    def __init__(self, keys: Keys, fixed: list[EncodableT], count: int) -> None:
+        self.keys = [keys.results, keys.webhooks, keys.dead, keys.reply_streams]
+        self._index: dict[str, int] = {}
+        self._fixed = fixed
+        self._base = len(fixed) + 1 + count  # the ARGV index (from 1) before the first blob
+        self.tasks: list[EncodableT] = []
+        self.blobs: list[EncodableT] = []
+
+    def key(self, name: str) -> int:
+        found = self._index.get(name)
+        if found is None:
+            self.keys.append(name)
+            found = self._index[name] = len(self.keys)  # Lua indexes from 1
+        return found
+
+    def blob(self, document: str) -> int:
+        self.blobs.append(document)
+        return self._base + len(self.blobs)
+
+    def add(self, task: dict[str, object]) -> None:
+        self.tasks.append(orjson.dumps(task))
+
+    def args(self) -> list[EncodableT]:
+        if len(self._fixed) + 1 + len(self.tasks) != self._base:
+            raise ValueError("task count does not match the batch")
+        return [*self._fixed, len(self.tasks), *self.tasks, *self.blobs]
 
 
 def webhook_job(result: TaskResult, url: str) -> WebhookJob:

@@ -69,57 +69,69 @@ return {'new', ARGV[1], id}
 # dead letter and XACK, or nothing. A task already terminal gets no second result.
 # KEYS[1..4]: results, webhooks, dead, reply-streams set; the task's own keys by index.
 # t: k: [status, source stream, reply stream or 0, idem key or 0] (indexes into KEYS)
-#   e: entry id, id: task id, s: state, t: event type, r: result JSON, f: finished_at,
-#   tp: traceparent, w: webhook job JSON, d: dead letter JSON, x: expected state ('' = any)
-# Returns 1 written, 0 already terminal (acked only), -1 state not as expected (nothing written).
+#   e: entry id, id: task id, s: state, t: event type, f: finished_at, tp: traceparent,
+#   x: expected state ('' = any); r, w, d: the ARGV index of the result JSON, of the webhook
+#   job JSON (0: none), of the dead letter JSON (0: none), passed as they are (not re-encoded)
+# finish_one returns 1 written, 0 already terminal (acked only), -1 state not as expected
+# (nothing written). finish_write is the write itself, once the state was checked; `extra`
+# are more status fields for the same HSET.
 _FINISH_ONE_LUA: Final = """
-local function finish_one(t, group, ttl)
-  local status, source = KEYS[t.k[1]], KEYS[t.k[2]]
-  local st = redis.call('HGET', status, 'state')
-  if t.x ~= '' and st ~= t.x then return -1 end
-  local function tagged(fields)
-    if t.tp ~= '' then
-      table.insert(fields, 'traceparent'); table.insert(fields, t.tp)
-    end
-    return fields
+local function tagged(t, fields)
+  if t.tp ~= '' then
+    fields[#fields + 1] = 'traceparent'; fields[#fields + 1] = t.tp
   end
-  if terminal(st) then
-    -- dead-letter this entry only if it was still pending (not on a retry of our own write)
-    if redis.call('XACK', source, group, t.e) == 1 and t.d ~= '' then
-      redis.call('XADD', KEYS[3], '*', unpack(tagged({'type', 'task.dead', 'data', t.d})))
-    end
-    return 0
+  return fields
+end
+local function finish_write(t, group, ttl, status, source, extra)
+  if t.d > 0 then
+    redis.call('XADD', KEYS[3], '*', unpack(tagged(t, {'type', 'task.dead', 'data', ARGV[t.d]})))
   end
-  if t.d ~= '' then
-    redis.call('XADD', KEYS[3], '*', unpack(tagged({'type', 'task.dead', 'data', t.d})))
-  end
-  redis.call('HSET', status, 'state', t.s, 'result', t.r, 'finished_at', t.f, 'task_id', t.id)
+  local result = ARGV[t.r]
+  local fields = {'state', t.s, 'result', result, 'finished_at', t.f, 'task_id', t.id}
+  for i = 1, #extra do fields[#fields + 1] = extra[i] end
+  redis.call('HSET', status, unpack(fields))
   redis.call('EXPIRE', status, ttl)
-  local fields = tagged({'type', t.t, 'data', t.r})
-  redis.call('XADD', KEYS[1], '*', unpack(fields))
+  local entry = tagged(t, {'type', t.t, 'data', result})
+  redis.call('XADD', KEYS[1], '*', unpack(entry))
   if t.k[3] > 0 then
     local reply = KEYS[t.k[3]]
-    redis.call('XADD', reply, '*', unpack(fields))
+    redis.call('XADD', reply, '*', unpack(entry))
     redis.call('SADD', KEYS[4], string.sub(reply, #KEYS[1] + 2))
   end
-  if t.w ~= '' then
-    redis.call('XADD', KEYS[2], '*', unpack(tagged({'type', 'webhook.delivery', 'data', t.w})))
+  if t.w > 0 then
+    local job = tagged(t, {'type', 'webhook.delivery', 'data', ARGV[t.w]})
+    redis.call('XADD', KEYS[2], '*', unpack(job))
     redis.call('HSET', status, 'webhook_state', 'pending', 'webhook_attempts', 0)
   end
   if t.k[4] > 0 then redis.call('EXPIRE', KEYS[t.k[4]], ttl) end
   redis.call('XACK', source, group, t.e)
   return 1
 end
+local function finish_one(t, group, ttl)
+  local status, source = KEYS[t.k[1]], KEYS[t.k[2]]
+  local st = redis.call('HGET', status, 'state')
+  if t.x ~= '' and st ~= t.x then return -1 end
+  if terminal(st) then
+    -- dead-letter this entry only if it was still pending (not on a retry of our own write)
+    if redis.call('XACK', source, group, t.e) == 1 and t.d > 0 then
+      redis.call('XADD', KEYS[3], '*', unpack(tagged(t, {'type', 'task.dead', 'data', ARGV[t.d]})))
+    end
+    return 0
+  end
+  return finish_write(t, group, ttl, status, source, {})
+end
 """
 
 # A worker is about to run a read batch: per entry, in one call, each atomic on its own.
 # KEYS: results, webhooks, dead, reply-streams set, then every key the entries name (status,
 #   source stream, idempotency key, reply stream)
-# ARGV: group, worker, now_ms, ttl_s, then one JSON object per entry:
+# ARGV: group, worker, now_ms, ttl_s, n, then n JSON objects, one per entry, then the JSON
+#   documents they point to by index (results, webhook jobs). Each entry's object:
 #   k: [status, source stream, idem key or 0] (indexes into KEYS), e: entry id, id: task id,
 #   a: max attempts, m: model, h: payload hash, c: created ms, r: reply_to, w: webhook_url,
 #   f (optional): the entry's outcome, already computed (an instant model), shaped as for
-#   finish_one: written in the same step when this is the task's first attempt
+#   finish_one: written in the same step (one HSET for the start and the end) when this is the
+#   task's first attempt
 # Returns per entry: {'run', attempts, errors_json} | {'finished', attempts} | {'done', state}
 #   | {'duplicate', task id} | {'conflict', task id} | {'exhausted', attempts, errors_json}
 #   | {'cancelled', attempts} | {'error', message}
@@ -130,23 +142,24 @@ BEGIN_MANY: Final = (
 local group, worker, now, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local function begin_one(t)
   local status, source = KEYS[t.k[1]], KEYS[t.k[2]]
-  local st = redis.call('HGET', status, 'state')
+  local cur = redis.call('HMGET', status, 'state', 'entry_id', 'duplicate_of',
+    'cancel_requested', 'errors', 'created_at', 'attempts')
+  local st, eid = cur[1], cur[2]
   if terminal(st) then
     redis.call('XACK', source, group, t.e)
     return {'done', st}
   end
-  local eid = redis.call('HGET', status, 'entry_id')
-  if st and eid and eid ~= t.e and redis.call('HEXISTS', status, 'duplicate_of') == 0 then
+  if st and eid and eid ~= t.e and not cur[3] then
     -- a second entry carrying the same task id: the first one owns the task
     redis.call('XACK', source, group, t.e)
     return {'duplicate', t.id}
   end
   if t.k[3] > 0 then
     local idem = KEYS[t.k[3]]
-    local cur = redis.call('GET', idem)
-    if cur then
-      local sep = string.find(cur, ' ', 1, true)
-      local h, tid = string.sub(cur, 1, sep - 1), string.sub(cur, sep + 1)
+    local held = redis.call('GET', idem)
+    if held then
+      local sep = string.find(held, ' ', 1, true)
+      local h, tid = string.sub(held, 1, sep - 1), string.sub(held, sep + 1)
       if tid ~= t.id then
         if h ~= t.h then return {'conflict', tid} end
         -- same key, same payload, published again by plain XADD: point at the first task
@@ -159,22 +172,22 @@ local function begin_one(t)
       redis.call('SET', idem, t.h .. ' ' .. t.id)
     end
   end
-  local attempts = redis.call('HINCRBY', status, 'attempts', 1)
-  redis.call('HSET', status, 'state', 'running', 'task_id', t.id, 'model', t.m,
-    'stream', source, 'entry_id', t.e, 'started_at', now, 'worker', worker,
-    'reply_to', t.r, 'webhook_url', t.w)
-  redis.call('HSETNX', status, 'created_at', t.c)
-  if redis.call('HGET', status, 'cancel_requested') == '1' then return {'cancelled', attempts} end
-  local errors = redis.call('HGET', status, 'errors') or ''
-  if attempts > t.a then return {'exhausted', attempts, errors} end
-  if t.f and attempts == 1 then
-    finish_one(t.f, group, ttl)
+  local attempts = (tonumber(cur[7]) or 0) + 1
+  local started = {'attempts', attempts, 'model', t.m, 'stream', source, 'entry_id', t.e,
+    'started_at', now, 'worker', worker, 'reply_to', t.r, 'webhook_url', t.w,
+    'created_at', cur[6] or t.c}
+  local cancelled, errors = cur[4] == '1', cur[5] or ''
+  if t.f and attempts == 1 and not cancelled then
+    finish_write(t.f, group, ttl, status, source, started)
     return {'finished', attempts}
   end
+  redis.call('HSET', status, 'state', 'running', 'task_id', t.id, unpack(started))
+  if cancelled then return {'cancelled', attempts} end
+  if attempts > t.a then return {'exhausted', attempts, errors} end
   return {'run', attempts, errors}
 end
 local out = {}
-for i = 5, #ARGV do
+for i = 6, 5 + tonumber(ARGV[5]) do
   local ok, res = pcall(begin_one, cjson.decode(ARGV[i]))
   if ok then out[#out + 1] = res else out[#out + 1] = {'error', tostring(res)} end
 end
@@ -185,7 +198,8 @@ return out
 # The terminal writes of a batch of tasks in one call, each with finish_one: atomic on its own
 # and isolated (one that fails to write does not stop the others).
 # KEYS: results, webhooks, dead, reply-streams set, then every key the tasks name
-# ARGV: group, ttl_s, then one JSON object per task, as finish_one takes it
+# ARGV: group, ttl_s, n, then n JSON objects, one per task as finish_one takes it, then the
+#   JSON documents they point to by index (results, webhook jobs, dead letters)
 # Returns per task: 1 written, 0 already terminal (acked only), -1 state not as expected
 # (nothing written), or "ERR <message>".
 FINISH_MANY: Final = (
@@ -194,7 +208,7 @@ FINISH_MANY: Final = (
     + """
 local group, ttl = ARGV[1], ARGV[2]
 local out = {}
-for i = 3, #ARGV do
+for i = 4, 3 + tonumber(ARGV[3]) do
   local ok, res = pcall(finish_one, cjson.decode(ARGV[i]), group, ttl)
   if ok then out[#out + 1] = res else out[#out + 1] = 'ERR ' .. tostring(res) end
 end
