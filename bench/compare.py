@@ -8,8 +8,10 @@ from the project venv (``.venv/bin/python -m ops.cli worker``, ``bench/baseline_
 consumer is its own process, on a private ``redis-server`` started for the run (no
 persistence); the server is flushed between runs, and nothing else is touched.
 
-Systems, interleaved in rounds (sop, sop-2, loop, faststream, arq, taskiq, celery, sop, ...):
-``sop`` (one ``ops.cli worker``, defaults, every guarantee on), ``sop-2`` (two of them),
+Systems, interleaved in rounds (sop, sop-256, sop-2, loop, faststream, arq, taskiq, celery, sop,
+...):
+``sop`` (one ``ops.cli worker``, defaults, every guarantee on), ``sop-256`` (the same with 256
+slots, so it reads batches of up to 128 like the loop's 256), ``sop-2`` (two default workers),
 ``loop`` (bench/baseline_loop.py), and one module per peer under ``bench/peers/``. Every system
 gets the same ~530-byte JSON task, parses it, builds the echo result JSON and stores a status
 record and the result (see each module's docstring for how and with what settings).
@@ -63,7 +65,7 @@ from bench.redisutil import start_private_redis  # noqa: E402
 
 PROJECT_PY = str(ROOT / ".venv" / "bin" / "python")
 POLL_S = 0.005
-SYSTEMS = ("sop", "sop-2", "loop", "faststream", "arq", "taskiq", "celery")
+SYSTEMS = ("sop", "sop-256", "sop-2", "loop", "faststream", "arq", "taskiq", "celery")
 PEER_MODULES = {
     "faststream": "bench.peers.faststream_peer",
     "arq": "bench.peers.arq_peer",
@@ -72,6 +74,7 @@ PEER_MODULES = {
 }
 LABELS = {
     "sop": "sop-llm, 1 worker",
+    "sop-256": "sop-llm, 1 worker, 256 slots",
     "sop-2": "sop-llm, 2 workers",
     "loop": "redis-py loop",
     "faststream": "FastStream StreamSub",
@@ -143,18 +146,21 @@ def _popen(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
-def sop_system(name: str, procs: int, ns: str) -> System:
+def sop_system(name: str, procs: int, ns: str, slots: int | None = None) -> System:
     keys = Keys(ns)
 
     def spawn(url: str, log: Path) -> list[subprocess.Popen[bytes]]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SOP_")}
         env.update(SOP_REDIS_URL=url, SOP_NAMESPACE=ns, SOP_LOG_LEVEL="WARNING")
+        if slots is not None:  # the loop's batch size: reads of up to half the slots
+            env.update(SOP_WORKER_SLOTS=str(slots), SOP_ECHO_SLOTS=str(slots))
         cmd = [PROJECT_PY, "-m", "ops.cli", "worker"]
         return [_popen(cmd, env, log) for _ in range(procs)]
 
+    config = "defaults (64 slots" if slots is None else f"SOP_WORKER_SLOTS={slots} ({slots} slots"
     return System(
         name=name,
-        config=f"{procs} x `python -m ops.cli worker`, defaults (64 slots, every guarantee on)",
+        config=f"{procs} x `python -m ops.cli worker`, {config}, every guarantee on)",
         spawn=spawn,
         publisher=lambda url: SopPublisher(url, keys.tasks("default", "normal")),
         results_stream=keys.results,
@@ -425,8 +431,9 @@ def ratios(summary: dict[str, Any]) -> dict[str, Any]:
     task_queues = {s: v for s, v in peers.items() if s in ("arq", "taskiq", "celery")}
     if "loop" in tp:
         out["sop/loop"] = tp["sop"] / tp["loop"]
-        if "sop-2" in tp:
-            out["sop-2/loop"] = tp["sop-2"] / tp["loop"]
+        for other in ("sop-256", "sop-2"):
+            if other in tp:
+                out[f"{other}/loop"] = tp[other] / tp["loop"]
     if peers:
         best = max(peers, key=peers.__getitem__)
         out["sop/best peer"] = (tp["sop"] / peers[best], best)
@@ -607,8 +614,9 @@ def run(
     for rnd in range(1, args.rounds + 1):
         for name in systems:
             ns = f"bench-{uuid.uuid4().hex[:12]}"
-            if name in ("sop", "sop-2"):
-                system = sop_system(name, 2 if name == "sop-2" else 1, ns)
+            if name in ("sop", "sop-2", "sop-256"):
+                slots = 256 if name == "sop-256" else None
+                system = sop_system(name, 2 if name == "sop-2" else 1, ns, slots)
             elif name == "loop":
                 system = loop_system(ns)
             else:

@@ -19,7 +19,7 @@ from streams.keys import Keys
 _TASK_ID_RE = re.compile(TASK_ID_PATTERN)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Prepared:
     entry: Entry
     task_id: str
@@ -52,11 +52,13 @@ def prepare(
 ) -> Prepared:
     """Validate an entry. Never raises: a bad entry comes back with ``error_code`` set and the
     best task id available (its own ``task_id`` when readable, else the documented derived id)."""
-    pool, partition = keys.parse_tasks_stream(entry.stream)
-    derived = keys.derived_task_id(pool, partition, entry.entry_id)
 
-    def bad(message: str, task_id: str = derived) -> Prepared:
-        return Prepared(entry, task_id, None, ErrorCode.INVALID_EVENT, message)
+    def derived() -> str:
+        pool, partition = keys.parse_tasks_stream(entry.stream)
+        return keys.derived_task_id(pool, partition, entry.entry_id)
+
+    def bad(message: str, task_id: str | None = None) -> Prepared:
+        return Prepared(entry, task_id or derived(), None, ErrorCode.INVALID_EVENT, message)
 
     if entry.type != EventType.TASK_SUBMITTED.value:
         return bad(f"type: expected {EventType.TASK_SUBMITTED.value!r}, got {entry.type!r}")
@@ -68,9 +70,9 @@ def prepare(
             data, max_prompt_bytes=max_prompt_bytes, max_metadata_bytes=max_metadata_bytes
         )
     except ValidationError as exc:
-        return bad(describe_validation_error(exc), _salvage_task_id(data) or derived)
+        return bad(describe_validation_error(exc), _salvage_task_id(data))
     # the stream decides the priority: a plain-XADD producer's `priority` field is informational
-    return Prepared(entry, event.task_id or derived, event)
+    return Prepared(entry, event.task_id or derived(), event)
 
 
 def generation_request(event: TaskEvent) -> GenerationRequest:

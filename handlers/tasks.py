@@ -217,6 +217,8 @@ class Worker:
                 entries = await lane.reader.read(lane.read_size())
             if entries:
                 self._admit(lane, entries, tg)
+                # let the batch's begin go out before the next read does
+                await asyncio.sleep(0)
 
     async def _read_pools(
         self, active: list[Lane], tg: asyncio.TaskGroup, stop: asyncio.Event

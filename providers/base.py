@@ -34,7 +34,7 @@ class Capabilities:
     and writes each outcome with the task's start, in one round trip."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class GenerationRequest:
     """What a provider is asked; ``None`` parameters mean "the model's default"."""
 
@@ -54,7 +54,7 @@ class GenerationRequest:
         return "\n".join(m.content for m in self.messages or ())
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Generation:
     text: str
     finish_reason: FinishReason

@@ -57,6 +57,8 @@ class EchoProvider:
 def _tokens(request: GenerationRequest) -> tuple[list[str], list[str]]:
     words = request.words_source().split()
     wanted = request.max_tokens or DEFAULT_MAX_TOKENS
+    if len(words) >= wanted:
+        return words, words[:wanted]
     return words, list(itertools.islice(itertools.cycle(words), wanted)) if words else []
 
 

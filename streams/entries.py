@@ -13,7 +13,7 @@ def text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Entry:
     """One stream entry. Field values stay bytes: producers may send anything."""
 
