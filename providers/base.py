@@ -82,7 +82,6 @@ class Provider(Protocol):
     ) -> Generation: ...
 
 
-@runtime_checkable
 class Instant(Protocol):
     """A provider that can answer synchronously (``Capabilities.instant``). ``answer`` gives
     what ``generate`` without ``on_delta`` would, and raises the same errors."""
