@@ -31,6 +31,7 @@ from streams.dispatch import PriorityReader
 from streams.entries import Entry
 from streams.keys import TASK_GROUP, Keys
 from streams.leases import Lease, Reclaimer
+from streams.link import Link
 from streams.outcome import BeginReply, Finish, Outcomes, Start
 from streams.retention import trim_all
 from streams.retry import move_due
@@ -59,11 +60,16 @@ class Worker:
         self._config = config
         self._streams = config.streams(keys)
         self._lanes = []
+        # lean connections for the hot commands: one per pool for its blocking reads, one for
+        # begins and finishes (pipelined)
+        self._links: list[Link] = []
+        write_link = self._link(client, f"{config.consumer}:write")
         for pool in config.pools:
             streams = [keys.tasks(pool, part) for part in config.partitions]
             reader = PriorityReader(
                 client=client, streams=streams, consumer=config.consumer, block_ms=config.block_ms,
                 aging_ms=config.aging_ms, aging_check_ms=config.aging_check_ms,
+                link=self._link(client, f"{config.consumer}:read:{pool}"),
             )  # fmt: skip
             reclaimer = Reclaimer(
                 client=client, keys=keys, streams=streams, consumer=config.consumer
@@ -76,7 +82,7 @@ class Worker:
         )  # fmt: skip
         self._outcomes = Outcomes(
             client=client, keys=keys, worker=config.consumer,
-            status_ttl_s=config.status_ttl_s, max_attempts=config.max_attempts,
+            status_ttl_s=config.status_ttl_s, max_attempts=config.max_attempts, link=write_link,
         )  # fmt: skip
         self._runner = TaskRunner(
             registry=registry, outcomes=self._outcomes, policy=config.retry,
@@ -97,6 +103,14 @@ class Worker:
         self._slot_freed = asyncio.Event()
         self._intake = asyncio.Lock()
         self._ready = False
+
+    def _link(self, client: Redis, name: str) -> Link | None:
+        if not self._config.fast_link:
+            return None
+        link = Link.of(client, name=name)
+        if link is not None:
+            self._links.append(link)
+        return link
 
     @property
     def consumer(self) -> str:
@@ -152,6 +166,8 @@ class Worker:
         finally:
             self._ready = False
             await self._lease.leave()
+            for link in self._links:
+                await link.aclose()
 
     async def _start_up(self, stop: asyncio.Event) -> None:
         if await self._lease.join(self._streams, TASK_GROUP, stop):
@@ -188,7 +204,7 @@ class Worker:
         backoff = Backoff(base=0.05, cap=2.0)
         while not stop.is_set():
             self._slot_freed.clear()
-            active = [lane for lane in self._lanes if lane.free() > 0]
+            active = [lane for lane in self._lanes if lane.can_read()]
             if not active:
                 await self._wait_for_slot(stop)
                 continue
@@ -217,8 +233,10 @@ class Worker:
                 entries = await lane.reader.read(lane.read_size())
             if entries:
                 self._admit(lane, entries, tg)
-                # let the batch's begin go out before the next read does
-                await asyncio.sleep(0)
+                if lane.reader.drained:
+                    # the partitions are drained: the batch's begin goes out before the next
+                    # read (latency first); a full batch is prepared while that read is in Redis
+                    await asyncio.sleep(0)
 
     async def _read_pools(
         self, active: list[Lane], tg: asyncio.TaskGroup, stop: asyncio.Event
@@ -329,9 +347,47 @@ class Worker:
                 await backoff.sleep(stop)
 
     def _admit(self, lane: Lane, entries: list[Entry], tg: asyncio.TaskGroup) -> None:
-        """Prepare a read batch and begin it in the background (one round trip, which also
-        writes the outcomes of instant models), so that it overlaps the next read. The batch
-        holds its slots, and its entries are not orphans, until its tasks hold their own."""
+        """Prepare a read batch and begin it (one round trip, which also writes the outcomes of
+        instant models) in a task of its own, so that it overlaps the next read. The batch holds
+        its slots until it is prepared (then only the entries that will run as tasks hold one)
+        and its entries are not orphans until their tasks hold them."""
+        held = [(e.stream, e.entry_id) for e in entries]
+        lane.admitting += len(held)
+        lane.begins += 1
+        self._admitting.update(held)
+        holding = [len(held)]  # slots this batch holds, until it is begun
+        task = tg.create_task(self._admission(lane, entries, holding, tg))
+        self._admissions.add(task)
+        task.add_done_callback(functools.partial(self._admitted, lane, held, holding))
+
+    def _admitted(
+        self, lane: Lane, held: list[tuple[str, str]], holding: list[int], task: asyncio.Task[None]
+    ) -> None:
+        self._admissions.discard(task)
+        lane.admitting -= holding[0]
+        lane.begins -= 1
+        self._admitting.difference_update(held)
+        self._slot_freed.set()
+
+    async def _admission(
+        self, lane: Lane, entries: list[Entry], holding: list[int], tg: asyncio.TaskGroup
+    ) -> None:
+        try:
+            prepared, starts, now = self._prepare(entries)
+        except Exception:
+            # the admission's guard: an error here must not end the worker's task group
+            log.exception("preparing a batch failed, entries left pending")
+            return
+        # an instant model's entry holds no slot: its work is done, its begin writes the outcome
+        # (a later attempt found by begin runs as a task, briefly beyond the slots)
+        instant = sum(1 for s in starts if s.finish is not None)
+        if instant:
+            lane.admitting -= instant
+            holding[0] -= instant
+            self._slot_freed.set()
+        await self._begin(lane, prepared, starts, now, tg)
+
+    def _prepare(self, entries: list[Entry]) -> tuple[list[Prepared], list[Start], int]:
         cfg = self._config
         now = now_ms()
         prepared = [
@@ -362,18 +418,7 @@ class Worker:
                     finish=self._instant.outcome(p, now),
                 )
             )
-        held = [(p.entry.stream, p.entry.entry_id) for p in prepared]
-        lane.admitting += len(held)
-        self._admitting.update(held)
-        task = tg.create_task(self._begin(lane, prepared, starts, now, tg))
-        self._admissions.add(task)
-        task.add_done_callback(functools.partial(self._admitted, lane, held))
-
-    def _admitted(self, lane: Lane, held: list[tuple[str, str]], task: asyncio.Task[None]) -> None:
-        self._admissions.discard(task)
-        lane.admitting -= len(held)
-        self._admitting.difference_update(held)
-        self._slot_freed.set()
+        return prepared, starts, now
 
     async def _begin(
         self,

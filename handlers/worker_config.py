@@ -35,6 +35,9 @@ class WorkerConfig:
     trim_interval_s: float = 60.0
     trace_content: bool = False
     tokens_ttl_s: int = 3600
+    fast_link: bool = True
+    """Hot commands over lean connections of the worker's own (``streams/link.py``), where the
+    client allows one."""
     pool_slots: Mapping[str, int] = field(default_factory=dict)
     """Slots per pool (default ``slots``): a pool whose tasks are stuck (a provider that hangs)
     can fill its own slots, never another pool's."""
@@ -42,6 +45,11 @@ class WorkerConfig:
     def streams(self, keys: Keys) -> list[str]:
         """Task partitions in read order: priority-major, pools interleaved."""
         return [keys.tasks(pool, part) for part in self.partitions for pool in self.pools]
+
+
+MAX_BEGINS = 4
+"""Begin round trips in flight per pool: enough to keep Redis busy while the next batches are
+read and prepared, few enough that a slow Redis is felt as back-pressure at once."""
 
 
 @dataclass(slots=True)
@@ -54,10 +62,18 @@ class Lane:
     slots: int
     inflight: set[asyncio.Task[None]] = field(default_factory=set)
     admitting: int = 0
-    """Entries of read batches whose begin round trip is under way (they hold slots)."""
+    """Entries of read batches whose begin round trip is under way and that will run as
+    tasks (they hold slots). The entries of instant models hold none: their outcome is computed
+    already, and their begin writes it."""
+    begins: int = 0
+    """Read batches whose begin round trip is under way."""
 
     def free(self) -> int:
         return self.slots - len(self.inflight) - self.admitting
+
+    def can_read(self) -> bool:
+        """A free slot, and fewer than ``MAX_BEGINS`` batches waiting for their begin."""
+        return self.free() > 0 and self.begins < MAX_BEGINS
 
     def read_size(self) -> int:
         """How many entries the next read may take: the free slots, at most half of all, so

@@ -126,6 +126,7 @@ def build_worker(
         ),
         trim_interval_s=settings.trim_interval_s,
         trace_content=settings.trace_content,
+        fast_link=settings.fast_link,
     )
     # no exporter: no spans at all on the hot path (a no-op span still costs a context switch)
     tracer = trace.get_tracer("sop_llm.worker") if settings.otel_exporter != "none" else None

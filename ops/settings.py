@@ -157,6 +157,10 @@ class Settings(BaseSettings):
         default=False,
         description="Put prompts and completions on spans (off: they may hold personal data).",
     )
+    fast_link: bool = Field(
+        default=True,
+        description="Workers read, begin and finish tasks over lean pipelined connections of their own (one server over TCP or a Unix socket; TLS, Sentinel and Cluster always use redis-py).",
+    )
     metrics_port: int | None = Field(
         default=None,
         ge=0,

@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 
 from streams.entries import Entry, entries_from_read, text
 from streams.keys import TASK_GROUP
+from streams.link import Link
 from streams.scripts import HEADS_SCRIPT, READ_SCRIPT
 from streams.topology import ensure_groups, is_missing_group
 
@@ -38,11 +39,14 @@ class PriorityReader:
         aging_ms: int = 30_000,
         aging_check_ms: int = 1_000,
         group: str = TASK_GROUP,
+        link: Link | None = None,
     ) -> None:
-        """``streams`` are the task partitions in priority order, highest first."""
+        """``streams`` are the task partitions in priority order, highest first. With a
+        ``link`` (``streams/link.py``), the reads go through it instead of ``client``."""
         if not streams:
             raise ValueError("at least one stream is required")
         self._client = client
+        self._link = link
         self._streams = list(streams)
         self._consumer = consumer
         self._group = group
@@ -62,6 +66,11 @@ class PriorityReader:
     @property
     def block_ms(self) -> int:
         return self._block_ms
+
+    @property
+    def drained(self) -> bool:
+        """The last read took fewer entries than it could: the partitions were empty then."""
+        return self._drained
 
     @property
     def promoted(self) -> str | None:
@@ -115,7 +124,7 @@ class PriorityReader:
             order = [self._promoted, *(s for s in self._streams if s != self._promoted)]
             first_limit = 1
         reply = await READ_SCRIPT(
-            self._client, order, [self._group, self._consumer, free, first_limit]
+            self._link or self._client, order, [self._group, self._consumer, free, first_limit]
         )
         found, last = reply
         entries: list[Entry] = []
@@ -147,13 +156,23 @@ class PriorityReader:
         # a blocked XREADGROUP is served by the first stream that receives an entry, and
         # answers at once with at most COUNT from each stream that already has some: never
         # more than `free` entries
-        reply: Any = await self._client.xreadgroup(
-            self._group,
-            self._consumer,
-            dict.fromkeys(self._streams, ">"),
-            count=self._block_count(free),
-            block=self._block_ms,
-        )
+        count = self._block_count(free)
+        reply: Any
+        if self._link is not None:
+            n = len(self._streams)
+            reply = await self._link.execute(
+                "XREADGROUP", "GROUP", self._group, self._consumer, "COUNT", count,
+                "BLOCK", self._block_ms, "STREAMS", *self._streams, *(">",) * n,
+                timeout_s=self._block_ms / 1000 + self._link.timeout_s,
+            )  # fmt: skip
+        else:
+            reply = await self._client.xreadgroup(
+                self._group,
+                self._consumer,
+                dict.fromkeys(self._streams, ">"),
+                count=count,
+                block=self._block_ms,
+            )
         return entries_from_read(reply)
 
     async def _check_aging(self) -> None:

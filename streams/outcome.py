@@ -26,6 +26,7 @@ from schemas.result import DeadLetter, ErrorInfo, TaskResult, WebhookJob
 from schemas.wire import EventType
 from streams.entries import Entry, text
 from streams.keys import TASK_GROUP, Keys
+from streams.link import Link
 from streams.scripts import (
     BEGIN_MANY_SCRIPT,
     FINISH_MANY_SCRIPT,
@@ -96,8 +97,11 @@ class Outcomes:
         max_attempts: int,
         group: str = TASK_GROUP,
         write_timeout_s: float = 15.0,
+        link: Link | None = None,
     ) -> None:
+        """With a ``link`` (``streams/link.py``), begins and finishes go through it."""
         self._client = client
+        self._link = link
         self._keys = keys
         self._worker = worker
         self._ttl = status_ttl_s
@@ -128,7 +132,7 @@ class Outcomes:
             if s.finish is not None:
                 task["f"] = self._finish_fields(s.finish, b)
             b.add(task)
-        replies = await BEGIN_MANY_SCRIPT(self._client, b.keys, b.args())
+        replies = await BEGIN_MANY_SCRIPT(self._link or self._client, b.keys, b.args())
         out = []
         for reply in replies:
             verdict = text(reply[0])
@@ -191,7 +195,9 @@ class Outcomes:
         batch, self._queue = self._queue, []
         try:
             async with asyncio.timeout(self._write_timeout_s):
-                replies = await FINISH_MANY_SCRIPT(self._client, *self._finish_many(batch))
+                replies = await FINISH_MANY_SCRIPT(
+                    self._link or self._client, *self._finish_many(batch)
+                )
         except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 - handed to the callers
             # nothing of the batch is known to be written: every caller retries (a task the
             # script did finish answers 0, "already terminal", on the retry)

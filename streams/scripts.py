@@ -13,6 +13,8 @@ from typing import Any, Final
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
+from streams.link import Link
+
 EncodableT = str | bytes | int | float
 
 _TERMINAL_LUA: Final = """
@@ -355,7 +357,15 @@ class LuaScript:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
-    async def __call__(self, client: Redis, keys: Sequence[str], args: Sequence[EncodableT]) -> Any:
+    async def __call__(
+        self, client: Redis | Link, keys: Sequence[str], args: Sequence[EncodableT]
+    ) -> Any:
+        if isinstance(client, Link):
+            try:
+                return await client.execute("EVALSHA", self.sha, len(keys), *keys, *args)
+            except NoScriptError:
+                await client.execute("SCRIPT", "LOAD", self.source)
+                return await client.execute("EVALSHA", self.sha, len(keys), *keys, *args)
         try:
             return await client.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:
