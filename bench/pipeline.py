@@ -513,6 +513,19 @@ class TripCounter:
 
         AbstractConnection.send_packed_command = counted  # type: ignore[method-assign]
 
+        # the worker's own links (streams/link.py): each command is its own request
+        import hiredis
+
+        from streams.link import _Wire
+
+        wire_send = _Wire.send
+
+        def counted_wire(self: Any, args: tuple[Any, ...]) -> Any:
+            counter.record(hiredis.pack_command(args))
+            return wire_send(self, args)
+
+        _Wire.send = counted_wire  # type: ignore[method-assign]
+
 
 def count_round_trips(args: argparse.Namespace, r: redis.Redis) -> dict[str, Any]:
     """Run the production worker (``ops.app.serve``, as ``sop-llm worker`` does) in a thread of
