@@ -104,6 +104,10 @@ class _Wire(asyncio.Protocol):
         return self.lost is None and self.transport is not None and not self.transport.is_closing()
 
 
+def _expire(wire: _Wire, command: object, limit: float) -> None:
+    wire.close(RedisTimeoutError(f"redis did not answer {command!s} within {limit:g} s"))
+
+
 class Link:
     """One pipelined connection to one Redis server (see the module docstring)."""
 
@@ -167,16 +171,13 @@ class Link:
             wire = await self._connect()
         waiter = wire.send(args)
         limit = self._timeout_s if timeout_s is None else timeout_s
+        # a plain timer, cheaper than asyncio.timeout: when it fires the server is not
+        # answering, and closing the connection fails this call and every other one waiting
+        timer = asyncio.get_running_loop().call_later(limit, _expire, wire, args[0], limit)
         try:
-            async with asyncio.timeout(limit):
-                return await waiter
-        except TimeoutError:
-            if waiter.cancelled():  # the timeout fired, not a TimeoutError from the server
-                wire.close(RedisTimeoutError("redis did not answer in time"))
-                raise RedisTimeoutError(
-                    f"redis did not answer {args[0]!s} within {limit:g} s"
-                ) from None
-            raise
+            return await waiter
+        finally:
+            timer.cancel()
 
     async def evalsha(self, sha: str, keys: list[str] | tuple[str, ...], args: Any) -> Any:
         return await self.execute("EVALSHA", sha, len(keys), *keys, *args)
