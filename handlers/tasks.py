@@ -1,38 +1,38 @@
 """The task worker: pull when ready, run, write exactly one outcome.
 
-One loop takes free slots, then reads at most that many entries (highest partition first); each
-entry becomes an asyncio task that holds its slot until its outcome is written, except the tasks
-of instant models, whose outcomes are written with their start, inside the batch
-(``handlers/instant.py``). Beside it run
-the reclaimer (entries of workers whose lease expired), the lease renewal, the control reader
-(cancellations), the retry mover (due retries back to their partitions) and the trimmer.
+One loop takes free slots, then reads at most that many entries (highest partition first) and
+hands the batch to admission (``handlers/admission.py``): prepared while the next read is in
+Redis, begun in one round trip, then each entry an asyncio task that holds its slot until its
+outcome is written, except the tasks of instant models, whose outcomes are written with their
+start (``handlers/instant.py``). Beside it run the reclaimer (entries of workers whose lease
+expired), the lease renewal, the control reader (cancellations), the retry mover (due retries
+back to their partitions) and the trimmer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 from collections.abc import Awaitable, Callable
 
 from opentelemetry.trace import Tracer
 from redis.asyncio import Redis
 
+from handlers.admission import Admission
 from handlers.gpu_gate import GpuGate
 from handlers.instant import InstantTasks
 from handlers.metrics import Metrics
-from handlers.prepare import Prepared, now_ms, prepare
+from handlers.prepare import now_ms
 from handlers.runner import REDIS_TROUBLE, TaskRunner
 from handlers.worker_config import Lane, WorkerConfig
 from providers.registry import ModelRegistry
 from streams.control import cancel_task, control_events
 from streams.dispatch import PriorityReader
-from streams.entries import Entry
 from streams.keys import TASK_GROUP, Keys
 from streams.leases import Lease, Reclaimer
 from streams.link import Link
-from streams.outcome import BeginReply, Finish, Outcomes, Start
+from streams.outcome import Outcomes
 from streams.retention import trim_all
 from streams.retry import move_due
 from streams.tokens import TokenStreams
@@ -92,15 +92,13 @@ class Worker:
             gpu=gpu,
         )  # fmt: skip
         # with tracing on, every task takes the runner's path and gets its spans
-        self._instant = InstantTasks(
+        instant = InstantTasks(
             registry=registry, writer=self._runner.writer, metrics=metrics, enabled=tracer is None
         )
-        self._inflight: set[asyncio.Task[None]] = set()
-        self._running_entries: dict[asyncio.Task[None], tuple[str, str]] = {}
-        # read batches whose begin round trip is under way, and their entries
-        self._admissions: set[asyncio.Task[None]] = set()
-        self._admitting: set[tuple[str, str]] = set()
-        self._slot_freed = asyncio.Event()
+        self._admission = Admission(
+            keys=keys, config=config, outcomes=self._outcomes, runner=self._runner, instant=instant
+        )
+        self._slot_freed = self._admission.slot_freed
         self._intake = asyncio.Lock()
         self._ready = False
 
@@ -118,7 +116,7 @@ class Worker:
 
     @property
     def inflight(self) -> int:
-        return len(self._inflight)
+        return len(self._admission.inflight)
 
     @property
     def slots(self) -> dict[str, int]:
@@ -175,20 +173,7 @@ class Worker:
             log.info("worker started", extra={"consumer": self.consumer, "slots": self.slots})
 
     async def _drain(self) -> None:
-        if self._admissions:  # batches being begun start their tasks first
-            await asyncio.wait(set(self._admissions), timeout=self._config.shutdown_grace_s)
-        if self._inflight:
-            log.info("draining", extra={"inflight": len(self._inflight)})
-            _, pending = await asyncio.wait(
-                set(self._inflight), timeout=self._config.shutdown_grace_s
-            )
-            for task in pending:
-                task.cancel()
-            if pending:
-                log.warning(
-                    "grace period over, leaving tasks pending", extra={"count": len(pending)}
-                )
-                await asyncio.wait(pending)
+        await self._admission.drain(self._config.shutdown_grace_s)
 
     async def _wait_for_slot(self, stop: asyncio.Event) -> None:
         self._slot_freed.clear()
@@ -232,7 +217,7 @@ class Worker:
             async with asyncio.timeout(lane.reader.block_ms / 1000 + 10):
                 entries = await lane.reader.read(lane.read_size())
             if entries:
-                self._admit(lane, entries, tg)
+                self._admission.admit(lane, entries, tg)
                 if lane.reader.drained:
                     # the partitions are drained: the batch's begin goes out before the next
                     # read (latency first); a full batch is prepared while that read is in Redis
@@ -249,7 +234,7 @@ class Worker:
                 async with asyncio.timeout(10):
                     entries, last = await lane.reader.read_now(lane.read_size())
                 if entries:
-                    self._admit(lane, entries, tg)
+                    self._admission.admit(lane, entries, tg)
                 else:
                     waits.update(zip(lane.reader.streams, last, strict=True))
         if len(waits) < sum(len(lane.reader.streams) for lane in active):
@@ -298,12 +283,12 @@ class Worker:
                 async with self._intake:
                     entries = await lane.reclaimer.reclaim(lane.free())
                     # ours too: entries delivered while the link broke, that nothing here runs
-                    busy = set(self._running_entries.values()) | self._admitting
+                    busy = self._admission.busy()
                     entries += await lane.reclaimer.orphans(
                         lane.free() - len(entries), busy, min_idle_ms=min_idle
                     )
                     if entries:
-                        self._admit(lane, entries, tg)
+                        self._admission.admit(lane, entries, tg)
 
         return reclaim
 
@@ -345,128 +330,3 @@ class Worker:
                         )
             except REDIS_TROUBLE:
                 await backoff.sleep(stop)
-
-    def _admit(self, lane: Lane, entries: list[Entry], tg: asyncio.TaskGroup) -> None:
-        """Prepare a read batch and begin it (one round trip, which also writes the outcomes of
-        instant models) in a task of its own, so that it overlaps the next read. The batch holds
-        its slots until it is prepared (then only the entries that will run as tasks hold one)
-        and its entries are not orphans until their tasks hold them."""
-        held = [(e.stream, e.entry_id) for e in entries]
-        lane.admitting += len(held)
-        lane.begins += 1
-        self._admitting.update(held)
-        holding = [len(held)]  # slots this batch holds, until it is begun
-        task = tg.create_task(self._admission(lane, entries, holding, tg))
-        self._admissions.add(task)
-        task.add_done_callback(functools.partial(self._admitted, lane, held, holding))
-
-    def _admitted(
-        self, lane: Lane, held: list[tuple[str, str]], holding: list[int], task: asyncio.Task[None]
-    ) -> None:
-        self._admissions.discard(task)
-        lane.admitting -= holding[0]
-        lane.begins -= 1
-        self._admitting.difference_update(held)
-        self._slot_freed.set()
-
-    async def _admission(
-        self, lane: Lane, entries: list[Entry], holding: list[int], tg: asyncio.TaskGroup
-    ) -> None:
-        try:
-            prepared, starts, now = self._prepare(entries)
-        except Exception:
-            # the admission's guard: an error here must not end the worker's task group
-            log.exception("preparing a batch failed, entries left pending")
-            return
-        # an instant model's entry holds no slot: its work is done, its begin writes the outcome
-        # (a later attempt found by begin runs as a task, briefly beyond the slots)
-        instant = sum(1 for s in starts if s.finish is not None)
-        if instant:
-            lane.admitting -= instant
-            holding[0] -= instant
-            self._slot_freed.set()
-        await self._begin(lane, prepared, starts, now, tg)
-
-    def _prepare(self, entries: list[Entry]) -> tuple[list[Prepared], list[Start], int]:
-        cfg = self._config
-        now = now_ms()
-        prepared = [
-            prepare(
-                e,
-                keys=self._keys,
-                max_prompt_bytes=cfg.max_prompt_bytes,
-                max_metadata_bytes=cfg.max_metadata_bytes,
-            )
-            for e in entries
-        ]
-        starts: list[Start] = []
-        for p in prepared:
-            event = p.event
-            if event is None:
-                continue
-            keyed = event.idempotency_key is not None
-            starts.append(
-                Start(
-                    entry=p.entry,
-                    task_id=p.task_id,
-                    model=p.model,
-                    payload_hash=event.payload_hash() if keyed else "",
-                    idempotency_key=event.idempotency_key,
-                    reply_to=event.reply_to,
-                    webhook_url=event.webhook_url,
-                    max_attempts=event.max_attempts or cfg.max_attempts,
-                    finish=self._instant.outcome(p, now),
-                )
-            )
-        return prepared, starts, now
-
-    async def _begin(
-        self,
-        lane: Lane,
-        prepared: list[Prepared],
-        starts: list[Start],
-        now: int,
-        tg: asyncio.TaskGroup,
-    ) -> None:
-        try:
-            replies = iter(await self._outcomes.begin(starts, now))
-        except REDIS_TROUBLE as exc:
-            # nothing started: the entries stay pending here and are adopted again
-            log.warning(
-                "begin failed, entries left pending",
-                extra={"count": len(starts), "error": repr(exc)},
-            )
-            return
-        except Exception:
-            # the admission's guard: an error here must not end the worker's task group
-            log.exception("begin failed, entries left pending")
-            return
-        begun = iter(starts)
-        finished: list[tuple[Prepared, Finish]] = []
-        for p in prepared:
-            # invalid entries skip `begin`: they end at once, as their first attempt
-            if p.event is None:
-                reply = BeginReply("run", attempts=1)
-            else:
-                reply, start = next(replies), next(begun)
-                if reply.verdict == "finished" and start.finish is not None:
-                    finished.append((p, start.finish))
-                    continue
-            if reply.verdict in ("done", "duplicate"):
-                log.info(
-                    "entry skipped",
-                    extra={"task_id": p.task_id, "verdict": reply.verdict, "other": reply.other},
-                )
-                continue
-            task = tg.create_task(self._runner.run(p, reply))
-            self._inflight.add(task)
-            lane.inflight.add(task)
-            self._running_entries[task] = (p.entry.stream, p.entry.entry_id)
-            task.add_done_callback(functools.partial(self._release, lane))
-        self._instant.finished(finished)
-
-    def _release(self, lane: Lane, task: asyncio.Task[None]) -> None:
-        self._inflight.discard(task)
-        lane.inflight.discard(task)
-        self._running_entries.pop(task, None)
-        self._slot_freed.set()
