@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 from typing import Any, Final, cast
 
 import hiredis
@@ -128,7 +129,8 @@ class Link:
         self._username, self._password, self._db = username, password, db
         self._timeout_s = timeout_s
         self._connect_timeout_s = connect_timeout_s
-        self._name = name
+        # CLIENT SETNAME takes printable ASCII without spaces: anything else becomes "_"
+        self._name = "".join(c if "!" <= c <= "~" else "_" for c in name) if name else None
         self._wire: _Wire | None = None
         self._connecting = asyncio.Lock()
         self._closed = False
@@ -210,19 +212,22 @@ class Link:
             return wire
 
     async def _hello(self, wire: _Wire) -> None:
-        """Authenticate, select the database and name the connection, as redis-py would."""
+        """Authenticate and select the database (both must succeed), then name the connection
+        (best effort: an ACL user may not be allowed ``CLIENT SETNAME``)."""
         setup: list[tuple[Any, ...]] = []
         if self._password is not None:
             auth = (self._username, self._password) if self._username else (self._password,)
             setup.append(("AUTH", *auth))
         if self._db:
             setup.append(("SELECT", self._db))
-        if self._name:
-            setup.append(("CLIENT", "SETNAME", self._name))
         waiters = [wire.send(cmd) for cmd in setup]
+        naming = wire.send(("CLIENT", "SETNAME", self._name)) if self._name else None
         try:
             for waiter in waiters:
                 await waiter
         except RedisError:
             wire.close(RedisConnectionError("connection set-up refused"))
             raise
+        if naming is not None:
+            with contextlib.suppress(RedisError):
+                await naming

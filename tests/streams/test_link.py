@@ -109,6 +109,15 @@ async def test_a_broken_connection_fails_waiting_calls_and_the_next_call_reconne
     assert await link.execute("CLIENT", "ID") != conn_id
 
 
+async def test_a_name_redis_would_refuse_is_made_acceptable(redis_url: str) -> None:
+    client = Redis.from_url(redis_url)
+    link = Link.of(client, name="worker one:read:défaut\n")
+    assert link is not None
+    assert await link.execute("CLIENT", "GETNAME") == b"worker_one:read:d_faut_"
+    await link.aclose()
+    await client.aclose()
+
+
 async def test_an_unreachable_server_is_a_connection_error() -> None:
     link = Link(port=free_port(), connect_timeout_s=1)
     with pytest.raises(redis.exceptions.ConnectionError, match="cannot connect"):
@@ -137,3 +146,20 @@ async def test_password_and_database_come_from_the_client(private_redis: RedisSe
     assert bad is not None
     with pytest.raises(AuthenticationError):
         await bad.execute("PING")
+
+
+async def test_a_user_not_allowed_to_name_its_connection_still_connects(
+    private_redis: RedisServer,
+) -> None:
+    admin = redis.Redis(port=private_redis.port)
+    admin.acl_setuser(
+        "worker", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-client"]
+    )
+    admin.close()
+    url = f"redis://worker:pw@127.0.0.1:{private_redis.port}/0"
+    link = Link.of(Redis.from_url(url), name="named")
+    assert link is not None
+    assert await link.execute("PING") == b"PONG"
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        await link.execute("CLIENT", "GETNAME")
+    await link.aclose()
