@@ -61,9 +61,10 @@ class Worker:
         self._streams = config.streams(keys)
         self._lanes = []
         # lean connections for the hot commands: one per pool for its blocking reads, one for
-        # begins and finishes (pipelined)
+        # begins and finishes (pipelined), one for the blocking read of cancellations
         self._links: list[Link] = []
         write_link = self._link(client, f"{config.consumer}:write")
+        self._control_link = self._link(client, f"{config.consumer}:control")
         for pool in config.pools:
             streams = [keys.tasks(pool, part) for part in config.partitions]
             reader = PriorityReader(
@@ -312,7 +313,7 @@ class Worker:
         while not stop.is_set():
             try:
                 async for task_id in control_events(
-                    self._client, self._keys, block_ms=self._config.block_ms
+                    self._control_link or self._client, self._keys, block_ms=self._config.block_ms
                 ):
                     backoff.reset()
                     if self._runner.cancel(task_id):

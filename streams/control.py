@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 from schemas.result import TERMINAL_STATES, TaskResult, TaskState
 from streams import keys as k
 from streams.entries import Entry, entries_from_range, entries_from_read, text
+from streams.link import Link
 from streams.outcome import Finish, Outcomes, webhook_job
 from streams.scripts import CANCEL_SCRIPT
 
@@ -89,15 +90,26 @@ async def cancel_task(
 
 
 async def control_events(
-    client: Redis, keys: k.Keys, *, block_ms: int = 1000
+    client: Redis | Link, keys: k.Keys, *, block_ms: int = 1000
 ) -> AsyncIterator[str]:
-    """Task ids of ``task.cancel`` events published from now on (every reader sees every one)."""
-    newest = entries_from_range(keys.control, await client.xrevrange(keys.control, count=1))
+    """Task ids of ``task.cancel`` events published from now on (every reader sees every one).
+    A worker reads them over a link of its own (``streams/link.py``) where it has one."""
+    stream = keys.control
+    if isinstance(client, Link):
+        raw = await client.execute("XREVRANGE", stream, "+", "-", "COUNT", 1)
+        newest = entries_from_range(stream, raw)
+    else:
+        newest = entries_from_range(stream, await client.xrevrange(stream, count=1))
     last = newest[0].entry_id if newest else "0-0"
     while True:
-        for entry in entries_from_read(
-            await client.xread({keys.control: last}, count=100, block=block_ms)
-        ):
+        if isinstance(client, Link):
+            reply = await client.execute(
+                "XREAD", "COUNT", 100, "BLOCK", block_ms, "STREAMS", stream, last,
+                timeout_s=block_ms / 1000 + client.timeout_s,
+            )  # fmt: skip
+        else:
+            reply = await client.xread({stream: last}, count=100, block=block_ms)
+        for entry in entries_from_read(reply):
             last = entry.entry_id
             if entry.type != "task.cancel":
                 continue

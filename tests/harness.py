@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -74,8 +75,20 @@ async def running_worker(
         yield worker
     finally:
         stop.set()
-        async with asyncio.timeout(30):
-            await task
+        done, _ = await asyncio.wait({task}, timeout=30)
+        if not done:
+            # say what the worker was still waiting for
+            stacks = []
+            for other in asyncio.all_tasks():
+                if other is not asyncio.current_task():
+                    buf = io.StringIO()
+                    other.print_stack(limit=10, file=buf)
+                    stacks.append(buf.getvalue())
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            raise AssertionError("the worker did not stop within 30 s:\n" + "\n".join(stacks))
+        task.result()
 
 
 async def results(client: Redis, keys: Keys) -> list[TaskResult]:

@@ -44,7 +44,7 @@ async def test_tasks_are_served_with_and_without_the_links(
         links = sorted(c["name"] for c in await named(client, consumer))
     assert sorted(r.task_id for r in done) == sorted(f"t{i}" for i in range(200))
     if fast_link:
-        assert links == [f"{consumer}:read:default", f"{consumer}:write"]
+        assert links == [f"{consumer}:control", f"{consumer}:read:default", f"{consumer}:write"]
     else:
         assert links == []
     assert await named(client, consumer) == []  # closed with the worker
