@@ -4,9 +4,12 @@ exceptions, cancelled and timed-out calls, broken connections, credentials and d
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -146,6 +149,32 @@ async def test_password_and_database_come_from_the_client(private_redis: RedisSe
     assert bad is not None
     with pytest.raises(AuthenticationError):
         await bad.execute("PING")
+
+
+async def test_a_server_on_a_unix_socket(tmp_path: Path) -> None:
+    exe = shutil.which("redis-server")
+    assert exe, "redis-server is required on PATH"
+    sock = tmp_path / "redis.sock"
+    proc = subprocess.Popen(
+        [exe, "--port", "0", "--unixsocket", str(sock), "--save", "", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(200):
+            if sock.exists():
+                break
+            await asyncio.sleep(0.02)
+        link = Link.of(Redis.from_url(f"unix://{sock}?db=2"), name="unix")
+        assert link is not None
+        assert await link.execute("SET", "k", "v") == b"OK"
+        await link.aclose()
+        check = redis.Redis(unix_socket_path=str(sock), db=2)
+        assert check.get("k") == b"v"
+        check.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 async def test_a_user_not_allowed_to_name_its_connection_still_connects(
