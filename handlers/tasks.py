@@ -313,7 +313,10 @@ class Worker:
         while not stop.is_set():
             try:
                 async for task_id in control_events(
-                    self._control_link or self._client, self._keys, block_ms=self._config.block_ms
+                    self._control_link or self._client,
+                    self._keys,
+                    block_ms=self._config.block_ms,
+                    stop=stop,
                 ):
                     backoff.reset()
                     if self._runner.cancel(task_id):

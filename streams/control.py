@@ -11,6 +11,7 @@ A cancel reaches a task in every state it can be in:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -90,10 +91,17 @@ async def cancel_task(
 
 
 async def control_events(
-    client: Redis | Link, keys: k.Keys, *, block_ms: int = 1000
+    client: Redis | Link,
+    keys: k.Keys,
+    *,
+    block_ms: int = 1000,
+    stop: asyncio.Event | None = None,
 ) -> AsyncIterator[str]:
-    """Task ids of ``task.cancel`` events published from now on (every reader sees every one).
-    A worker reads them over a link of its own (``streams/link.py``) where it has one."""
+    """Task ids of ``task.cancel`` events published from now on (every reader sees every one),
+    until ``stop`` is set. A worker reads them over a link of its own (``streams/link.py``)
+    where it has one. ``stop`` bounds the end even where a cancellation gets lost: redis-py's
+    asyncio client can swallow the cancellation of a blocking read (redis/redis-py#2028), and
+    this loop would then read on forever."""
     stream = keys.control
     if isinstance(client, Link):
         raw = await client.execute("XREVRANGE", stream, "+", "-", "COUNT", 1)
@@ -101,7 +109,7 @@ async def control_events(
     else:
         newest = entries_from_range(stream, await client.xrevrange(stream, count=1))
     last = newest[0].entry_id if newest else "0-0"
-    while True:
+    while stop is None or not stop.is_set():
         if isinstance(client, Link):
             reply = await client.execute(
                 "XREAD", "COUNT", 100, "BLOCK", block_ms, "STREAMS", stream, last,
