@@ -53,6 +53,7 @@ from handlers.webhook_store import (
     settlement_after,
 )
 from schemas.result import WebhookJob
+from streams.cancellation import raise_if_cancelled
 from streams.entries import Entry
 from streams.keys import WEBHOOK_GROUP, Keys
 from streams.leases import Lease, Reclaimer
@@ -177,6 +178,7 @@ class WebhookSender:
                             WEBHOOK_GROUP, self.consumer, {stream: ">"},
                             count=self._free(), block=self._config.block_ms,
                         )  # fmt: skip
+                    raise_if_cancelled()
                     rows = [row for _, batch in reply or [] for row in batch]
                     entries = [Entry.from_reply(stream, eid, f) for eid, f in rows]
                     self._admit(entries, tg, stop)

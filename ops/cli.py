@@ -19,6 +19,7 @@ from ops.app import serve
 from ops.connect import redis_client_for
 from ops.settings import Settings
 from schemas.errors import SopError
+from streams.cancellation import raise_if_cancelled
 from streams.entries import entries_from_read
 from streams.keys import Keys
 from streams.producer import Producer
@@ -141,6 +142,7 @@ async def _tail(settings: Settings, args: argparse.Namespace) -> int:
         while True:
             block = int(args.timeout * 1000) if args.timeout else 5000
             reply = await client.xread({stream: last}, count=100, block=block)
+            raise_if_cancelled()
             if not reply and args.timeout:
                 return 0
             for entry in entries_from_read(reply):

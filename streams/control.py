@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 
 from schemas.result import TERMINAL_STATES, TaskResult, TaskState
 from streams import keys as k
+from streams.cancellation import raise_if_cancelled
 from streams.entries import Entry, entries_from_range, entries_from_read, text
 from streams.link import Link
 from streams.outcome import Finish, Outcomes, webhook_job
@@ -117,6 +118,7 @@ async def control_events(
             )  # fmt: skip
         else:
             reply = await client.xread({stream: last}, count=100, block=block_ms)
+            raise_if_cancelled()
         for entry in entries_from_read(reply):
             last = entry.entry_id
             if entry.type != "task.cancel":

@@ -19,6 +19,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from streams.cancellation import raise_if_cancelled
 from streams.entries import Entry, entries_from_read, text
 from streams.keys import TASK_GROUP
 from streams.link import Link
@@ -144,6 +145,7 @@ class PriorityReader:
         reply = await self._client.xread(
             dict(zip(streams, last_ids, strict=True)), count=1, block=self._block_ms
         )
+        raise_if_cancelled()
         if not reply:
             return []
         entries, _ = await self._read_now(free)
@@ -173,6 +175,7 @@ class PriorityReader:
                 count=count,
                 block=self._block_ms,
             )
+            raise_if_cancelled()
         return entries_from_read(reply)
 
     async def _check_aging(self) -> None:

@@ -37,6 +37,7 @@ from schemas.task import (
     describe_validation_error,
 )
 from schemas.wire import EventType
+from streams.cancellation import raise_if_cancelled
 from streams.control import CancelOutcome, cancel_task
 from streams.entries import entries_from_range, entries_from_read, text
 from streams.keys import DEFAULT_PARTITIONS, DEFAULT_POOL, Keys
@@ -227,6 +228,7 @@ class Producer:
             reply = await self._client.xread(
                 {self.keys.results: last}, count=500, block=max(1, int(min(left, 5.0) * 1000))
             )
+            raise_if_cancelled()
             for entry in entries_from_read(reply):
                 last = entry.entry_id
                 data = entry.data or b""
@@ -269,6 +271,7 @@ class Producer:
                     group, consumer, {stream: "0" if backlog else ">"}, count=100,
                     block=None if backlog else block_ms,
                 )  # fmt: skip
+            raise_if_cancelled()
             entries = entries_from_read(reply)
             if group is not None and backlog and not entries:
                 backlog = False

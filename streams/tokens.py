@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from schemas.result import TERMINAL_STATES, TaskState
+from streams.cancellation import raise_if_cancelled
 from streams.entries import entries_from_read
 from streams.keys import Keys
 from streams.status import read_status
@@ -129,6 +130,7 @@ async def read_tokens(
     while True:
         # once the task is known to be over, one last non-blocking read drains what is left
         reply = await client.xread({key: last}, count=500, block=None if ended else block_ms)
+        raise_if_cancelled()
         for entry in entries_from_read(reply):
             last = entry.entry_id
             body = json.loads(entry.data or b"{}")
