@@ -52,8 +52,8 @@ import llama_cpp  # noqa: E402
 from redis.asyncio import Redis  # noqa: E402
 
 import tests.providers.tinygguf as tinygguf  # noqa: E402
+from bench.redisutil import delete_namespace  # noqa: E402
 from schemas.result import TaskResult, TaskState  # noqa: E402
-from streams.keys import Keys  # noqa: E402
 from streams.producer import Producer, ProducerConfig  # noqa: E402
 
 # n_embd, n_head, n_layer, n_ff
@@ -194,17 +194,6 @@ def worker_process(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
-
-
-async def delete_namespace(client: Redis, namespace: str) -> None:
-    batch: list[Any] = []
-    async for key in client.scan_iter(match=Keys(namespace).all_pattern, count=1000):
-        batch.append(key)
-        if len(batch) >= 500:
-            await client.unlink(*batch)
-            batch = []
-    if batch:
-        await client.unlink(*batch)
 
 
 @dataclass(slots=True)

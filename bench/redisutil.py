@@ -1,4 +1,5 @@
-"""A throw-away redis-server for one benchmark run (shared by the harnesses)."""
+"""Redis helpers the harnesses share: a throw-away redis-server for one run, and deleting a
+benchmark namespace (SCAN + UNLINK of its keys only). Importable from the peers' venv."""
 
 from __future__ import annotations
 
@@ -6,8 +7,12 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import redis
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 
 def free_port() -> int:
@@ -34,3 +39,18 @@ def start_private_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
                 proc.kill()
                 raise
             time.sleep(0.05)
+
+
+async def delete_namespace(client: Redis, namespace: str) -> None:
+    # imported here: compare.py loads this module from the peers' venv, without the project's
+    # dependencies
+    from streams.keys import Keys
+
+    batch: list[Any] = []
+    async for key in client.scan_iter(match=Keys(namespace).all_pattern, count=1000):
+        batch.append(key)
+        if len(batch) >= 500:
+            await client.unlink(*batch)
+            batch = []
+    if batch:
+        await client.unlink(*batch)

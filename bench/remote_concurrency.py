@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 from aiohttp import web  # noqa: E402
 from redis.asyncio import Redis  # noqa: E402
 
+from bench.redisutil import delete_namespace  # noqa: E402
 from providers.base import GenerationRequest  # noqa: E402
 from providers.factory import build_provider  # noqa: E402
 from schemas.models import ModelSpec  # noqa: E402
@@ -160,17 +161,6 @@ def start_worker(
             [sys.executable, "-m", "ops.cli", "worker"], env=env, cwd=ROOT, stdout=log,
             stderr=subprocess.STDOUT,
         )  # fmt: skip
-
-
-async def delete_namespace(client: Redis, namespace: str) -> None:
-    batch: list[Any] = []
-    async for key in client.scan_iter(match=Keys(namespace).all_pattern, count=1000):
-        batch.append(key)
-        if len(batch) >= 500:
-            await client.unlink(*batch)
-            batch = []
-    if batch:
-        await client.unlink(*batch)
 
 
 @dataclass(slots=True)
