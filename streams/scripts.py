@@ -6,8 +6,9 @@ scripts are legal on Redis Cluster. They run on Redis 6.2 and later.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 from redis.asyncio import Redis
@@ -360,17 +361,17 @@ class LuaScript:
     async def __call__(
         self, client: Redis | Link, keys: Sequence[str], args: Sequence[EncodableT]
     ) -> Any:
+        call: Callable[..., Awaitable[Any]]
+        load: Callable[[str], Awaitable[Any]]
         if isinstance(client, Link):
-            try:
-                return await client.execute("EVALSHA", self.sha, len(keys), *keys, *args)
-            except NoScriptError:
-                await client.execute("SCRIPT", "LOAD", self.source)
-                return await client.execute("EVALSHA", self.sha, len(keys), *keys, *args)
+            call, load = client.execute, functools.partial(client.execute, "SCRIPT", "LOAD")
+        else:
+            call, load = client.execute_command, client.script_load
         try:
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
+            return await call("EVALSHA", self.sha, len(keys), *keys, *args)
         except NoScriptError:
-            await client.script_load(self.source)
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
+            await load(self.source)
+            return await call("EVALSHA", self.sha, len(keys), *keys, *args)
 
 
 ScriptCall = tuple[LuaScript, Sequence[str], Sequence[EncodableT]]

@@ -57,15 +57,19 @@ async def test_error_replies_raise_what_redis_py_raises(
     assert await link.execute("PING") == b"PONG"  # the connection is still good
 
 
-async def test_a_script_unknown_to_the_server_is_loaded_and_run(link: Link, keys: Keys) -> None:
-    marker = uuid.uuid4().hex
+@pytest.mark.parametrize("via_link", [True, False], ids=["link", "redis-py"])
+async def test_a_script_unknown_to_the_server_is_loaded_and_run(
+    link: Link, client: Redis, keys: Keys, via_link: bool
+) -> None:
+    marker = uuid.uuid4().hex  # a script the server has never seen: NOSCRIPT, load, run
     script = LuaScript("t", f"return {{KEYS[1], ARGV[1], '{marker}'}}")
-    assert await script(link, [keys.task("k")], ["a"]) == [
-        keys.task("k").encode(), b"a", marker.encode()
-    ]  # fmt: skip
-    assert await script(link, [keys.task("k")], ["b"]) == [
-        keys.task("k").encode(), b"b", marker.encode()
-    ]  # fmt: skip
+    target = link if via_link else client
+    assert await client.script_exists(script.sha) == [False]
+    for arg in ("a", "b"):
+        assert await script(target, [keys.task("k")], [arg]) == [
+            keys.task("k").encode(), arg.encode(), marker.encode()
+        ]  # fmt: skip
+    assert await client.script_exists(script.sha) == [True]
 
 
 async def test_a_cancelled_call_leaves_later_replies_to_their_callers(
