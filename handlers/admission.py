@@ -27,6 +27,23 @@ EntryKey = tuple[str, str]
 """(stream, entry id)"""
 
 
+class _Held:
+    """A read batch on its way in: its entries, and the slots it still holds in its lane
+    (all of them until it is prepared, then those of the entries that will run as tasks)."""
+
+    __slots__ = ("entries", "lane", "slots")
+
+    def __init__(self, lane: Lane, entries: list[EntryKey]) -> None:
+        self.lane = lane
+        self.entries = entries
+        self.slots = len(entries)
+        lane.admitting += self.slots
+
+    def release(self, count: int) -> None:
+        self.slots -= count
+        self.lane.admitting -= count
+
+
 class Admission:
     def __init__(
         self,
@@ -75,27 +92,21 @@ class Admission:
         instant models) in a task of its own, so that it overlaps the next read. The batch holds
         its slots until it is prepared (then only the entries that will run as tasks hold one)
         and its entries are not orphans until their tasks hold them."""
-        held = [(e.stream, e.entry_id) for e in entries]
-        lane.admitting += len(held)
+        held = _Held(lane, [(e.stream, e.entry_id) for e in entries])
         lane.begins += 1
-        self._admitting.update(held)
-        holding = [len(held)]  # slots this batch holds, until it is begun
-        task = tg.create_task(self._admission(lane, entries, holding, tg))
+        self._admitting.update(held.entries)
+        task = tg.create_task(self._admission(held, entries, tg))
         self._admissions.add(task)
-        task.add_done_callback(functools.partial(self._admitted, lane, held, holding))
+        task.add_done_callback(functools.partial(self._admitted, held))
 
-    def _admitted(
-        self, lane: Lane, held: list[EntryKey], holding: list[int], task: asyncio.Task[None]
-    ) -> None:
+    def _admitted(self, held: _Held, task: asyncio.Task[None]) -> None:
         self._admissions.discard(task)
-        lane.admitting -= holding[0]
-        lane.begins -= 1
-        self._admitting.difference_update(held)
+        held.release(held.slots)
+        held.lane.begins -= 1
+        self._admitting.difference_update(held.entries)
         self.slot_freed.set()
 
-    async def _admission(
-        self, lane: Lane, entries: list[Entry], holding: list[int], tg: asyncio.TaskGroup
-    ) -> None:
+    async def _admission(self, held: _Held, entries: list[Entry], tg: asyncio.TaskGroup) -> None:
         try:
             prepared, starts, now = self._prepare(entries)
         except Exception:
@@ -106,10 +117,9 @@ class Admission:
         # (a later attempt found by begin runs as a task, briefly beyond the slots)
         instant = sum(1 for s in starts if s.finish is not None)
         if instant:
-            lane.admitting -= instant
-            holding[0] -= instant
+            held.release(instant)
             self.slot_freed.set()
-        await self._begin(lane, prepared, starts, now, tg)
+        await self._begin(held.lane, prepared, starts, now, tg)
 
     def _prepare(self, entries: list[Entry]) -> tuple[list[Prepared], list[Start], int]:
         cfg = self._config
