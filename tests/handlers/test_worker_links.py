@@ -13,6 +13,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from handlers.prepare import prepare
 from streams.keys import TASK_GROUP, Keys
 from streams.link import _Wire
 from streams.scripts import BEGIN_MANY_SCRIPT, FINISH_MANY_SCRIPT
@@ -112,3 +113,24 @@ async def test_links_broken_mid_batch_lose_and_double_nothing(
     assert kills >= 1, "the read link was never killed"
     if tokens_per_s == 0:
         assert "begin failed, entries left pending" in caplog.text, "no begin failed"
+
+
+async def test_a_batch_that_fails_to_prepare_is_adopted_again(
+    client: Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unexpected error while a batch is prepared neither ends the worker nor loses the
+    batch: its entries stay pending and the worker adopts them again."""
+    calls = collections.Counter[str]()
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("test: prepare broke")
+        return prepare(*args, **kwargs)
+
+    monkeypatch.setattr("handlers.admission.prepare", flaky)
+    await publish(client, keys, 0, 1)
+    async with running_worker(client, keys, consumer=f"wp-{keys.namespace}"):
+        [result] = await wait_results(client, keys, 1, timeout=10)
+    assert (result.task_id, result.attempts) == ("t0", 1)
+    assert "preparing a batch failed, entries left pending" in caplog.text
