@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import orjson
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
@@ -29,7 +28,9 @@ from streams.keys import TASK_GROUP, Keys
 from streams.link import Link
 from streams.scripts import (
     BEGIN_MANY_SCRIPT,
+    BEGIN_WIDTH,
     FINISH_MANY_SCRIPT,
+    FINISH_WIDTH,
     RETRY_SCRIPT,
     EncodableT,
 )
@@ -119,20 +120,22 @@ class Outcomes:
         ``cancelled`` (a cancel came before the start)."""
         if not starts:
             return []
-        b = _Batch(self._keys, [self._group, self._worker, now_ms, self._ttl], len(starts))
-        key = b.key
+        b = _Batch(self._keys, [self._group, self._worker, now_ms, self._ttl, len(starts)])
+        key, args = b.key, b.args
         for s in starts:
             idem = key(self._keys.idem(s.idempotency_key)) if s.idempotency_key is not None else 0
-            task: dict[str, object] = {
-                "k": [key(self._keys.task(s.task_id)), key(s.entry.stream), idem],
-                "e": s.entry.entry_id, "id": s.task_id, "a": s.max_attempts or self._max_attempts,
-                "m": s.model, "h": s.payload_hash, "c": s.entry.timestamp_ms,
-                "r": s.reply_to or "", "w": s.webhook_url or "",
-            }  # fmt: skip
+            args += (
+                key(self._keys.task(s.task_id)), key(s.entry.stream), idem,
+                s.entry.entry_id, s.task_id, s.max_attempts or self._max_attempts,
+                s.model, s.payload_hash, s.entry.timestamp_ms,
+                s.reply_to or "", s.webhook_url or "", 1 if s.finish is not None else 0,
+            )  # fmt: skip
             if s.finish is not None:
-                task["f"] = self._finish_fields(s.finish, b)
-            b.add(task)
-        replies = await BEGIN_MANY_SCRIPT(self._link or self._client, b.keys, b.args())
+                self._finish_args(s.finish, b)
+        carried = sum(1 for s in starts if s.finish is not None)
+        if len(args) != 5 + BEGIN_WIDTH * len(starts) + FINISH_WIDTH * carried:
+            raise ValueError("a start does not have the script's width")
+        replies = await BEGIN_MANY_SCRIPT(self._link or self._client, b.keys, b.args)
         out = []
         for reply in replies:
             verdict = text(reply[0])
@@ -218,55 +221,52 @@ class Outcomes:
             else:
                 fut.set_result(int(reply))
 
-    def _finish_fields(self, fin: Finish, b: _Batch) -> dict[str, object]:
+    def _finish_args(self, fin: Finish, b: _Batch) -> None:
         """One task's terminal write, as the scripts' ``finish_one`` takes it."""
         k = self._keys
         key = b.key
         result = fin.result
-        return {
-            "k": [
-                key(k.task(result.task_id)),
-                key(fin.entry.stream),
-                key(k.results_for(fin.reply_to)) if fin.reply_to else 0,
-                key(k.idem(fin.idempotency_key)) if fin.idempotency_key is not None else 0,
-            ],
-            "e": fin.entry.entry_id,
-            "id": result.task_id,
-            "s": result.state.value,
-            "t": _RESULT_TYPES[result.state.value].value,
-            "r": b.blob(result.model_dump_json(exclude_none=True)),
-            "f": result.finished_at,
-            "tp": fin.entry.traceparent if fin.traceparent is None else fin.traceparent,
-            "w": b.blob(fin.webhook.model_dump_json(exclude_none=True)) if fin.webhook else 0,
-            "d": b.blob(fin.dead.model_dump_json(exclude_none=True)) if fin.dead else 0,
-            "x": fin.expect_state,
-        }
+        b.args += (
+            key(k.task(result.task_id)),
+            key(fin.entry.stream),
+            key(k.results_for(fin.reply_to)) if fin.reply_to else 0,
+            key(k.idem(fin.idempotency_key)) if fin.idempotency_key is not None else 0,
+            fin.entry.entry_id,
+            result.task_id,
+            result.state.value,
+            _RESULT_TYPES[result.state.value].value,
+            result.model_dump_json(exclude_none=True),
+            result.finished_at,
+            (fin.entry.traceparent if fin.traceparent is None else fin.traceparent) or "",
+            fin.webhook.model_dump_json(exclude_none=True) if fin.webhook else "",
+            fin.dead.model_dump_json(exclude_none=True) if fin.dead else "",
+            fin.expect_state,
+        )
 
     def _finish_many(
         self, batch: list[tuple[Finish, asyncio.Future[int]]]
     ) -> tuple[list[str], list[EncodableT]]:
-        b = _Batch(self._keys, [self._group, self._ttl], len(batch))
+        b = _Batch(self._keys, [self._group, self._ttl, len(batch)])
         for fin, _ in batch:
-            b.add(self._finish_fields(fin, b))
-        return b.keys, b.args()
+            self._finish_args(fin, b)
+        if len(b.args) != 3 + FINISH_WIDTH * len(batch):
+            raise ValueError("a terminal write does not have the script's width")
+        return b.keys, b.args
 
 
 class _Batch:
     """KEYS and ARGV of a batch script. KEYS: the four every terminal write may touch
     (results, webhooks, dead, reply-streams set), then each task's own, once each, by index.
-    ARGV: the fixed arguments, the number of tasks, one compact JSON object per task, then the
-    documents (result, webhook job, dead letter) the objects point to by ARGV index: sent as
-    they are, so neither side escapes or parses them a second time."""
+    ARGV: the fixed arguments (the task count last), then each task's positional values, the
+    documents (result, webhook job, dead letter) among them as they are: neither side escapes
+    or parses them a second time."""
 
-    __slots__ = ("_base", "_fixed", "_index", "blobs", "keys", "tasks")
+    __slots__ = ("_index", "args", "keys")
 
-    def __init__(self, keys: Keys, fixed: list[EncodableT], count: int) -> None:
+    def __init__(self, keys: Keys, fixed: list[EncodableT]) -> None:
         self.keys = [keys.results, keys.webhooks, keys.dead, keys.reply_streams]
         self._index: dict[str, int] = {}
-        self._fixed = fixed
-        self._base = len(fixed) + 1 + count  # the ARGV index (from 1) before the first blob
-        self.tasks: list[EncodableT] = []
-        self.blobs: list[EncodableT] = []
+        self.args = fixed
 
     def key(self, name: str) -> int:
         found = self._index.get(name)
@@ -274,18 +274,6 @@ class _Batch:
             self.keys.append(name)
             found = self._index[name] = len(self.keys)  # Lua indexes from 1
         return found
-
-    def blob(self, document: str) -> int:
-        self.blobs.append(document)
-        return self._base + len(self.blobs)
-
-    def add(self, task: dict[str, object]) -> None:
-        self.tasks.append(orjson.dumps(task))
-
-    def args(self) -> list[EncodableT]:
-        if len(self._fixed) + 1 + len(self.tasks) != self._base:
-            raise ValueError("task count does not match the batch")
-        return [*self._fixed, len(self.tasks), *self.tasks, *self.blobs]
 
 
 def webhook_job(result: TaskResult, url: str) -> WebhookJob:

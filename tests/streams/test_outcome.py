@@ -8,7 +8,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from schemas.result import TaskResult, TaskState, WebhookJob
+from schemas.errors import ErrorCode
+from schemas.result import DeadLetter, TaskResult, TaskState, WebhookJob
 from streams.entries import Entry, entries_from_read, text
 from streams.keys import TASK_GROUP, Keys
 from streams.leases import Lease, Reclaimer
@@ -122,6 +123,54 @@ async def test_begin_does_not_write_an_instant_outcome_for_a_cancelled_task(
     [reply] = await o.begin([_instant(entry, "t7")], now_ms=1)
     assert (reply.verdict, reply.attempts) == ("cancelled", 1)
     assert await client.xlen(keys.results) == 0
+
+
+TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+async def test_a_batch_of_finishes_writes_each_one_with_its_own_fields(
+    client: Redis, keys: Keys
+) -> None:
+    """One FINISH_MANY call: a plain finish, one with a dead letter, trace context and a webhook,
+    one whose expected state does not hold, and one for a task already over."""
+    entries = [await _one_entry(client, keys, "a") for _ in range(4)]
+    o = Outcomes(client=client, keys=keys, worker="a", status_ttl_s=60, max_attempts=3)
+    starts = [Start(entry=e, task_id=f"b{i}", model="echo") for i, e in enumerate(entries)]
+    await o.begin(starts[:2], now_ms=1)
+    await client.hset(keys.task("b3"), mapping={"state": "completed"})
+    dead = DeadLetter(
+        source_stream=entries[1].stream, entry_id=entries[1].entry_id, task_id="b1",
+        reason=ErrorCode.INVALID_EVENT, message="bad", fields={"type": "task.submitted"}, dead_at=1,
+    )  # fmt: skip
+    job = WebhookJob(
+        delivery_id="d9", task_id="b1", url="https://x.test/h", event="task.failed",
+        payload=_result("b1", "a"), created_at=1,
+    )  # fmt: skip
+    failed = _result("b1", "a").model_copy(update={"state": TaskState.FAILED})
+    written = await asyncio.gather(
+        o.finish(Finish(entry=entries[0], result=_result("b0", "a"))),
+        o.finish(Finish(entry=entries[1], result=failed, dead=dead, webhook=job, traceparent=TP)),
+        o.finish(Finish(entry=entries[2], result=_result("b2", "a"), expect_state="queued")),
+        o.finish(Finish(entry=entries[3], result=_result("b3", "a"), dead=dead)),
+    )
+    assert written == [1, 1, -1, 0]
+    results = await client.xrange(keys.results)
+    assert [(f[b"type"], f.get(b"traceparent")) for _, f in results] == [
+        (b"task.completed", None),
+        (b"task.failed", TP.encode()),
+    ]
+    assert TaskResult.model_validate_json(results[1][1][b"data"]).state == TaskState.FAILED
+    [(_, hook)] = await client.xrange(keys.webhooks)
+    assert (hook[b"type"], hook[b"traceparent"]) == (b"webhook.delivery", TP.encode())
+    assert WebhookJob.model_validate_json(hook[b"data"]).delivery_id == "d9"
+    # b1's dead letter, and b3's (its entry was still pending, though the task was over)
+    letters = await client.xrange(keys.dead)
+    assert [f.get(b"traceparent") for _, f in letters] == [TP.encode(), None]
+    assert {DeadLetter.model_validate_json(f[b"data"]).task_id for _, f in letters} == {"b1"}
+    assert await client.hget(keys.task("b1"), "webhook_state") == b"pending"
+    assert not await client.exists(keys.task("b2"))  # expected state did not hold: nothing
+    pending = await client.xpending_range(entries[0].stream, TASK_GROUP, "-", "+", 10)
+    assert [p["message_id"].decode() for p in pending] == [entries[2].entry_id]
 
 
 async def test_attempt_limit_backstop(client: Redis, keys: Keys) -> None:
