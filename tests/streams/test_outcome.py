@@ -153,23 +153,24 @@ async def test_a_batch_of_finishes_writes_each_one_with_its_own_fields(
         o.finish(Finish(entry=entries[2], result=_result("b2", "a"), expect_state="queued")),
         o.finish(Finish(entry=entries[3], result=_result("b3", "a"), dead=dead)),
     )
-    assert written == [1, 1, -1, 0]
-    results = await client.xrange(keys.results)
+    assert list(written) == [1, 1, -1, 0]
+    results: Any = await client.xrange(keys.results)
     assert [(f[b"type"], f.get(b"traceparent")) for _, f in results] == [
         (b"task.completed", None),
         (b"task.failed", TP.encode()),
     ]
     assert TaskResult.model_validate_json(results[1][1][b"data"]).state == TaskState.FAILED
-    [(_, hook)] = await client.xrange(keys.webhooks)
+    hooks: Any = await client.xrange(keys.webhooks)
+    [(_, hook)] = hooks
     assert (hook[b"type"], hook[b"traceparent"]) == (b"webhook.delivery", TP.encode())
     assert WebhookJob.model_validate_json(hook[b"data"]).delivery_id == "d9"
     # b1's dead letter, and b3's (its entry was still pending, though the task was over)
-    letters = await client.xrange(keys.dead)
+    letters: Any = await client.xrange(keys.dead)
     assert [f.get(b"traceparent") for _, f in letters] == [TP.encode(), None]
     assert {DeadLetter.model_validate_json(f[b"data"]).task_id for _, f in letters} == {"b1"}
     assert await client.hget(keys.task("b1"), "webhook_state") == b"pending"
     assert not await client.exists(keys.task("b2"))  # expected state did not hold: nothing
-    pending = await client.xpending_range(entries[0].stream, TASK_GROUP, "-", "+", 10)
+    pending: Any = await client.xpending_range(entries[0].stream, TASK_GROUP, "-", "+", 10)
     assert [p["message_id"].decode() for p in pending] == [entries[2].entry_id]
 
 
