@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Awaitable, Coroutine
+from typing import Any, NoReturn
 
 from handlers.instant import InstantTasks
 from handlers.prepare import Prepared, now_ms, prepare
@@ -87,15 +89,20 @@ class Admission:
                 )
                 await asyncio.wait(pending)
 
-    def admit(self, lane: Lane, entries: list[Entry], tg: asyncio.TaskGroup) -> None:
+    def admit(
+        self, lane: Lane, entries: list[Entry], tg: asyncio.TaskGroup, *, at_once: bool = False
+    ) -> None:
         """Prepare a read batch and begin it (one round trip, which also writes the outcomes of
-        instant models) in a task of its own, so that it overlaps the next read. The batch holds
-        its slots until it is prepared (then only the entries that will run as tasks hold one)
-        and its entries are not orphans until their tasks hold them."""
+        instant models) in a task of its own, so that it overlaps the next read; ``at_once``
+        (latency first: the partitions are drained) prepares it and sends its begin before
+        returning, ahead of the next read, and only the reply is awaited in the task. The batch
+        holds its slots until it is prepared (then only the entries that will run as tasks hold
+        one) and its entries are not orphans until their tasks hold them."""
         held = _Held(lane, [(e.stream, e.entry_id) for e in entries])
         lane.begins += 1
         self._admitting.update(held.entries)
-        task = tg.create_task(self._admission(held, entries, tg))
+        work = self._admit_now(held, entries, tg) if at_once else self._admission(held, entries, tg)
+        task = tg.create_task(work)
         self._admissions.add(task)
         task.add_done_callback(functools.partial(self._admitted, held))
 
@@ -107,19 +114,30 @@ class Admission:
         self.slot_freed.set()
 
     async def _admission(self, held: _Held, entries: list[Entry], tg: asyncio.TaskGroup) -> None:
+        await self._admit_now(held, entries, tg)
+
+    def _admit_now(
+        self, held: _Held, entries: list[Entry], tg: asyncio.TaskGroup
+    ) -> Coroutine[Any, Any, None]:
+        """Prepare the batch and send its begin now; what is left (the reply, then the tasks)
+        is the coroutine returned."""
         try:
             prepared, starts, now = self._prepare(entries)
         except Exception:
             # the admission's guard: an error here must not end the worker's task group
             log.exception("preparing a batch failed, entries left pending")
-            return
+            return _nothing()
         # an instant model's entry holds no slot: its work is done, its begin writes the outcome
         # (a later attempt found by begin runs as a task, briefly beyond the slots)
         instant = sum(1 for s in starts if s.finish is not None)
         if instant:
             held.release(instant)
             self.slot_freed.set()
-        await self._begin(held.lane, prepared, starts, now, tg)
+        try:
+            sent = self._outcomes.send_begin(starts, now)
+        except Exception as exc:  # noqa: BLE001 - raised where the replies are awaited, below
+            sent = _raise(exc)
+        return self._begin(held.lane, prepared, starts, sent, tg)
 
     def _prepare(self, entries: list[Entry]) -> tuple[list[Prepared], list[Start], int]:
         cfg = self._config
@@ -159,11 +177,11 @@ class Admission:
         lane: Lane,
         prepared: list[Prepared],
         starts: list[Start],
-        now: int,
+        sent: Awaitable[list[BeginReply]],
         tg: asyncio.TaskGroup,
     ) -> None:
         try:
-            replies = iter(await self._outcomes.begin(starts, now))
+            replies = iter(await sent)
         except REDIS_TROUBLE as exc:
             # nothing started: the entries stay pending here and are adopted again
             log.warning(
@@ -204,3 +222,11 @@ class Admission:
         lane.inflight.discard(task)
         self._running_entries.pop(task, None)
         self.slot_freed.set()
+
+
+async def _nothing() -> None:
+    return None
+
+
+async def _raise(exc: Exception) -> NoReturn:
+    raise exc

@@ -218,11 +218,9 @@ class Worker:
             async with asyncio.timeout(lane.reader.block_ms / 1000 + 10):
                 entries = await lane.reader.read(lane.read_size())
             if entries:
-                self._admission.admit(lane, entries, tg)
-                if lane.reader.drained:
-                    # the partitions are drained: the batch's begin goes out before the next
-                    # read (latency first); a full batch is prepared while that read is in Redis
-                    await asyncio.sleep(0)
+                # the partitions are drained: the batch's begin goes out before the next read
+                # (latency first); a full batch is prepared while that read is in Redis
+                self._admission.admit(lane, entries, tg, at_once=lane.reader.drained)
 
     async def _read_pools(
         self, active: list[Lane], tg: asyncio.TaskGroup, stop: asyncio.Event

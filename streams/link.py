@@ -171,15 +171,32 @@ class Link:
         wire = self._wire
         if wire is None or not wire.usable:
             wire = await self._connect()
+        waiter, timer = self._send(wire, args, timeout_s)
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
+
+    def send_now(self, *args: Any, timeout_s: float | None = None) -> asyncio.Future[Any] | None:
+        """Send one command at once, without yielding to the event loop, when the link is
+        connected: the future of its reply, with the errors :meth:`execute` raises. ``None``
+        when it is not connected (nothing was sent: use :meth:`execute`)."""
+        wire = self._wire
+        if wire is None or not wire.usable:
+            return None
+        waiter, timer = self._send(wire, args, timeout_s)
+        waiter.add_done_callback(lambda _: timer.cancel())
+        return waiter
+
+    def _send(
+        self, wire: _Wire, args: tuple[Any, ...], timeout_s: float | None
+    ) -> tuple[asyncio.Future[Any], asyncio.TimerHandle]:
         waiter = wire.send(args)
         limit = self._timeout_s if timeout_s is None else timeout_s
         # a plain timer, cheaper than asyncio.timeout: when it fires the server is not
         # answering, and closing the connection fails this call and every other one waiting
         timer = asyncio.get_running_loop().call_later(limit, _expire, wire, args[0], limit)
-        try:
-            return await waiter
-        finally:
-            timer.cancel()
+        return waiter, timer
 
     async def evalsha(self, sha: str, keys: list[str] | tuple[str, ...], args: Any) -> Any:
         return await self.execute("EVALSHA", sha, len(keys), *keys, *args)

@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -118,8 +118,13 @@ class Outcomes:
         ``duplicate`` (another entry owns the task or key, acked); ``conflict`` (the
         idempotency key holds another payload); ``exhausted`` (over the attempt limit);
         ``cancelled`` (a cancel came before the start)."""
+        return await self.send_begin(starts, now_ms)
+
+    def send_begin(self, starts: Sequence[Start], now_ms: int) -> Awaitable[list[BeginReply]]:
+        """:meth:`begin`, its command sent before this returns when the worker's link is
+        connected (on the latency path nothing waits on the event loop before it leaves)."""
         if not starts:
-            return []
+            return _no_replies()
         b = _Batch(self._keys, [self._group, self._worker, now_ms, self._ttl, len(starts)])
         key, args = b.key, b.args
         for s in starts:
@@ -135,24 +140,7 @@ class Outcomes:
         carried = sum(1 for s in starts if s.finish is not None)
         if len(args) != 5 + BEGIN_WIDTH * len(starts) + FINISH_WIDTH * carried:
             raise ValueError("a start does not have the script's width")
-        replies = await BEGIN_MANY_SCRIPT(self._link or self._client, b.keys, b.args)
-        out = []
-        for reply in replies:
-            verdict = text(reply[0])
-            if verdict == "error":
-                raise ResponseError(f"begin failed: {text(reply[1])}")
-            value = reply[1]
-            if verdict == "finished":
-                out.append(BeginReply("finished", attempts=int(value)))
-            elif verdict in ("run", "exhausted"):
-                raw = json.loads(text(reply[2]) or "[]")
-                errors = tuple(ErrorInfo.model_validate(e) for e in raw)
-                out.append(BeginReply(verdict, attempts=int(value), errors=errors))  # type: ignore[arg-type]
-            elif verdict == "cancelled":
-                out.append(BeginReply("cancelled", attempts=int(value)))
-            else:
-                out.append(BeginReply(verdict, other=text(value)))  # type: ignore[arg-type]
-        return out
+        return _begin_replies(BEGIN_MANY_SCRIPT.send(self._link or self._client, b.keys, b.args))
 
     async def retry(self, entry: Entry, task_id: str, *, due_ms: int, error: ErrorInfo) -> int:
         """Park a retry in the delayed set and acknowledge the entry, atomically.
@@ -252,6 +240,31 @@ class Outcomes:
         if len(b.args) != 3 + FINISH_WIDTH * len(batch):
             raise ValueError("a terminal write does not have the script's width")
         return b.keys, b.args
+
+
+async def _no_replies() -> list[BeginReply]:
+    return []
+
+
+async def _begin_replies(sent: Awaitable[Any]) -> list[BeginReply]:
+    replies = await sent
+    out = []
+    for reply in replies:
+        verdict = text(reply[0])
+        if verdict == "error":
+            raise ResponseError(f"begin failed: {text(reply[1])}")
+        value = reply[1]
+        if verdict == "finished":
+            out.append(BeginReply("finished", attempts=int(value)))
+        elif verdict in ("run", "exhausted"):
+            raw = json.loads(text(reply[2]) or "[]")
+            errors = tuple(ErrorInfo.model_validate(e) for e in raw)
+            out.append(BeginReply(verdict, attempts=int(value), errors=errors))  # type: ignore[arg-type]
+        elif verdict == "cancelled":
+            out.append(BeginReply("cancelled", attempts=int(value)))
+        else:
+            out.append(BeginReply(verdict, other=text(value)))  # type: ignore[arg-type]
+    return out
 
 
 class _Batch:

@@ -6,6 +6,7 @@ scripts are legal on Redis Cluster. They run on Redis 6.2 and later.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 from collections.abc import Awaitable, Callable, Sequence
@@ -393,6 +394,31 @@ class LuaScript:
         except NoScriptError:
             await load(self.source)
             return await call("EVALSHA", self.sha, len(keys), *keys, *args)
+
+    def send(
+        self, client: Redis | Link, keys: Sequence[str], args: Sequence[EncodableT]
+    ) -> Awaitable[Any]:
+        """The call, sent before this returns when ``client`` is a connected link (nothing
+        waits on the event loop before the command leaves); awaiting gives the reply, the script
+        loaded again on NOSCRIPT as by a plain call. Otherwise it is sent when awaited."""
+        if isinstance(client, Link):
+            sent = client.send_now("EVALSHA", self.sha, len(keys), *keys, *args)
+            if sent is not None:
+                return self._reply(sent, client, keys, args)
+        return self(client, keys, args)
+
+    async def _reply(
+        self,
+        sent: asyncio.Future[Any],
+        link: Link,
+        keys: Sequence[str],
+        args: Sequence[EncodableT],
+    ) -> Any:
+        try:
+            return await sent
+        except NoScriptError:
+            await link.execute("SCRIPT", "LOAD", self.source)
+            return await link.execute("EVALSHA", self.sha, len(keys), *keys, *args)
 
 
 ScriptCall = tuple[LuaScript, Sequence[str], Sequence[EncodableT]]

@@ -16,6 +16,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from handlers.prepare import prepare
 from streams.keys import TASK_GROUP, Keys
 from streams.link import _Wire
+from streams.outcome import Outcomes
 from streams.scripts import BEGIN_MANY_SCRIPT, FINISH_MANY_SCRIPT
 from tests.harness import results, running_worker, wait_results
 
@@ -134,3 +135,26 @@ async def test_a_batch_that_fails_to_prepare_is_adopted_again(
         [result] = await wait_results(client, keys, 1, timeout=10)
     assert (result.task_id, result.attempts) == ("t0", 1)
     assert "preparing a batch failed, entries left pending" in caplog.text
+
+
+async def test_a_begin_that_cannot_be_sent_leaves_the_batch_to_be_adopted_again(
+    client: Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The begin of a drained batch is built and sent in the reader's turn: an error there
+    (before anything was sent) is the batch's, not the read loop's, and loses nothing."""
+    calls = collections.Counter[str]()
+    send_begin = Outcomes.send_begin
+
+    def flaky(self: Outcomes, starts: Any, now_ms: int) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("test: begin could not be built")
+        return send_begin(self, starts, now_ms)
+
+    monkeypatch.setattr(Outcomes, "send_begin", flaky)
+    await publish(client, keys, 0, 1)
+    async with running_worker(client, keys, consumer=f"wb-{keys.namespace}"):
+        [result] = await wait_results(client, keys, 1, timeout=10)
+    assert (result.task_id, result.attempts) == ("t0", 1)
+    assert "begin failed, entries left pending" in caplog.text
+    assert "consume loop error" not in caplog.text

@@ -72,6 +72,34 @@ async def test_a_script_unknown_to_the_server_is_loaded_and_run(
     assert await client.script_exists(script.sha) == [True]
 
 
+async def test_send_now_writes_before_the_event_loop_runs(
+    link: Link, redis_url: str, keys: Keys
+) -> None:
+    key = keys.task("now")
+    sync = redis.Redis.from_url(redis_url)
+    assert link.send_now("SET", key, "v") is None  # not connected yet: nothing sent
+    assert sync.exists(key) == 0
+    await link.execute("PING")
+    sent = link.send_now("SET", key, "v")
+    assert sent is not None
+    # no await since: a blocking client sees the write, which left without the event loop
+    deadline = time.monotonic() + 2
+    while not sync.exists(key) and time.monotonic() < deadline:
+        time.sleep(0.001)  # noqa: ASYNC251 - on purpose: the event loop must not run
+    assert sync.get(key) == b"v"
+    assert await sent == b"OK"
+    sync.close()
+
+
+async def test_a_script_sent_at_once_is_loaded_again_on_noscript(link: Link, keys: Keys) -> None:
+    script = LuaScript("t", f"return {{KEYS[1], ARGV[1], '{uuid.uuid4().hex}'}}")
+    await link.execute("PING")
+    pending = script.send(link, [keys.task("k")], ["a"])  # sent now; the server answers NOSCRIPT
+    reply = await pending
+    assert reply[:2] == [keys.task("k").encode(), b"a"]
+    assert await script.send(link, [keys.task("k")], ["b"]) == [*reply[:1], b"b", *reply[2:]]
+
+
 async def test_a_cancelled_call_leaves_later_replies_to_their_callers(
     link: Link, keys: Keys
 ) -> None:
