@@ -127,6 +127,7 @@ class Outcomes:
             return _no_replies()
         b = _Batch(self._keys, [self._group, self._worker, now_ms, self._ttl, len(starts)])
         key, args = b.key, b.args
+        width = 5
         for s in starts:
             idem = key(self._keys.idem(s.idempotency_key)) if s.idempotency_key is not None else 0
             args += (
@@ -135,10 +136,11 @@ class Outcomes:
                 s.model, s.payload_hash, s.entry.timestamp_ms,
                 s.reply_to or "", s.webhook_url or "", 1 if s.finish is not None else 0,
             )  # fmt: skip
+            width += BEGIN_WIDTH
             if s.finish is not None:
                 self._finish_args(s.finish, b)
-        carried = sum(1 for s in starts if s.finish is not None)
-        if len(args) != 5 + BEGIN_WIDTH * len(starts) + FINISH_WIDTH * carried:
+                width += FINISH_WIDTH
+        if len(args) != width:
             raise ValueError("a start does not have the script's width")
         return _begin_replies(BEGIN_MANY_SCRIPT.send(self._link or self._client, b.keys, b.args))
 

@@ -1,0 +1,134 @@
+"""Serial latency, task by task: every system's consumer idle at once, tasks taken in turn.
+
+    .venv/bin/python bench/serial_pairs.py --systems sop,loop --tasks 3000 --runs 3
+
+``bench/pipeline.py`` measures serial latency one system after another, interleaved in rounds;
+on a shared 2-vCPU VM a round's p50 moves by ±40 µs from one run to the next, more than the
+difference between sop-llm and the loop. Here every system's consumer runs at the same time,
+each in its own namespace (``bench-<hex>``, deleted afterwards), and the harness publishes one
+task to the first system, waits for its result (blocking XREAD on that system's results
+stream), then one to the next, and so on: task i of every system sees the same moment of the
+machine. Consumers that are not being served are blocked in Redis, doing nothing.
+
+Per run, per system: p10/p50/p90/p99 publish-to-result (client side, ``perf_counter``), and for
+each system against the last one given, the median of the per-pair differences and the share
+of pairs in which it was faster. The first ``--warmup`` tasks of each system are not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pipeline as P
+
+from streams.keys import Keys
+
+
+def one_run(url: str, systems: list[str], n: int, warmup: int, log: Path) -> dict[str, Any]:
+    r = redis.Redis.from_url(url)
+    spaces = {s: Keys(f"bench-{uuid.uuid4().hex[:12]}") for s in systems}
+    procs: list[subprocess.Popen[bytes]] = []
+    lat: dict[str, list[float]] = {s: [] for s in systems}
+    try:
+        for s, keys in spaces.items():
+            procs.append(P.spawn(s, url, keys.namespace, log))
+        time.sleep(3.0)  # start-up: every consumer blocked in its read
+        for proc, s in zip(procs, systems, strict=True):
+            if proc.poll() is not None:
+                raise RuntimeError(f"{s} consumer exited with {proc.returncode}; see {log}")
+        last = {s: P.last_result_id(r, keys) for s, keys in spaces.items()}
+        for i in range(warmup + n):
+            for s, keys in spaces.items():
+                task_id = f"{keys.namespace}.q{i}"
+                needle = f'"task_id":"{task_id}"'.encode()
+                fields = P.task_fields(task_id)
+                t0 = time.perf_counter()
+                r.xadd(keys.tasks("default", "normal"), fields)  # type: ignore[arg-type]
+                done = False
+                while not done:
+                    reply: Any = r.xread({keys.results: last[s]}, count=16, block=5000)
+                    if not reply:
+                        raise TimeoutError(f"{s}: no result for {task_id} within 5 s")
+                    for eid, entry in reply[0][1]:
+                        last[s] = eid
+                        done = done or needle in entry[b"data"]
+                if i >= warmup:
+                    lat[s].append((time.perf_counter() - t0) * 1e6)
+    finally:
+        for proc in procs:
+            P.terminate(proc)
+        for keys in spaces.values():
+            P.cleanup(r, keys)
+    out: dict[str, Any] = {}
+    ref = systems[-1]
+    for s in systems:
+        xs = sorted(lat[s])
+        row: dict[str, Any] = {q: xs[min(len(xs) - 1, len(xs) * k // 100)] for q, k in
+                               (("p10", 10), ("p50", 50), ("p90", 90), ("p99", 99))}  # fmt: skip
+        if s != ref:
+            diffs = [a - b for a, b in zip(lat[s], lat[ref], strict=True)]
+            row["median_diff_us"] = statistics.median(diffs)
+            row["faster_share"] = sum(1 for d in diffs if d < 0) / len(diffs)
+        out[s] = row
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    ap.add_argument(
+        "--systems", default="sop,loop", help=f"from {P.SYSTEMS}; the last is the reference"
+    )
+    ap.add_argument("--tasks", type=int, default=3000, help="counted tasks per system per run")
+    ap.add_argument("--warmup", type=int, default=300)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--json", type=Path, help="write every run here")
+    args = ap.parse_args()
+    systems = args.systems.split(",")
+    unknown = [s for s in systems if s not in P.SYSTEMS]
+    if unknown or len(set(systems)) != len(systems):
+        ap.error(f"systems must be distinct names from {P.SYSTEMS}: {unknown or systems}")
+    log = Path(tempfile.gettempdir()) / f"sop-serial-pairs-{uuid.uuid4().hex[:8]}.log"
+    runs = []
+    for k in range(1, args.runs + 1):
+        res = one_run(args.redis_url, systems, args.tasks, args.warmup, log)
+        runs.append(res)
+        for s, row in res.items():
+            rel = ""
+            if "median_diff_us" in row:
+                rel = (f" | vs {systems[-1]}: median pair diff {row['median_diff_us']:+.0f} µs,"
+                       f" faster in {row['faster_share']:.0%} of pairs")  # fmt: skip
+            print(f"run {k} {s:12s} p10 {row['p10']:.0f} p50 {row['p50']:.0f} p90 {row['p90']:.0f}"
+                  f" p99 {row['p99']:.0f} µs{rel}", flush=True)  # fmt: skip
+    print("\nmedian over runs")
+    for s in systems:
+        p50 = statistics.median(run[s]["p50"] for run in runs)
+        line = f"  {s:12s} p50 {p50:.0f} µs [{min(run[s]['p50'] for run in runs):.0f}-"
+        line += f"{max(run[s]['p50'] for run in runs):.0f}]"
+        if s != systems[-1]:
+            diff = statistics.median(run[s]["median_diff_us"] for run in runs)
+            line += f"; median pair diff vs {systems[-1]} {diff:+.0f} µs"
+        print(line)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"systems": systems, "runs": runs}, indent=1))
+    log.unlink(missing_ok=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
