@@ -173,7 +173,7 @@ def sentinel_client(
         if parts.scheme.lower() == "rediss":
             kwargs["ssl"] = True
     # the sentinels themselves get the timeouts but no credentials (Sentinel ACLs: not used)
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+    sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]  # unannotated before 8.2
         list(sentinels),
         sentinel_kwargs={
             "socket_timeout": CONNECT_TIMEOUT_S,
