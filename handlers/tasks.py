@@ -215,12 +215,8 @@ class Worker:
 
     async def _read_one_pool(self, lane: Lane, tg: asyncio.TaskGroup) -> None:
         async with self._intake:
-            if lane.reader.linked:
-                # the link times its calls out itself; the HEADS check has the client's timeout
+            async with asyncio.timeout(lane.reader.block_ms / 1000 + 10):
                 entries = await lane.reader.read(lane.read_size())
-            else:
-                async with asyncio.timeout(lane.reader.block_ms / 1000 + 10):
-                    entries = await lane.reader.read(lane.read_size())
             if entries:
                 # the partitions are drained: the batch's begin goes out before the next read
                 # (latency first); a full batch is prepared while that read is in Redis

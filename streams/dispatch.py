@@ -65,11 +65,6 @@ class PriorityReader:
         return list(self._streams)
 
     @property
-    def linked(self) -> bool:
-        """The reads go through a link, which times each call out on its own."""
-        return self._link is not None
-
-    @property
     def block_ms(self) -> int:
         return self._block_ms
 
