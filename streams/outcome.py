@@ -28,9 +28,7 @@ from streams.keys import TASK_GROUP, Keys
 from streams.link import Link
 from streams.scripts import (
     BEGIN_MANY_SCRIPT,
-    BEGIN_WIDTH,
     FINISH_MANY_SCRIPT,
-    FINISH_WIDTH,
     RETRY_SCRIPT,
     EncodableT,
 )
@@ -127,7 +125,6 @@ class Outcomes:
             return _no_replies()
         b = _Batch(self._keys, [self._group, self._worker, now_ms, self._ttl, len(starts)])
         key, args = b.key, b.args
-        width = 5
         for s in starts:
             idem = key(self._keys.idem(s.idempotency_key)) if s.idempotency_key is not None else 0
             args += (
@@ -136,12 +133,8 @@ class Outcomes:
                 s.model, s.payload_hash, s.entry.timestamp_ms,
                 s.reply_to or "", s.webhook_url or "", 1 if s.finish is not None else 0,
             )  # fmt: skip
-            width += BEGIN_WIDTH
             if s.finish is not None:
                 self._finish_args(s.finish, b)
-                width += FINISH_WIDTH
-        if len(args) != width:
-            raise ValueError("a start does not have the script's width")
         return _begin_replies(BEGIN_MANY_SCRIPT.send(self._link or self._client, b.keys, b.args))
 
     async def retry(self, entry: Entry, task_id: str, *, due_ms: int, error: ErrorInfo) -> int:
@@ -239,8 +232,6 @@ class Outcomes:
         b = _Batch(self._keys, [self._group, self._ttl, len(batch)])
         for fin, _ in batch:
             self._finish_args(fin, b)
-        if len(b.args) != 3 + FINISH_WIDTH * len(batch):
-            raise ValueError("a terminal write does not have the script's width")
         return b.keys, b.args
 
 

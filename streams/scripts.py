@@ -417,8 +417,7 @@ class LuaScript:
         try:
             return await sent
         except NoScriptError:
-            await link.execute("SCRIPT", "LOAD", self.source)
-            return await link.execute("EVALSHA", self.sha, len(keys), *keys, *args)
+            return await self(link, keys, args)  # the plain call's path: load, then run
 
 
 ScriptCall = tuple[LuaScript, Sequence[str], Sequence[EncodableT]]
