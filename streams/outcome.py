@@ -26,12 +26,8 @@ from schemas.wire import EventType
 from streams.entries import Entry, text
 from streams.keys import TASK_GROUP, Keys
 from streams.link import Link
-from streams.scripts import (
-    BEGIN_MANY_SCRIPT,
-    FINISH_MANY_SCRIPT,
-    RETRY_SCRIPT,
-    EncodableT,
-)
+from streams.outcome_scripts import BEGIN_MANY_SCRIPT, FINISH_MANY_SCRIPT
+from streams.scripts import RETRY_SCRIPT, EncodableT
 
 Verdict = Literal["run", "finished", "done", "duplicate", "conflict", "exhausted", "cancelled"]
 

@@ -17,7 +17,7 @@ from handlers.prepare import prepare
 from streams.keys import TASK_GROUP, Keys
 from streams.link import _Wire
 from streams.outcome import Outcomes
-from streams.scripts import BEGIN_MANY_SCRIPT, FINISH_MANY_SCRIPT
+from streams.outcome_scripts import BEGIN_MANY_SCRIPT, FINISH_MANY_SCRIPT
 from tests.harness import results, running_worker, wait_results
 
 
