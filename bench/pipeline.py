@@ -304,32 +304,42 @@ def throughput(
     }
 
 
+def publish_and_wait(
+    r: redis.Redis, keys: Keys, task_id: str, last: bytes
+) -> tuple[float, bytes, int]:
+    """Publish one task (plain XADD) and block on the results stream, read from ``last`` on,
+    until its result: (seconds, the newest results id seen, XREADs made)."""
+    needle = f'"task_id":"{task_id}"'.encode()
+    fields = task_fields(task_id)
+    t0 = time.perf_counter()
+    r.xadd(keys.tasks("default", "normal"), fields)  # type: ignore[arg-type]
+    reads = 0
+    while True:
+        reply: Any = r.xread({keys.results: last}, count=16, block=5000)
+        reads += 1
+        if not reply:
+            raise TimeoutError(f"no result for {task_id} within 5 s")
+        done = False
+        for eid, entry in reply[0][1]:
+            last = eid
+            done = done or needle in entry[b"data"]
+        if done:
+            return time.perf_counter() - t0, last, reads
+
+
 def serial_latency(
     r: redis.Redis, keys: Keys, n: int, warmup: int, tag: str = "s"
 ) -> dict[str, Any]:
     """One task at a time: XADD, then blocking XREAD on the results stream until its result."""
-    stream = keys.tasks("default", "normal")
     stats0 = commandstats(r)
     last = last_result_id(r, keys)
     ours = {"xadd": warmup + n, "xread": 0, "xrevrange": 1}
     lat: list[float] = []
     for i in range(warmup + n):
-        task_id = f"{keys.namespace}.{tag}{i}"
-        needle = f'"task_id":"{task_id}"'.encode()
-        fields = task_fields(task_id)
-        t0 = time.perf_counter()
-        r.xadd(stream, fields)
-        done = False
-        while not done:
-            reply = r.xread({keys.results: last}, count=16, block=5000)
-            ours["xread"] += 1
-            if not reply:
-                raise TimeoutError(f"no result for {task_id} within 5 s")
-            for eid, entry in reply[0][1]:
-                last = eid
-                done = done or needle in entry[b"data"]
+        seconds, last, reads = publish_and_wait(r, keys, f"{keys.namespace}.{tag}{i}", last)
+        ours["xread"] += reads
         if i >= warmup:
-            lat.append((time.perf_counter() - t0) * 1000)
+            lat.append(seconds * 1000)
     delta = stats_delta(stats0, commandstats(r), ours)
     return {
         "n": n,

@@ -53,21 +53,9 @@ def one_run(url: str, systems: list[str], n: int, warmup: int, log: Path) -> dic
         last = {s: P.last_result_id(r, keys) for s, keys in spaces.items()}
         for i in range(warmup + n):
             for s, keys in spaces.items():
-                task_id = f"{keys.namespace}.q{i}"
-                needle = f'"task_id":"{task_id}"'.encode()
-                fields = P.task_fields(task_id)
-                t0 = time.perf_counter()
-                r.xadd(keys.tasks("default", "normal"), fields)  # type: ignore[arg-type]
-                done = False
-                while not done:
-                    reply: Any = r.xread({keys.results: last[s]}, count=16, block=5000)
-                    if not reply:
-                        raise TimeoutError(f"{s}: no result for {task_id} within 5 s")
-                    for eid, entry in reply[0][1]:
-                        last[s] = eid
-                        done = done or needle in entry[b"data"]
+                seconds, last[s], _ = P.publish_and_wait(r, keys, f"{keys.namespace}.q{i}", last[s])
                 if i >= warmup:
-                    lat[s].append((time.perf_counter() - t0) * 1e6)
+                    lat[s].append(seconds * 1e6)
     finally:
         for proc in procs:
             P.terminate(proc)
@@ -76,9 +64,7 @@ def one_run(url: str, systems: list[str], n: int, warmup: int, log: Path) -> dic
     out: dict[str, Any] = {}
     ref = systems[-1]
     for s in systems:
-        xs = sorted(lat[s])
-        row: dict[str, Any] = {q: xs[min(len(xs) - 1, len(xs) * k // 100)] for q, k in
-                               (("p10", 10), ("p50", 50), ("p90", 90), ("p99", 99))}  # fmt: skip
+        row: dict[str, Any] = {f"p{q}": P.pct(lat[s], q) for q in (10, 50, 90, 99)}
         if s != ref:
             diffs = [a - b for a, b in zip(lat[s], lat[ref], strict=True)]
             row["median_diff_us"] = statistics.median(diffs)
