@@ -234,6 +234,9 @@ def last_result_id(r: redis.Redis, keys: Keys) -> bytes:
 
 
 def spawn(system: str, url: str, ns: str, log: Path) -> subprocess.Popen[bytes]:
+    """Start one consumer; ``sop@PATH``: the sop-llm worker of another checkout (a ``git
+    worktree`` of an earlier commit, say), run from that tree, for A/B runs."""
+    cwd = ROOT
     if system == "loop":
         env = dict(os.environ)
         script = str(ROOT / "bench" / "baseline_loop.py")
@@ -248,8 +251,18 @@ def spawn(system: str, url: str, ns: str, log: Path) -> subprocess.Popen[bytes]:
             cmd = [sys.executable, "-c", SOP_NOSPANS_BOOT]
         elif system == "sop-256":
             env.update(SOP_WORKER_SLOTS="256", SOP_ECHO_SLOTS="256")
+        elif system.startswith("sop@"):
+            cwd = Path(system.removeprefix("sop@")).resolve()
+            env["PYTHONPATH"] = str(cwd)  # that tree's packages, not the installed ones
     with log.open("ab") as out:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def known_system(name: str) -> bool:
+    """One of :data:`SYSTEMS`, or ``sop@PATH`` where PATH is a checkout of this project."""
+    if name.startswith("sop@"):
+        return (Path(name.removeprefix("sop@")) / "ops" / "cli.py").is_file()
+    return name in SYSTEMS
 
 
 def terminate(proc: subprocess.Popen[bytes]) -> None:

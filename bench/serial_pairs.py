@@ -12,7 +12,12 @@ machine. Consumers that are not being served are blocked in Redis, doing nothing
 
 Per run, per system: p10/p50/p90/p99 publish-to-result (client side, ``perf_counter``), and for
 each system against the last one given, the median of the per-pair differences and the share
-of pairs in which it was faster. The first ``--warmup`` tasks of each system are not counted.
+of pairs in which it was faster, and the CPU its consumer process spent per counted task. The
+first ``--warmup`` tasks of each system are not counted.
+
+A/B runs of sop-llm itself: ``sop@PATH`` is the worker of another checkout, run from that tree
+(``git worktree add /tmp/base HEAD~1``, then ``--systems sop@/tmp/base,sop,loop``). Two copies
+of the same tree in one run (A/A) show how far apart identical workers land on this machine.
 """
 
 from __future__ import annotations
@@ -52,10 +57,16 @@ def one_run(url: str, systems: list[str], n: int, warmup: int, log: Path) -> dic
                 raise RuntimeError(f"{s} consumer exited with {proc.returncode}; see {log}")
         last = {s: P.last_result_id(r, keys) for s, keys in spaces.items()}
         for i in range(warmup + n):
+            if i == warmup:
+                cpu0 = [P.cpu_seconds(proc.pid) for proc in procs]
             for s, keys in spaces.items():
                 seconds, last[s], _ = P.publish_and_wait(r, keys, f"{keys.namespace}.q{i}", last[s])
                 if i >= warmup:
                     lat[s].append(seconds * 1e6)
+        cpu = {
+            s: (P.cpu_seconds(proc.pid) - c0) / n * 1e6
+            for s, proc, c0 in zip(systems, procs, cpu0, strict=True)
+        }
     finally:
         for proc in procs:
             P.terminate(proc)
@@ -65,6 +76,7 @@ def one_run(url: str, systems: list[str], n: int, warmup: int, log: Path) -> dic
     ref = systems[-1]
     for s in systems:
         row: dict[str, Any] = {f"p{q}": P.pct(lat[s], q) for q in (10, 50, 90, 99)}
+        row["cpu_us"] = cpu[s]  # the consumer process's CPU per counted task
         if s != ref:
             diffs = [a - b for a, b in zip(lat[s], lat[ref], strict=True)]
             row["median_diff_us"] = statistics.median(diffs)
@@ -77,7 +89,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     ap.add_argument(
-        "--systems", default="sop,loop", help=f"from {P.SYSTEMS}; the last is the reference"
+        "--systems",
+        default="sop,loop",
+        help=f"from {P.SYSTEMS}, or sop@PATH (the worker of the checkout at PATH); the last is"
+        " the reference",
     )
     ap.add_argument("--tasks", type=int, default=3000, help="counted tasks per system per run")
     ap.add_argument("--warmup", type=int, default=300)
@@ -85,7 +100,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="write every run here")
     args = ap.parse_args()
     systems = args.systems.split(",")
-    unknown = [s for s in systems if s not in P.SYSTEMS]
+    unknown = [s for s in systems if not P.known_system(s)]
     if unknown or len(set(systems)) != len(systems):
         ap.error(f"systems must be distinct names from {P.SYSTEMS}: {unknown or systems}")
     log = Path(tempfile.gettempdir()) / f"sop-serial-pairs-{uuid.uuid4().hex[:8]}.log"
@@ -99,7 +114,8 @@ def main() -> int:
                 rel = (f" | vs {systems[-1]}: median pair diff {row['median_diff_us']:+.0f} µs,"
                        f" faster in {row['faster_share']:.0%} of pairs")  # fmt: skip
             print(f"run {k} {s:12s} p10 {row['p10']:.0f} p50 {row['p50']:.0f} p90 {row['p90']:.0f}"
-                  f" p99 {row['p99']:.0f} µs{rel}", flush=True)  # fmt: skip
+                  f" p99 {row['p99']:.0f} µs, consumer CPU {row['cpu_us']:.0f} µs/task{rel}",
+                  flush=True)  # fmt: skip
     print("\nmedian over runs")
     for s in systems:
         p50 = statistics.median(run[s]["p50"] for run in runs)
