@@ -119,6 +119,13 @@ class Outcomes:
         connected (on the latency path nothing waits on the event loop before it leaves)."""
         if not starts:
             return _no_replies()
+        keys, args = self.begin_command(starts, now_ms)
+        return _begin_replies(BEGIN_MANY_SCRIPT.send(self._link or self._client, keys, args))
+
+    def begin_command(
+        self, starts: Sequence[Start], now_ms: int
+    ) -> tuple[list[str], list[EncodableT]]:
+        """The KEYS and ARGV of ``BEGIN_MANY`` for ``starts``, as :meth:`send_begin` sends them."""
         b = _Batch(self._keys, [self._group, self._worker, now_ms, self._ttl, len(starts)])
         key, args = b.key, b.args
         for s in starts:
@@ -131,7 +138,7 @@ class Outcomes:
             )  # fmt: skip
             if s.finish is not None:
                 self._finish_args(s.finish, b)
-        return _begin_replies(BEGIN_MANY_SCRIPT.send(self._link or self._client, b.keys, b.args))
+        return b.keys, b.args
 
     async def retry(self, entry: Entry, task_id: str, *, due_ms: int, error: ErrorInfo) -> int:
         """Park a retry in the delayed set and acknowledge the entry, atomically.
