@@ -14,6 +14,9 @@ connection, each call for a new task (the serial case: an instant model, first a
 * ``begin, empty body``: the same call, the script only returning its reply (what passing the
   arguments and running a script cost before any command).
 
+No task stream or group exists, so every variant's ``XACK`` finds nothing pending (alike for
+all). Each variant that writes must leave one results entry per call, or the run stops.
+
 Per variant: Redis µs per call (``INFO commandstats``: the calls themselves, and the commands
 run inside them) and the client's round trip (p50, p10), send to reply.
 """
@@ -136,15 +139,23 @@ def round_trips(port: int, calls: list[Packed]) -> list[float]:
 
 
 def measure(
-    r: redis.Redis, port: int, source: str | None, build: Callable[[str], list[Packed]]
+    r: redis.Redis,
+    port: int,
+    source: str | None,
+    build: Callable[[str], list[Packed]],
+    results: str | None,
 ) -> dict[str, Any]:
+    """Run one variant; ``results``: the stream each call must have added one entry to (a
+    script that stopped writing is an error, not a fast variant)."""
     r.flushall()
-    keys_sha = r.script_load(source) if source is not None else ""
-    calls = build(keys_sha)
+    sha = r.script_load(source) if source is not None else ""
+    calls = build(sha)
     r.config_resetstat()
     lat = round_trips(port, calls)
     stats = r.info("commandstats")
     n = len(calls)
+    if results is not None and (written := r.xlen(results)) != n:
+        raise SystemExit(f"{n} calls wrote {written} results: the variant does not do its work")
     outer = sum(v["usec"] for k, v in stats.items() if k == "cmdstat_evalsha")
     inner = sum(
         v["usec"]
@@ -169,13 +180,15 @@ def main() -> int:
     loop_record = BEGIN_MANY.replace(_FULL_HSET, _LOOP_HSET)
     if loop_record == BEGIN_MANY:
         raise SystemExit("BEGIN_MANY's one-step HSET changed: update _FULL_HSET")
-    variants: dict[str, tuple[str | None, Callable[[str], list[Packed]]]] = {
-        "loop": (None, lambda _: loop_calls(keys, args.tasks)),
-        "begin": (BEGIN_MANY, lambda sha: begin_calls(keys, args.tasks, sha)),
-        "begin, loop's record": (loop_record, lambda sha: begin_calls(keys, args.tasks, sha)),
+    res = keys.results
+    variants: dict[str, tuple[str | None, Callable[[str], list[Packed]], str | None]] = {
+        "loop": (None, lambda _: loop_calls(keys, args.tasks), res),
+        "begin": (BEGIN_MANY, lambda sha: begin_calls(keys, args.tasks, sha), res),
+        "begin, loop's record": (loop_record, lambda sha: begin_calls(keys, args.tasks, sha), res),
         "begin, empty body": (
             "return {{'finished', 1}}",
             lambda sha: begin_calls(keys, args.tasks, sha),
+            None,
         ),
     }
     seen: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
@@ -185,8 +198,8 @@ def main() -> int:
             r = redis.Redis.from_url(url)
             port = int(url.rsplit(":", 1)[1].split("/")[0])
             for rnd in range(1, args.rounds + 1):
-                for name, (source, build) in variants.items():
-                    out = measure(r, port, source, build)
+                for name, (source, build, results) in variants.items():
+                    out = measure(r, port, source, build, results)
                     seen[name].append(out)
                     print(
                         f"round {rnd} {name:22s} redis {out['redis_us']:5.1f} µs/call "
