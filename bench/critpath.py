@@ -111,6 +111,7 @@ runpy.run_path(script, run_name="__main__")
 """
 )
 
+SYSTEMS = ("sop", "loop", "sop-loopwrite")
 SEGMENTS = ("pub_to_read_us", "crit_us", "write_us", "written_to_result_us")
 
 
@@ -142,6 +143,8 @@ def run_one(system: str, url: str, n: int, out: Path) -> dict[str, float]:
     env.update(PYTHONPATH=str(ROOT), CRIT_OUT=str(out))
     if system == "sop":
         cmd = [sys.executable, "-c", SOP_BOOT]
+    elif system == "sop-loopwrite":
+        cmd = [sys.executable, "-c", P.LOOPWRITE_PATCH + SOP_BOOT]
     else:
         script = str(ROOT / "bench" / "baseline_loop.py")
         cmd = [sys.executable, "-c", LOOP_BOOT, script, "--redis-url", url]
@@ -180,14 +183,22 @@ def main() -> int:
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     ap.add_argument("--tasks", type=int, default=3000)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument(
+        "--systems",
+        default="sop,loop",
+        help=f"each round in order, from {SYSTEMS} (sop-loopwrite: see bench/pipeline.py)",
+    )
     args = ap.parse_args()
+    systems = args.systems.split(",")
+    if unknown := set(systems) - set(SYSTEMS):
+        ap.error(f"unknown systems {sorted(unknown)}; known: {', '.join(SYSTEMS)}")
     out = Path(os.environ.get("TMPDIR", "/tmp")) / f"sop-critpath-{os.getpid()}.json"
     for rnd in range(1, args.rounds + 1):
-        for system in ("sop", "loop"):
+        for system in systems:
             got = run_one(system, args.redis_url, args.tasks, out)
             shown = " ".join(f"{k}={v:.3f}" if k.endswith("_ms") else f"{k}={v:.1f}"
                              for k, v in got.items())  # fmt: skip
-            print(f"round {rnd} {system:4s} {shown}", flush=True)
+            print(f"round {rnd} {system:13s} {shown}", flush=True)
     out.unlink(missing_ok=True)
     return 0
 

@@ -22,10 +22,12 @@ sop, loop, ...), each run in a fresh namespace (``bench-<hex>``) whose keys are 
    task entry id, 1 ms resolution) as a cross-check.
 
 Systems: ``sop`` (``python -m ops.cli worker``, defaults, every guarantee on) and ``loop``
-(``bench/baseline_loop.py``); three what-ifs change no production code: ``sop-gc`` (the same
+(``bench/baseline_loop.py``); four what-ifs change no production code: ``sop-gc`` (the same
 worker started after ``gc.freeze()``, gen-0 threshold 50,000), ``sop-nospans`` (OpenTelemetry's
-tracer swapped for one that makes no span) and ``sop-256`` (``SOP_WORKER_SLOTS=256
-SOP_ECHO_SLOTS=256``, the loop's batch size).
+tracer swapped for one that makes no span), ``sop-256`` (``SOP_WORKER_SLOTS=256
+SOP_ECHO_SLOTS=256``, the loop's batch size) and ``sop-loopwrite`` (an instant task's first
+attempt written by the loop's four commands inside ``BEGIN_MANY``: no checks, three record
+fields; it prices the guarded write against the rest of the worker and is never a setting).
 
 ``--trips`` adds an in-process run of the sop-llm worker (``ops.app.serve``) with a
 counting hook on ``redis.asyncio`` connections *of this process only*: network round trips and
@@ -69,7 +71,7 @@ PROMPT_WORDS = (
     "the village sleeps and the baker lights his oven for the morning bread that feeds everyone"
 )
 POLL_S = 0.005
-SYSTEMS = ("sop", "loop", "sop-gc", "sop-nospans", "sop-256")
+SYSTEMS = ("sop", "loop", "sop-gc", "sop-nospans", "sop-256", "sop-loopwrite")
 # what-if: the production CLI, started after freezing the import-time heap out of the cyclic GC
 # and raising the gen-0 threshold (700 by default) so a 64-task batch does not trigger it
 SOP_GC_BOOT = (
@@ -93,6 +95,33 @@ SOP_NOSPANS_BOOT = (
     "from ops.cli import main\n"
     "sys.exit(main(['worker']))\n"
 )
+# what-if: BEGIN_MANY with an instant entry's first write cut to the loop's (HSET state, result
+# and finished_at, EXPIRE, XADD, XACK; no HMGET checks, no idempotency, no full record): the same
+# worker, script call and arguments, only the guarded write's Redis work taken out. Patched in
+# the worker's process before it loads the script; it stops if BEGIN_MANY no longer matches.
+_LOOPWRITE_AT = "  local e, id = ARGV[i + 3], ARGV[i + 4]\n"
+_LOOPWRITE_LUA = """  if ARGV[i + 11] == '1' then
+    local f = i + BEGIN_WIDTH
+    redis.call('HSET', status, 'state', ARGV[f + 6], 'result', ARGV[f + 8],
+      'finished_at', ARGV[f + 9])
+    redis.call('EXPIRE', status, ttl)
+    redis.call('XADD', KEYS[1], '*', 'type', ARGV[f + 7], 'data', ARGV[f + 8])
+    redis.call('XACK', source, group, e)
+    return {'finished', 1}
+  end
+"""
+LOOPWRITE_PATCH = (
+    "import hashlib, sys\n"
+    "from streams import outcome_scripts as _o\n"
+    f"_at, _cut = {_LOOPWRITE_AT!r}, {_LOOPWRITE_LUA!r}\n"
+    "_cut = _cut.replace('BEGIN_WIDTH', str(_o.BEGIN_WIDTH))\n"
+    "_s = _o.BEGIN_MANY_SCRIPT\n"
+    "if _s.source.count(_at) != 1:\n"
+    "    sys.exit('BEGIN_MANY changed: update LOOPWRITE_PATCH in bench/pipeline.py')\n"
+    "_s.source = _s.source.replace(_at, _at + _cut)\n"
+    "_s.sha = hashlib.sha1(_s.source.encode()).hexdigest()\n"
+)
+SOP_LOOPWRITE_BOOT = LOOPWRITE_PATCH + "from ops.cli import main\nsys.exit(main(['worker']))\n"
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,6 +278,8 @@ def spawn(system: str, url: str, ns: str, log: Path) -> subprocess.Popen[bytes]:
             cmd = [sys.executable, "-c", SOP_GC_BOOT]
         elif system == "sop-nospans":
             cmd = [sys.executable, "-c", SOP_NOSPANS_BOOT]
+        elif system == "sop-loopwrite":
+            cmd = [sys.executable, "-c", SOP_LOOPWRITE_BOOT]
         elif system == "sop-256":
             env.update(SOP_WORKER_SLOTS="256", SOP_ECHO_SLOTS="256")
         elif system.startswith("sop@"):
