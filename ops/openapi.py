@@ -22,7 +22,7 @@ from pydantic.json_schema import models_json_schema
 
 from gpu.nvml import DeviceMemory
 from gpu.semaphore import Holder, Waiter
-from ops.asyncapi import token_delta_schema, token_end_schema
+from ops.asyncapi_messages import token_delta_schema, token_end_schema
 from schemas.result import StatusRecord
 from schemas.task import TASK_ID_PATTERN
 
