@@ -68,58 +68,58 @@ def _ref(name: str) -> _Json:
     return {"$ref": SCHEMA_REF.format(model=name)}
 
 
-def cancel_schema() -> _Json:
-    """The ``data`` of a ``task.cancel`` entry on ``{ns}:control``."""
+def _small_payload(title: str, description: str, required: str, fields: _Json) -> _Json:
+    """A closed JSON object with ``v`` and ``fields``, of which ``required`` must be present."""
     return {
-        "title": "CancelRequest",
-        "description": "Ask for a task to be cancelled (queued: at once; running: between tokens).",
+        "title": title,
+        "description": description,
         "type": "object",
         "properties": {
             "v": {"const": WIRE_VERSION, "default": WIRE_VERSION, "type": "integer"},
-            "task_id": {"type": "string", "pattern": TASK_ID_PATTERN},
+            **fields,
         },
-        "required": ["task_id"],
+        "required": [required],
         "additionalProperties": False,
     }
+
+
+def cancel_schema() -> _Json:
+    """The ``data`` of a ``task.cancel`` entry on ``{ns}:control``."""
+    return _small_payload(
+        "CancelRequest",
+        "Ask for a task to be cancelled (queued: at once; running: between tokens).",
+        "task_id",
+        {"task_id": {"type": "string", "pattern": TASK_ID_PATTERN}},
+    )
 
 
 def token_delta_schema() -> _Json:
     """The ``data`` of a ``token.delta`` entry: the text generated since the previous one."""
-    return {
-        "title": "TokenDelta",
-        "description": "Text generated since the previous delta, in order.",
-        "type": "object",
-        "properties": {
-            "v": {"const": WIRE_VERSION, "default": WIRE_VERSION, "type": "integer"},
-            "text": {"type": "string"},
-        },
-        "required": ["text"],
-        "additionalProperties": False,
-    }
+    return _small_payload(
+        "TokenDelta",
+        "Text generated since the previous delta, in order.",
+        "text",
+        {"text": {"type": "string"}},
+    )
 
 
 def token_end_schema() -> _Json:
     """The ``data`` of the ``token.end`` entry that closes a token stream."""
     terminal = [state.value for state in TaskState if state.terminal]
-    return {
-        "title": "TokenEnd",
-        "description": "The last entry of a token stream, written after the task's outcome "
+    reasons = {"type": "string", "enum": list(get_args(FinishReason))}
+    return _small_payload(
+        "TokenEnd",
+        "The last entry of a token stream, written after the task's outcome "
         "(which goes to results as usual).",
-        "type": "object",
-        "properties": {
-            "v": {"const": WIRE_VERSION, "default": WIRE_VERSION, "type": "integer"},
+        "state",
+        {
             "state": {"type": "string", "enum": terminal, "description": "the terminal state"},
             "finish_reason": {
-                "anyOf": [
-                    {"type": "string", "enum": list(get_args(FinishReason))},
-                    {"type": "null"},
-                ],
+                "anyOf": [reasons, {"type": "null"}],
                 "description": "how the generation ended (null: it never ran)",
             },
         },
-        "required": ["state"],
-        "additionalProperties": False,
-    }
+    )
 
 
 def model_schemas() -> dict[str, _Json]:
