@@ -36,10 +36,8 @@ from pathlib import Path
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import pipeline as P
-
+from bench import consumers, sampling, sop_driver
 from streams.keys import Keys
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,7 +142,7 @@ def run_one(system: str, url: str, n: int, out: Path) -> dict[str, float]:
     if system == "sop":
         cmd = [sys.executable, "-c", SOP_BOOT]
     elif system == "sop-loopwrite":
-        cmd = [sys.executable, "-c", P.LOOPWRITE_PATCH + SOP_BOOT]
+        cmd = [sys.executable, "-c", consumers.LOOPWRITE_PATCH + SOP_BOOT]
     else:
         script = str(ROOT / "bench" / "baseline_loop.py")
         cmd = [sys.executable, "-c", LOOP_BOOT, script, "--redis-url", url]
@@ -156,24 +154,29 @@ def run_one(system: str, url: str, n: int, out: Path) -> dict[str, float]:
     lat: list[float] = []
     try:
         time.sleep(3.0)  # start-up
-        stats0 = P.commandstats(r)
-        last = P.last_result_id(r, keys)
+        stats0 = sampling.commandstats(r)
+        last = sop_driver.last_result_id(r, keys)
         for i in range(warmup + n):
-            seconds, last, _ = P.publish_and_wait(r, keys, f"{keys.namespace}.c{i}", last)
+            seconds, last, _ = sop_driver.publish_and_wait(r, keys, f"{keys.namespace}.c{i}", last)
             t_end = time.perf_counter()
             if i >= warmup:
                 tasks.append((t_end - seconds, t_end))
                 lat.append(seconds * 1000)
-        delta = P.stats_delta(stats0, P.commandstats(r), {"xadd": n + warmup, "xread": 0})
+        delta = sampling.stats_delta(
+            stats0, sampling.commandstats(r), {"xadd": n + warmup, "xread": 0}
+        )
     finally:
-        P.terminate(proc)
-        P.cleanup(r, keys)
+        sampling.terminate(proc)
+        sop_driver.cleanup(r, keys)
     seg = segments(tasks, json.loads(out.read_text()) if out.exists() else [])
-    usec = P.per_task(delta, n + warmup, usec=True)
-    shown: dict[str, float] = {"serial_p50_ms": P.pct(lat, 50), "matched": len(seg["crit_us"])}
+    usec = sampling.per_task(delta, n + warmup, usec=True)
+    shown: dict[str, float] = {
+        "serial_p50_ms": sampling.pct(lat, 50),
+        "matched": len(seg["crit_us"]),
+    }
     for name, values in seg.items():
-        shown[name] = P.pct(values, 50)
-    shown["crit_p10_us"] = P.pct(seg["crit_us"], 10)
+        shown[name] = sampling.pct(values, 50)
+    shown["crit_p10_us"] = sampling.pct(seg["crit_us"], 10)
     shown.update({f"redis_{k}": v for k, v in usec.items() if v >= 0.05})
     return shown
 
@@ -186,7 +189,7 @@ def main() -> int:
     ap.add_argument(
         "--systems",
         default="sop,loop",
-        help=f"each round in order, from {SYSTEMS} (sop-loopwrite: see bench/pipeline.py)",
+        help=f"each round in order, from {SYSTEMS} (sop-loopwrite: see bench/consumers.py)",
     )
     args = ap.parse_args()
     systems = args.systems.split(",")

@@ -36,10 +36,8 @@ from typing import Any
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import pipeline as P
-
+from bench import consumers, sampling, sop_driver
 from streams.keys import Keys
 
 
@@ -50,32 +48,33 @@ def one_run(url: str, systems: list[str], n: int, warmup: int, log: Path) -> dic
     lat: dict[str, list[float]] = {s: [] for s in systems}
     try:
         for s, keys in spaces.items():
-            procs.append(P.spawn(s, url, keys.namespace, log))
+            procs.append(consumers.spawn(s, url, keys.namespace, log))
         time.sleep(3.0)  # start-up: every consumer blocked in its read
         for proc, s in zip(procs, systems, strict=True):
             if proc.poll() is not None:
                 raise RuntimeError(f"{s} consumer exited with {proc.returncode}; see {log}")
-        last = {s: P.last_result_id(r, keys) for s, keys in spaces.items()}
+        last = {s: sop_driver.last_result_id(r, keys) for s, keys in spaces.items()}
         for i in range(warmup + n):
             if i == warmup:
-                cpu0 = [P.cpu_seconds(proc.pid) for proc in procs]
+                cpu0 = [sampling.cpu_seconds(proc.pid) for proc in procs]
             for s, keys in spaces.items():
-                seconds, last[s], _ = P.publish_and_wait(r, keys, f"{keys.namespace}.q{i}", last[s])
+                seconds, last[s], _ = sop_driver.publish_and_wait(
+                    r, keys, f"{keys.namespace}.q{i}", last[s]
+                )
                 if i >= warmup:
                     lat[s].append(seconds * 1e6)
         cpu = {
-            s: (P.cpu_seconds(proc.pid) - c0) / n * 1e6
+            s: (sampling.cpu_seconds(proc.pid) - c0) / n * 1e6
             for s, proc, c0 in zip(systems, procs, cpu0, strict=True)
         }
     finally:
-        for proc in procs:
-            P.terminate(proc)
+        sampling.terminate(*procs)
         for keys in spaces.values():
-            P.cleanup(r, keys)
+            sop_driver.cleanup(r, keys)
     out: dict[str, Any] = {}
     ref = systems[-1]
     for s in systems:
-        row: dict[str, Any] = {f"p{q}": P.pct(lat[s], q) for q in (10, 50, 90, 99)}
+        row: dict[str, Any] = {f"p{q}": sampling.pct(lat[s], q) for q in (10, 50, 90, 99)}
         row["cpu_us"] = cpu[s]  # the consumer process's CPU per counted task
         if s != ref:
             diffs = [a - b for a, b in zip(lat[s], lat[ref], strict=True)]
@@ -91,8 +90,8 @@ def main() -> int:
     ap.add_argument(
         "--systems",
         default="sop,loop",
-        help=f"from {P.SYSTEMS}, or sop@PATH (the worker of the checkout at PATH); the last is"
-        " the reference",
+        help=f"from {consumers.SYSTEMS}, or sop@PATH (the worker of the checkout at PATH);"
+        " the last is the reference",
     )
     ap.add_argument("--tasks", type=int, default=3000, help="counted tasks per system per run")
     ap.add_argument("--warmup", type=int, default=300)
@@ -100,9 +99,9 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="write every run here")
     args = ap.parse_args()
     systems = args.systems.split(",")
-    unknown = [s for s in systems if not P.known_system(s)]
+    unknown = [s for s in systems if not consumers.known_system(s)]
     if unknown or len(set(systems)) != len(systems):
-        ap.error(f"systems must be distinct names from {P.SYSTEMS}: {unknown or systems}")
+        ap.error(f"systems must be distinct names from {consumers.SYSTEMS}: {unknown or systems}")
     log = Path(tempfile.gettempdir()) / f"sop-serial-pairs-{uuid.uuid4().hex[:8]}.log"
     runs = []
     for k in range(1, args.runs + 1):
