@@ -36,22 +36,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
-import importlib.util
 import json
 import os
 import platform
-import signal
-import statistics
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import redis
@@ -60,231 +52,12 @@ import redis.asyncio as aredis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.peers.common import payload  # noqa: E402
+from bench.compare_report import markdown, plot, ratios, summarise, versions  # noqa: E402
+from bench.compare_systems import PROJECT_PY, SYSTEMS, DoneCounter, System, make_system  # noqa: E402
 from bench.redisutil import start_private_redis  # noqa: E402
+from bench.sampling import commandstats, pct, redis_cpu, terminate, tree_cpu  # noqa: E402
 
-PROJECT_PY = str(ROOT / ".venv" / "bin" / "python")
 POLL_S = 0.005
-SYSTEMS = ("sop", "sop-256", "sop-2", "loop", "faststream", "arq", "taskiq", "celery")
-PEER_MODULES = {
-    "faststream": "bench.peers.faststream_peer",
-    "arq": "bench.peers.arq_peer",
-    "taskiq": "bench.peers.taskiq_peer",
-    "celery": "bench.peers.celery_peer",
-}
-LABELS = {
-    "sop": "sop-llm, 1 worker",
-    "sop-256": "sop-llm, 1 worker, 256 slots",
-    "sop-2": "sop-llm, 2 workers",
-    "loop": "redis-py loop",
-    "faststream": "FastStream StreamSub",
-    "arq": "arq",
-    "taskiq": "taskiq (stream broker)",
-    "celery": "Celery (Redis)",
-}
-
-
-def _keys_class() -> Any:
-    """sop-llm's key names (``streams/keys.py``), loaded without importing the package."""
-    spec = importlib.util.spec_from_file_location("sop_keys", ROOT / "streams" / "keys.py")
-    if spec is None or spec.loader is None:
-        raise ImportError("streams/keys.py not found")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["sop_keys"] = mod
-    spec.loader.exec_module(mod)
-    return mod.Keys
-
-
-Keys = _keys_class()
-
-
-# --------------------------------------------------------------------------------------------
-# systems
-
-
-@dataclass
-class System:
-    """How the harness drives one system: start consumers, publish, see results."""
-
-    name: str
-    config: str
-    spawn: Callable[[str, Path], list[subprocess.Popen[bytes]]]
-    publisher: Callable[[str], Any]
-    done_keys: Callable[[list[str]], list[str]] | None = None
-    results_stream: str | None = None
-    notify: str = ""
-    prepare: Callable[[redis.Redis], None] = field(default=lambda r: None)
-    id_prefix: str = ""
-
-
-class SopPublisher:
-    """Plain XADDs of ``task.submitted`` entries, as bench/pipeline.py publishes them."""
-
-    def __init__(self, url: str, stream: str) -> None:
-        self.url, self.stream = url, stream
-
-    async def __aenter__(self) -> SopPublisher:
-        self.r = aredis.Redis.from_url(self.url)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.r.aclose()
-
-    async def publish(self, task_ids: list[str]) -> None:
-        for start in range(0, len(task_ids), 1000):
-            pipe = self.r.pipeline(transaction=False)
-            for t in task_ids[start : start + 1000]:
-                pipe.xadd(self.stream, {"type": "task.submitted", "data": payload(t)})
-            await pipe.execute()
-
-    async def publish_one(self, task_id: str) -> None:
-        await self.r.xadd(self.stream, {"type": "task.submitted", "data": payload(task_id)})
-
-
-def _popen(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-
-
-def sop_system(name: str, procs: int, ns: str, slots: int | None = None) -> System:
-    keys = Keys(ns)
-
-    def spawn(url: str, log: Path) -> list[subprocess.Popen[bytes]]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SOP_")}
-        env.update(SOP_REDIS_URL=url, SOP_NAMESPACE=ns, SOP_LOG_LEVEL="WARNING")
-        if slots is not None:  # the loop's batch size: reads of up to half the slots
-            env.update(SOP_WORKER_SLOTS=str(slots), SOP_ECHO_SLOTS=str(slots))
-        cmd = [PROJECT_PY, "-m", "ops.cli", "worker"]
-        return [_popen(cmd, env, log) for _ in range(procs)]
-
-    config = "defaults (64 slots" if slots is None else f"SOP_WORKER_SLOTS={slots} ({slots} slots"
-    return System(
-        name=name,
-        config=f"{procs} x `python -m ops.cli worker`, {config}, every guarantee on)",
-        spawn=spawn,
-        publisher=lambda url: SopPublisher(url, keys.tasks("default", "normal")),
-        results_stream=keys.results,
-        notify=keys.results,
-        id_prefix=f"{ns}.",
-    )
-
-
-def loop_system(ns: str) -> System:
-    keys = Keys(ns)
-
-    def spawn(url: str, log: Path) -> list[subprocess.Popen[bytes]]:
-        script = str(ROOT / "bench" / "baseline_loop.py")
-        cmd = [PROJECT_PY, script, "--redis-url", url, "--namespace", ns]
-        return [_popen(cmd, dict(os.environ), log)]
-
-    return System(
-        name="loop",
-        config="bench/baseline_loop.py: XREADGROUP COUNT 256, one pipeline of writes per batch",
-        spawn=spawn,
-        publisher=lambda url: SopPublisher(url, keys.tasks("default", "normal")),
-        results_stream=keys.results,
-        notify=keys.results,
-        id_prefix=f"{ns}.",
-    )
-
-
-def peer_system(name: str) -> System:
-    mod: ModuleType = importlib.import_module(PEER_MODULES[name])
-
-    def spawn(url: str, log: Path) -> list[subprocess.Popen[bytes]]:
-        env = dict(os.environ, BENCH_REDIS_URL=url, PYTHONPATH=str(ROOT))
-        return [_popen(mod.worker_cmd(sys.executable, url), env, log)]
-
-    def prepare(r: redis.Redis) -> None:
-        if name == "faststream":  # the group must exist before the backlog is published
-            r.xgroup_create(mod.TASKS, mod.GROUP, id="0", mkstream=True)
-
-    return System(
-        name=name,
-        config=mod.CONFIG,
-        spawn=spawn,
-        publisher=mod.Publisher,
-        done_keys=getattr(mod, "done_keys", None),
-        results_stream=getattr(mod, "RESULTS_STREAM", None),
-        notify=mod.NOTIFY,
-        prepare=prepare,
-        id_prefix="tq." if name == "taskiq" else f"{name}.",
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# helpers
-
-
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
-
-
-def cpu_seconds(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def tree_cpu(procs: list[subprocess.Popen[bytes]]) -> float:
-    """CPU seconds of the consumer processes and their direct children (taskiq forks one)."""
-    pids = [p.pid for p in procs]
-    for p in procs:
-        try:
-            kids = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()
-        except FileNotFoundError:
-            kids = []
-        pids += [int(k) for k in kids]
-    return sum(cpu_seconds(pid) for pid in pids)
-
-
-def redis_cpu(r: redis.Redis) -> float:
-    info = r.info("cpu")
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
-
-
-def commandstats(r: redis.Redis) -> dict[str, int]:
-    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in r.info("commandstats").items()}
-
-
-def terminate(procs: list[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
-class DoneCounter:
-    """How many of the tasks have a result: XLEN of a results stream, or EXISTS over result
-    keys in task order (a prefix of fully-done chunks is not asked again)."""
-
-    def __init__(self, r: redis.Redis, system: System, task_ids: list[str]) -> None:
-        self.r, self.stream = r, system.results_stream
-        self.keys = system.done_keys(task_ids) if system.done_keys else []
-        self.done_prefix = 0
-        self.calls = 0
-
-    def count(self) -> int:
-        self.calls += 1
-        if self.stream is not None:
-            return int(self.r.xlen(self.stream))
-        while self.done_prefix < len(self.keys):
-            chunk = self.keys[self.done_prefix : self.done_prefix + 1000]
-            have = int(self.r.exists(*chunk))
-            if have < len(chunk):
-                return self.done_prefix + have
-            self.done_prefix += len(chunk)
-        return len(self.keys)
-
 
 # --------------------------------------------------------------------------------------------
 # measurements
@@ -326,7 +99,7 @@ def throughput(
     cpu1, rcpu1 = tree_cpu(procs), redis_cpu(r)
     stats1 = commandstats(r)
     ours = {"xlen", "exists", "info", "ping", "config"}
-    cmds = {k: v - stats0.get(k, 0) for k, v in stats1.items() if k not in ours}
+    cmds = {k: v[0] - stats0.get(k, (0, 0))[0] for k, v in stats1.items() if k not in ours}
     cmds = {k: round(v / n, 3) for k, v in sorted(cmds.items()) if v > 0}
     steady_n = n - first["have"]
     return procs, {
@@ -393,156 +166,8 @@ def run_system(
     try:
         se = serial_latency(r, url, system, args.serial, args.warmup) if args.serial else {}
     finally:
-        terminate(procs)
+        terminate(*procs)
     return {"system": system.name, "loadavg_before": load, "throughput": tp, "serial": se}
-
-
-# --------------------------------------------------------------------------------------------
-# report
-
-
-def agg(vals: list[float]) -> list[float]:
-    return [statistics.median(vals), min(vals), max(vals)]
-
-
-def summarise(runs: list[dict[str, Any]], systems: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for s in systems:
-        mine = [x for x in runs if x["system"] == s]
-        if not mine:
-            continue
-        m: dict[str, Any] = {"n": mine[0]["throughput"]["n"]}
-        for k in ("tasks_per_s", "tasks_per_s_from_spawn", "consumer_cpu_us_per_task",
-                  "redis_cpu_us_per_task", "redis_cmds_per_task_total"):  # fmt: skip
-            m[k] = agg([x["throughput"][k] for x in mine])
-        if all(x["serial"] for x in mine):
-            m["serial_p50_ms"] = agg([x["serial"]["p50_ms"] for x in mine])
-            m["serial_p99_ms"] = agg([x["serial"]["p99_ms"] for x in mine])
-        out[s] = m
-    return out
-
-
-def ratios(summary: dict[str, Any]) -> dict[str, Any]:
-    tp = {s: v["tasks_per_s"][0] for s, v in summary.items()}
-    out: dict[str, Any] = {}
-    if "sop" not in tp:
-        return out
-    peers = {s: v for s, v in tp.items() if s in PEER_MODULES}
-    task_queues = {s: v for s, v in peers.items() if s in ("arq", "taskiq", "celery")}
-    if "loop" in tp:
-        out["sop/loop"] = tp["sop"] / tp["loop"]
-        for other in ("sop-256", "sop-2"):
-            if other in tp:
-                out[f"{other}/loop"] = tp[other] / tp["loop"]
-    if peers:
-        best = max(peers, key=peers.__getitem__)
-        out["sop/best peer"] = (tp["sop"] / peers[best], best)
-    if task_queues:
-        best = max(task_queues, key=task_queues.__getitem__)
-        out["sop/best of arq,taskiq,celery"] = (tp["sop"] / task_queues[best], best)
-    return out
-
-
-def fmt(v: list[float], digits: int = 0) -> str:
-    return f"{v[0]:,.{digits}f} [{v[1]:,.{digits}f}-{v[2]:,.{digits}f}]"
-
-
-def markdown(summary: dict[str, Any]) -> str:
-    lines = [
-        "| system | N | tasks/s | consumer CPU µs/task | Redis CPU µs/task "
-        "| Redis commands/task | serial p50 ms | serial p99 ms |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for s, m in summary.items():
-        row = [
-            LABELS[s], f"{m['n']:,}", fmt(m["tasks_per_s"]), fmt(m["consumer_cpu_us_per_task"]),
-            fmt(m["redis_cpu_us_per_task"]), f"{m['redis_cmds_per_task_total'][0]:.2f}",
-        ]  # fmt: skip
-        if "serial_p50_ms" in m:
-            row += [fmt(m["serial_p50_ms"], 2), fmt(m["serial_p99_ms"], 2)]
-        else:
-            row += ["-", "-"]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
-
-
-def plot(summary: dict[str, Any], outdir: Path, note: str) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(summary)
-    labels = [LABELS[s] for s in names]
-    colors = ["#1f6feb" if s.startswith("sop") else "#8b949e" for s in names]
-    colors = ["#2da44e" if s == "loop" else c for s, c in zip(names, colors, strict=True)]
-    outdir.mkdir(parents=True, exist_ok=True)
-    paths = []
-
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    med = [summary[s]["tasks_per_s"][0] for s in names]
-    err = [
-        [m - summary[s]["tasks_per_s"][1] for s, m in zip(names, med, strict=True)],
-        [summary[s]["tasks_per_s"][2] - m for s, m in zip(names, med, strict=True)],
-    ]
-    ax.barh(labels, med, xerr=err, color=colors, capsize=3)
-    for y, s in enumerate(names):
-        # the label goes past the max whisker, so the two never overlap
-        ax.text(summary[s]["tasks_per_s"][2], y, f"  {med[y]:,.0f}", va="center", fontsize=9)
-    ax.invert_yaxis()
-    ax.set_xlabel("tasks/s (median of rounds; whiskers: min-max)")
-    ax.set_title("No-op task throughput, publish-to-result (one process unless stated)")
-    ax.set_xlim(0, max(summary[s]["tasks_per_s"][2] for s in names) * 1.25)
-    fig.text(0.01, 0.01, note, fontsize=7, color="#555")
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    paths.append(outdir / "benchmarks-throughput.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-
-    lat = [s for s in names if "serial_p50_ms" in summary[s]]
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    ys = range(len(lat))
-    p50 = [summary[s]["serial_p50_ms"][0] for s in lat]
-    p99 = [summary[s]["serial_p99_ms"][0] for s in lat]
-    ax.barh([y - 0.2 for y in ys], p50, height=0.4, label="p50", color="#1f6feb")
-    ax.barh([y + 0.2 for y in ys], p99, height=0.4, label="p99", color="#8b949e")
-    for y, a, b in zip(ys, p50, p99, strict=True):
-        ax.text(a, y - 0.2, f" {a:.2f}", va="center", fontsize=8)
-        ax.text(b, y + 0.2, f" {b:.2f}", va="center", fontsize=8)
-    ax.set_yticks(list(ys), [LABELS[s] for s in lat])
-    ax.invert_yaxis()
-    ax.set_xscale("log")
-    ax.set_xlabel("publish-to-result latency, one task at a time (ms, log scale; median of rounds)")
-    ax.set_title("Serial latency")
-    ax.legend(loc="lower right")
-    fig.text(0.01, 0.01, note, fontsize=7, color="#555")
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    paths.append(outdir / "benchmarks-latency.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-    return paths
-
-
-def versions(r: redis.Redis) -> dict[str, Any]:
-    peers = ["faststream", "arq", "taskiq", "taskiq-redis", "celery", "kombu", "redis",
-             "hiredis", "uvloop", "pydantic", "matplotlib"]  # fmt: skip
-    out: dict[str, Any] = {"peers_venv": {}}
-    for p in peers:
-        try:
-            out["peers_venv"][p] = metadata.version(p)
-        except metadata.PackageNotFoundError:
-            out["peers_venv"][p] = None
-    code = (
-        "import json; from importlib import metadata as m; print(json.dumps({p: m.version(p) "
-        "for p in ('sop-llm', 'redis', 'hiredis', 'uvloop', 'pydantic')}))"
-    )
-    done = subprocess.run([PROJECT_PY, "-c", code], capture_output=True, text=True, check=False)
-    out["project_venv"] = json.loads(done.stdout) if done.returncode == 0 else done.stderr
-    out["python"] = platform.python_version()
-    out["redis_server"] = r.info("server")["redis_version"]
-    out["platform"] = platform.platform()
-    out["cpus"] = os.cpu_count()
-    return out
 
 
 LLM_BENCHMARKS = (
@@ -613,14 +238,7 @@ def run(
     t_all = time.perf_counter()
     for rnd in range(1, args.rounds + 1):
         for name in systems:
-            ns = f"bench-{uuid.uuid4().hex[:12]}"
-            if name in ("sop", "sop-2", "sop-256"):
-                slots = 256 if name == "sop-256" else None
-                system = sop_system(name, 2 if name == "sop-2" else 1, ns, slots)
-            elif name == "loop":
-                system = loop_system(ns)
-            else:
-                system = peer_system(name)
+            system = make_system(name)
             n = tasks_for.get(name, args.tasks)
             res = run_system(args, r, url, system, n, tmp / f"{name}.log")
             res["round"], res["config"] = rnd, system.config
