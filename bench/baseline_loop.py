@@ -23,8 +23,10 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
+from redis.typing import EncodableT, FieldT
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -71,7 +73,7 @@ def main() -> int:
 
     results, ttl = keys.results, args.ttl_s
     while not stop:
-        reply = r.xreadgroup(
+        reply: Any = r.xreadgroup(
             TASK_GROUP, consumer, {stream: ">"}, count=args.count, block=args.block_ms
         )
         if not reply:
@@ -96,7 +98,11 @@ def main() -> int:
                 separators=(",", ":"),
             )  # fmt: skip
             status = keys.task(task_id)
-            record = {"state": "completed", "result": result, "finished_at": finished}
+            record: dict[FieldT, EncodableT] = {
+                "state": "completed",
+                "result": result,
+                "finished_at": finished,
+            }
             pipe.hset(status, mapping=record)
             pipe.expire(status, ttl)
             pipe.xadd(results, {"type": "task.completed", "data": result})

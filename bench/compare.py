@@ -99,8 +99,8 @@ def throughput(
     cpu1, rcpu1 = tree_cpu(procs), redis_cpu(r)
     stats1 = commandstats(r)
     ours = {"xlen", "exists", "info", "ping", "config"}
-    cmds = {k: v[0] - stats0.get(k, (0, 0))[0] for k, v in stats1.items() if k not in ours}
-    cmds = {k: round(v / n, 3) for k, v in sorted(cmds.items()) if v > 0}
+    calls = {k: v[0] - stats0.get(k, (0, 0))[0] for k, v in stats1.items() if k not in ours}
+    cmds = {k: round(v / n, 3) for k, v in sorted(calls.items()) if v > 0}
     steady_n = n - first["have"]
     return procs, {
         "n": n,
@@ -258,8 +258,10 @@ def run(
     took = time.perf_counter() - t_all
     summary = summarise(runs, systems)
     rat = ratios(summary)
-    report = {"env": env, "args": {k: str(v) for k, v in vars(args).items()}, "runs": runs,
-              "summary": summary, "ratios": rat, "took_s": took}  # fmt: skip
+    report: dict[str, Any] = {
+        "env": env, "args": {k: str(v) for k, v in vars(args).items()}, "runs": runs,
+        "summary": summary, "ratios": rat, "took_s": took,
+    }  # fmt: skip
     report["configs"] = {x["system"]: x["config"] for x in runs}
     print(f"\nmedian [min-max] over {args.rounds} rounds; took {took:.0f} s;"
           f" load average {env['loadavg_start']} -> {env['loadavg_end']}\n")  # fmt: skip

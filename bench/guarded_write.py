@@ -37,12 +37,11 @@ import hiredis
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import pipeline as P
 from redis.asyncio import Redis as AsyncRedis
-from redisutil import start_private_redis
 
+from bench.peers.common import payload
+from bench.redisutil import start_private_redis
 from handlers.outcome_writer import OutcomeWriter
 from handlers.prepare import generation_request, prepare
 from providers.echo import EchoProvider
@@ -75,7 +74,7 @@ def begin_calls(keys: Keys, n: int, sha: str) -> list[Packed]:
     out = []
     for i in range(n):
         now = int(time.time() * 1000)
-        fields = {k: v.encode() for k, v in P.task_fields(f"{keys.namespace}.g{i}").items()}
+        fields = {"type": b"task.submitted", "data": payload(f"{keys.namespace}.g{i}").encode()}
         entry = Entry(stream=stream, entry_id=f"{now}-{i}", fields=fields)
         p = prepare(entry, keys=keys, max_prompt_bytes=1 << 20, max_metadata_bytes=64 << 10)
         assert p.event is not None, p.error
@@ -90,7 +89,8 @@ def begin_calls(keys: Keys, n: int, sha: str) -> list[Packed]:
             idempotency_key=None, reply_to=None, webhook_url=None, max_attempts=3, finish=fin,
         )  # fmt: skip
         kk, args = outcomes.begin_command([start], now)
-        out.append((hiredis.pack_command(("EVALSHA", sha, len(kk), *kk, *args)), 1))
+        call: tuple[Any, ...] = ("EVALSHA", sha, len(kk), *kk, *args)
+        out.append((hiredis.pack_command(call), 1))
     return out
 
 
@@ -100,9 +100,9 @@ def loop_calls(keys: Keys, n: int) -> list[Packed]:
     out = []
     for i in range(n):
         task_id = f"{keys.namespace}.g{i}"
-        result = P.task_data(task_id)  # ~the size of a result document
+        result = payload(task_id)  # ~the size of a result document
         status = keys.task(task_id)
-        cmds = [
+        cmds: list[tuple[Any, ...]] = [
             ("HSET", status, "state", "completed", "result", result, "finished_at", 1),
             ("EXPIRE", status, 86_400),
             ("XADD", results, "*", "type", "task.completed", "data", result),

@@ -34,6 +34,7 @@ py-spy profile of the worker process at full load (``bench/pyspy_profile.py``;
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -44,6 +45,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +109,8 @@ def throughput(
     # exact with --private-redis, where Redis serves this run only
     other = busy - (cpu_done - first["cpu"]) - (rcpu1 - first["rcpu"]) - own
     delta = stats_delta(stats0, commandstats(r), {"xlen": polls})
-    first_ms = entry_ms(r.xrange(keys.results, count=1)[0][0])
+    oldest: Any = r.xrange(keys.results, count=1)
+    first_ms = entry_ms(oldest[0][0])
     last_ms = entry_ms(last_result_id(r, keys))
     return proc, {
         "tasks_per_s": (n - 1) / max(1e-3, (last_ms - first_ms) / 1000),
@@ -138,7 +141,7 @@ def rate_latency(url: str, keys: Keys, n: int, rate: float, tag: str) -> dict[st
         last = start_id
         try:
             while len(seen) < n:
-                reply = read_r.xread({keys.results: last}, count=512, block=10_000)
+                reply: Any = read_r.xread({keys.results: last}, count=512, block=10_000)
                 now = time.perf_counter()
                 if not reply:
                     raise TimeoutError(f"{len(seen)} of {n} results, then nothing for 10 s")
@@ -218,6 +221,10 @@ def run_system(
 Agg = tuple[float, float, float]
 
 
+def _rate_stat(k: int, key: str, run: dict[str, Any]) -> float:
+    return float(run["rates"][k][key])
+
+
 def summary(runs: list[dict[str, Any]], system: str) -> dict[str, Any]:
     mine = [x for x in runs if x["system"] == system]
 
@@ -236,8 +243,8 @@ def summary(runs: list[dict[str, Any]], system: str) -> dict[str, Any]:
         out["serial_p99_ms"] = agg(lambda x: x["serial"]["p99_ms"])
     for k in range(min(len(x["rates"]) for x in mine)):
         rate = mine[0]["rates"][k]["rate"]
-        out[f"rate_{rate:.0f}_p50_ms"] = agg(lambda x, k=k: x["rates"][k]["p50_ms"])
-        out[f"rate_{rate:.0f}_p99_ms"] = agg(lambda x, k=k: x["rates"][k]["p99_ms"])
+        for q in ("p50_ms", "p99_ms"):
+            out[f"rate_{rate:.0f}_{q}"] = agg(functools.partial(_rate_stat, k, q))
     return out
 
 
@@ -323,17 +330,15 @@ def main() -> int:
 
 def run(args: argparse.Namespace, systems: list[str]) -> int:
     r = redis.Redis.from_url(args.redis_url)
-    import hiredis
     import pydantic
-    import uvloop
 
     env = {
         "python": platform.python_version(),
         "redis_server": r.info("server")["redis_version"],
         "redis_py": redis.__version__,
-        "hiredis": hiredis.__version__,
+        "hiredis": metadata.version("hiredis"),
         "pydantic": pydantic.VERSION,
-        "uvloop": uvloop.__version__,
+        "uvloop": metadata.version("uvloop"),
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
         "loadavg_start": os.getloadavg(),

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from redis.typing import EncodableT, FieldT
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -20,10 +21,12 @@ from bench.peers.common import payload  # noqa: E402
 from bench.sampling import commandstats, pct, per_task, stats_delta  # noqa: E402
 from streams.keys import Keys  # noqa: E402
 
+Fields = dict[FieldT, EncodableT]  # a stream entry, as redis-py types XADD's argument
+
 POLL_S = 0.005
 
 
-def task_fields(task_id: str) -> dict[str, str]:
+def task_fields(task_id: str) -> Fields:
     """One ``task.submitted`` entry: the ~530-byte echo task every system runs."""
     return {"type": "task.submitted", "data": payload(task_id)}
 
@@ -96,7 +99,7 @@ def publish_and_wait(
     needle = f'"task_id":"{task_id}"'.encode()
     fields = task_fields(task_id)
     t0 = time.perf_counter()
-    r.xadd(keys.tasks("default", "normal"), fields)  # type: ignore[arg-type]
+    r.xadd(keys.tasks("default", "normal"), fields)
     reads = 0
     while True:
         reply: Any = r.xread({keys.results: last}, count=16, block=5000)

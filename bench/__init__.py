@@ -1,0 +1,2 @@
+"""Benchmarks: run as scripts (``python bench/<name>.py``), never installed or imported by the
+project; see docs/benchmarks.md."""
