@@ -18,12 +18,16 @@ No task stream or group exists, so every variant's ``XACK`` finds nothing pendin
 all). Each variant that writes must leave one results entry per call, or the run stops.
 
 Per variant: Redis µs per call (``INFO commandstats``: the calls themselves, and the commands
-run inside them) and the client's round trip (p50, p10), send to reply.
+run inside them) and the client's round trip (p50, p10), send to reply. The client and the
+server share one CPU (``--cpu``, 0 by default), so the round trip is their work and two context
+switches; on different CPUs of a VM it would be mostly the wake-up of an idle vCPU, and which of
+the two the scheduler picks changes during a run (``bench/wakeup.py``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import statistics
 import sys
@@ -175,6 +179,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", type=int, default=5000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--cpu",
+        type=int,
+        default=0,
+        help="run this client and the private redis-server on this one CPU (-1: leave both to"
+        " the scheduler, whose placement then decides the round trip; see bench/wakeup.py)",
+    )
     args = ap.parse_args()
     keys = Keys("bench-guarded")
     loop_record = BEGIN_MANY.replace(_FULL_HSET, _LOOP_HSET)
@@ -194,6 +205,9 @@ def main() -> int:
     seen: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory(prefix="sop-guarded-") as tmp:
         proc, url = start_private_redis(Path(tmp))
+        if args.cpu >= 0:
+            os.sched_setaffinity(proc.pid, {args.cpu})
+            os.sched_setaffinity(0, {args.cpu})
         try:
             r = redis.Redis.from_url(url)
             port = int(url.rsplit(":", 1)[1].split("/")[0])

@@ -18,18 +18,26 @@ first ``--warmup`` tasks of each system are not counted.
 A/B runs of sop-llm itself: ``sop@PATH`` is the worker of another checkout, run from that tree
 (``git worktree add /tmp/base HEAD~1``, then ``--systems sop@/tmp/base,sop,loop``). Two copies
 of the same tree in one run (A/A) show how far apart identical workers land on this machine.
+
+``--cpu N`` runs a private ``redis-server``, the harness and every consumer on CPU ``N`` only:
+each hand-off is then a context switch rather than the wake-up of an idle CPU (which on a VM
+costs ten times as much and depends on where the scheduler put each process:
+``bench/wakeup.py``), so the pairs compare the work on the serial path itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +46,7 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import consumers, sampling, sop_driver
+from bench.redisutil import start_private_redis
 from streams.keys import Keys
 
 
@@ -97,15 +106,52 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--json", type=Path, help="write every run here")
+    ap.add_argument(
+        "--cpu",
+        type=int,
+        default=-1,
+        help="run everything (a private redis-server, this harness, the consumers) on this one"
+        " CPU: no hand-off waits for an idle CPU to wake, so the pairs compare the work on the"
+        " path (-1: the shared Redis, no pinning)",
+    )
     args = ap.parse_args()
     systems = args.systems.split(",")
     unknown = [s for s in systems if not consumers.known_system(s)]
     if unknown or len(set(systems)) != len(systems):
         ap.error(f"systems must be distinct names from {consumers.SYSTEMS}: {unknown or systems}")
     log = Path(tempfile.gettempdir()) / f"sop-serial-pairs-{uuid.uuid4().hex[:8]}.log"
+    with contextlib.ExitStack() as stack:
+        url = args.redis_url
+        if args.cpu >= 0:
+            url = stack.enter_context(pinned_redis(args.cpu))
+        runs = measure(args, systems, url, log)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"systems": systems, "runs": runs}, indent=1))
+    log.unlink(missing_ok=True)
+    return 0
+
+
+@contextlib.contextmanager
+def pinned_redis(cpu: int) -> Iterator[str]:
+    """A private redis-server on ``cpu``, and this process (so the consumers it starts) too."""
+    with tempfile.TemporaryDirectory(prefix="sop-pairs-") as tmp:
+        proc, url = start_private_redis(Path(tmp))
+        try:
+            os.sched_setaffinity(proc.pid, {cpu})
+            os.sched_setaffinity(0, {cpu})
+            yield url
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+def measure(
+    args: argparse.Namespace, systems: list[str], url: str, log: Path
+) -> list[dict[str, Any]]:
     runs = []
     for k in range(1, args.runs + 1):
-        res = one_run(args.redis_url, systems, args.tasks, args.warmup, log)
+        res = one_run(url, systems, args.tasks, args.warmup, log)
         runs.append(res)
         for s, row in res.items():
             rel = ""
@@ -124,11 +170,7 @@ def main() -> int:
             diff = statistics.median(run[s]["median_diff_us"] for run in runs)
             line += f"; median pair diff vs {systems[-1]} {diff:+.0f} µs"
         print(line)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"systems": systems, "runs": runs}, indent=1))
-    log.unlink(missing_ok=True)
-    return 0
+    return runs
 
 
 if __name__ == "__main__":
