@@ -204,9 +204,8 @@ def main() -> int:
     }
     seen: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory(prefix="sop-guarded-") as tmp:
-        proc, url = start_private_redis(Path(tmp))
+        proc, url = start_private_redis(Path(tmp), args.cpu if args.cpu >= 0 else None)
         if args.cpu >= 0:
-            os.sched_setaffinity(proc.pid, {args.cpu})
             os.sched_setaffinity(0, {args.cpu})
         try:
             r = redis.Redis.from_url(url)

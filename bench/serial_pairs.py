@@ -22,7 +22,9 @@ of the same tree in one run (A/A) show how far apart identical workers land on t
 ``--cpu N`` runs a private ``redis-server``, the harness and every consumer on CPU ``N`` only:
 each hand-off is then a context switch rather than the wake-up of an idle CPU (which on a VM
 costs ten times as much and depends on where the scheduler put each process:
-``bench/wakeup.py``), so the pairs compare the work on the serial path itself.
+``bench/wakeup.py``). Which runnable process goes first when Redis answers (the harness, or the
+consumer handling its own write's reply) is then the scheduler's choice, so a pinned run prices
+that order as well as the work on the path.
 """
 
 from __future__ import annotations
@@ -111,8 +113,7 @@ def main() -> int:
         type=int,
         default=-1,
         help="run everything (a private redis-server, this harness, the consumers) on this one"
-        " CPU: no hand-off waits for an idle CPU to wake, so the pairs compare the work on the"
-        " path (-1: the shared Redis, no pinning)",
+        " CPU: no hand-off waits for an idle CPU to wake (-1: the shared Redis, no pinning)",
     )
     args = ap.parse_args()
     systems = args.systems.split(",")
@@ -136,9 +137,8 @@ def main() -> int:
 def pinned_redis(cpu: int) -> Iterator[str]:
     """A private redis-server on ``cpu``, and this process (so the consumers it starts) too."""
     with tempfile.TemporaryDirectory(prefix="sop-pairs-") as tmp:
-        proc, url = start_private_redis(Path(tmp))
+        proc, url = start_private_redis(Path(tmp), cpu)
         try:
-            os.sched_setaffinity(proc.pid, {cpu})
             os.sched_setaffinity(0, {cpu})
             yield url
         finally:

@@ -64,10 +64,9 @@ def run(placement: str, pings: int, blocks: int) -> list[float]:
     server_cpu, client_cpu = PLACEMENTS[placement]
     everywhere = os.sched_getaffinity(0)
     with tempfile.TemporaryDirectory(prefix="sop-wakeup-") as tmp:
-        proc, url = start_private_redis(Path(tmp))
+        proc, url = start_private_redis(Path(tmp), server_cpu)
         try:
-            if server_cpu is not None and client_cpu is not None:
-                os.sched_setaffinity(proc.pid, {server_cpu})
+            if client_cpu is not None:
                 os.sched_setaffinity(0, {client_cpu})
             port = int(url.rsplit(":", 1)[1].split("/")[0])
             return ping_blocks(port, pings, blocks)
