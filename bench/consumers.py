@@ -8,7 +8,8 @@ What-ifs: ``sop-gc`` (the same worker started after ``gc.freeze()``, gen-0 thres
 (``SOP_WORKER_SLOTS=256 SOP_ECHO_SLOTS=256``, the loop's batch size) and ``sop-loopwrite`` (an
 instant task's first attempt written by the loop's four commands inside ``BEGIN_MANY``: no
 checks, three record fields; it prices the guarded write against the rest of the worker and is
-never a setting).
+never a setting) and ``sop-yield`` (the worker calls ``sched_yield`` before handling each reply
+from Redis: it tests whether, on one CPU, the worker's reply handling holds up the harness).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-SYSTEMS = ("sop", "loop", "sop-gc", "sop-nospans", "sop-256", "sop-loopwrite")
+SYSTEMS = ("sop", "loop", "sop-gc", "sop-nospans", "sop-256", "sop-loopwrite", "sop-yield")
 # what-if: the production CLI, started after freezing the import-time heap out of the cyclic GC
 # and raising the gen-0 threshold (700 by default) so a 64-task batch does not trigger it
 SOP_GC_BOOT = (
@@ -70,6 +71,20 @@ LOOPWRITE_PATCH = (
     "_s.source = _s.source.replace(_at, _at + _cut)\n"
     "_s.sha = hashlib.sha1(_s.source.encode()).hexdigest()\n"
 )
+# what-if: the worker gives up its CPU (sched_yield) each time Redis bytes reach one of its
+# links, before handling them: on one CPU, whatever else Redis's answer woke (the harness
+# reading the result) runs first. It tests where the pinned serial gap comes from.
+SOP_YIELD_BOOT = (
+    "import os, sys\n"
+    "from streams import link as _l\n"
+    "_received = _l._Wire.data_received\n"
+    "def _yield_first(self, data):\n"
+    "    os.sched_yield()\n"
+    "    _received(self, data)\n"
+    "_l._Wire.data_received = _yield_first\n"
+    "from ops.cli import main\n"
+    "sys.exit(main(['worker']))\n"
+)
 SOP_LOOPWRITE_BOOT = LOOPWRITE_PATCH + "from ops.cli import main\nsys.exit(main(['worker']))\n"
 
 
@@ -91,6 +106,8 @@ def spawn(system: str, url: str, ns: str, log: Path) -> subprocess.Popen[bytes]:
             cmd = [sys.executable, "-c", SOP_NOSPANS_BOOT]
         elif system == "sop-loopwrite":
             cmd = [sys.executable, "-c", SOP_LOOPWRITE_BOOT]
+        elif system == "sop-yield":
+            cmd = [sys.executable, "-c", SOP_YIELD_BOOT]
         elif system == "sop-256":
             env.update(SOP_WORKER_SLOTS="256", SOP_ECHO_SLOTS="256")
         elif system.startswith("sop@"):

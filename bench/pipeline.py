@@ -23,7 +23,7 @@ sop, loop, ...), each run in a fresh namespace (``bench-<hex>``) whose keys are 
 
 Systems: ``sop`` (``python -m ops.cli worker``, defaults, every guarantee on), ``loop``
 (``bench/baseline_loop.py``) and the what-ifs of ``bench/consumers.py`` (``sop-gc``,
-``sop-nospans``, ``sop-256``, ``sop-loopwrite``; they change no production code).
+``sop-nospans``, ``sop-256``, ``sop-loopwrite``, ``sop-yield``; they change no production code).
 
 ``--trips`` adds an in-process run of the sop-llm worker (``bench/trips.py``): network round
 trips and commands per task, by kind, at full load and at serial load. ``--profile DIR`` adds a
