@@ -26,7 +26,9 @@ def start_private_redis(
     workdir: Path, cpu: int | None = None
 ) -> tuple[subprocess.Popen[bytes], str]:
     """A throw-away redis-server (no persistence) for this run only: clean commandstats; on
-    ``cpu`` alone when given."""
+    ``cpu`` alone when given (checked before anything starts)."""
+    if cpu is not None and cpu not in (allowed := os.sched_getaffinity(0)):
+        raise ValueError(f"CPU {cpu} is not one this process may run on: {sorted(allowed)}")
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
