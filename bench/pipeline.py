@@ -21,14 +21,13 @@ sop, loop, ...), each run in a fresh namespace (``bench-<hex>``) whose keys are 
    stream; publish-to-result p50/p99 client-side, and by the Redis clock (result entry id minus
    task entry id, 1 ms resolution) as a cross-check.
 
-Systems: ``sop`` (``python -m ops.cli worker``, defaults, every guarantee on), ``loop``
-(``bench/baseline_loop.py``) and the what-ifs of ``bench/consumers.py`` (``sop-gc``,
-``sop-nospans``, ``sop-256``, ``sop-loopwrite``, ``sop-yield``; they change no production code).
+Systems (``bench/consumers.py``): ``sop`` (``python -m ops.cli worker``, defaults, every
+guarantee on), ``sop-256`` (256 slots, the loop's batch size), ``loop``
+(``bench/baseline_loop.py``) and ``sop@PATH``, the worker of another checkout (``git worktree
+add /tmp/base <commit>``, then ``--systems sop@/tmp/base,sop,loop``) for A/B runs.
 
-``--trips`` adds an in-process run of the sop-llm worker (``bench/trips.py``): network round
-trips and commands per task, by kind, at full load and at serial load. ``--profile DIR`` adds a
-py-spy profile of the worker process at full load (``bench/pyspy_profile.py``;
-``--profile-native`` to include C frames).
+``--profile DIR`` adds a py-spy profile of the worker process at full load
+(``bench/pyspy_profile.py``; ``--profile-native`` to include C frames).
 """
 
 from __future__ import annotations
@@ -54,7 +53,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.consumers import SYSTEMS, spawn  # noqa: E402
+from bench.consumers import SYSTEMS, known_system, spawn  # noqa: E402
 from bench.pyspy_profile import PYSPY, print_profile, profile  # noqa: E402
 from bench.redisutil import start_private_redis  # noqa: E402
 from bench.sampling import (  # noqa: E402
@@ -78,7 +77,6 @@ from bench.sop_driver import (  # noqa: E402
     task_fields,
     wait_results,
 )
-from bench.trips import count_round_trips, print_trips  # noqa: E402
 from streams.keys import Keys  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
@@ -196,7 +194,7 @@ def run_system(
     keys = Keys(f"bench-{uuid.uuid4().hex[:12]}")
     out: dict[str, Any] = {"system": system, "namespace": keys.namespace}
     out["loadavg_before"] = os.getloadavg()
-    log = logdir / f"{keys.namespace}-{system}.log"
+    log = logdir / f"{keys.namespace}.log"  # one namespace per run; sop@PATH holds slashes
     proc = None
     try:
         proc, out["throughput"] = throughput(r, args.redis_url, keys, system, args.tasks, log)
@@ -295,13 +293,12 @@ def main() -> int:
     )
     ap.add_argument("--tasks", type=int, default=20_000, help="tasks per throughput run")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--systems", default="sop,loop", help=f"in this order each round: {SYSTEMS}")
+    ap.add_argument(
+        "--systems", default="sop,loop", help=f"in this order each round: {SYSTEMS} or sop@PATH"
+    )
     ap.add_argument("--serial", type=int, default=2000, help="serial-latency tasks (0: skip)")
     ap.add_argument("--rate", type=float, nargs="*", default=[1000.0, 4000.0], help="tasks/s")
     ap.add_argument("--rate-tasks", type=int, default=3000, help="tasks per rate run (0: skip)")
-    ap.add_argument("--trips", action="store_true", help="count round trips (in-process worker)")
-    ap.add_argument("--trips-tasks", type=int, default=20_000)
-    ap.add_argument("--trips-serial", type=int, default=1000)
     ap.add_argument("--profile", type=Path, metavar="DIR", help="py-spy the worker at full load")
     ap.add_argument("--profile-native", action="store_true", help="include C frames")
     ap.add_argument("--profile-tasks", type=int, default=40_000)
@@ -311,8 +308,8 @@ def main() -> int:
     )
     args = ap.parse_args()
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    if unknown := set(systems) - set(SYSTEMS):
-        ap.error(f"unknown systems {sorted(unknown)}; known: {', '.join(SYSTEMS)}")
+    if unknown := [s for s in systems if not known_system(s)]:
+        ap.error(f"unknown systems {unknown}; known: {', '.join(SYSTEMS)}, sop@PATH")
     if args.profile and not PYSPY.is_file():
         ap.error(f"--profile needs py-spy beside this interpreter ({PYSPY}): pip install py-spy")
 
@@ -376,9 +373,6 @@ def run(args: argparse.Namespace, systems: list[str]) -> int:
         print_summary(args, runs, systems, report)
         took = time.perf_counter() - t_all
         print(f"rounds took {took:.0f} s; load average now {os.getloadavg()}", flush=True)
-    if args.trips:
-        report["trips"] = count_round_trips(args.redis_url, r, args.trips_tasks, args.trips_serial)
-        print_trips(report["trips"])
     if args.profile:
         report["profile"] = profile(
             args.redis_url, r, args.profile, args.profile_tasks, args.profile_native

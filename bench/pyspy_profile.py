@@ -35,19 +35,16 @@ def profile(
     proc = spawn("sop", url, keys.namespace, outdir / "worker.log")
     spy = None
     try:
-        # attach once the worker is up and idle, so start-up does not enter the profile
-        deadline = time.monotonic() + 30
-        while not any(True for _ in r.scan_iter(match=keys.worker("*"), count=100)):
-            if time.monotonic() > deadline:
-                raise TimeoutError("worker did not start")
-            time.sleep(0.05)
+        # attach once the worker has answered a first task, so start-up is not in the profile
+        publish_backlog(r, keys, 1, f"{keys.namespace}.warm")
+        wait_results(r, keys, 1, timeout=30)
         cmd = [str(PYSPY), "record", "--pid", str(proc.pid), "--rate", "500", "--format", "raw"]
         cmd += ["--output", str(raw), *(["--native"] if native else [])]
         spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)
         t0 = time.perf_counter()
         publish_backlog(r, keys, tasks, keys.namespace)
-        wait_results(r, keys, tasks, timeout=300)
+        wait_results(r, keys, tasks + 1, timeout=300)
         rate = tasks / (time.perf_counter() - t0)
         spy.send_signal(signal.SIGINT)
         spy.wait(timeout=30)

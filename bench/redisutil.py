@@ -3,7 +3,6 @@ benchmark namespace (SCAN + UNLINK of its keys only). Importable from the peers'
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import time
@@ -22,20 +21,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_private_redis(
-    workdir: Path, cpu: int | None = None
-) -> tuple[subprocess.Popen[bytes], str]:
-    """A throw-away redis-server (no persistence) for this run only: clean commandstats; on
-    ``cpu`` alone when given (checked before anything starts)."""
-    if cpu is not None and cpu not in (allowed := os.sched_getaffinity(0)):
-        raise ValueError(f"CPU {cpu} is not one this process may run on: {sorted(allowed)}")
+def start_private_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """A throw-away redis-server (no persistence) for this run only: clean commandstats."""
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
     cmd += ["--appendonly", "no", "--dir", str(workdir)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    if cpu is not None:
-        os.sched_setaffinity(proc.pid, {cpu})
     url = f"redis://127.0.0.1:{port}/0"
     deadline = time.monotonic() + 10
     while True:

@@ -114,9 +114,7 @@ def publish_and_wait(
             return time.perf_counter() - t0, last, reads
 
 
-def serial_latency(
-    r: redis.Redis, keys: Keys, n: int, warmup: int, tag: str = "s"
-) -> dict[str, Any]:
+def serial_latency(r: redis.Redis, keys: Keys, n: int, warmup: int) -> dict[str, Any]:
     """One task at a time: XADD, then blocking XREAD on the results stream until its result;
     p50/p99 client-side and the Redis commands the consumer ran per task."""
     stats0 = commandstats(r)
@@ -124,7 +122,7 @@ def serial_latency(
     ours = {"xadd": warmup + n, "xread": 0, "xrevrange": 1}
     lat: list[float] = []
     for i in range(warmup + n):
-        seconds, last, reads = publish_and_wait(r, keys, f"{keys.namespace}.{tag}{i}", last)
+        seconds, last, reads = publish_and_wait(r, keys, f"{keys.namespace}.s{i}", last)
         ours["xread"] += reads
         if i >= warmup:
             lat.append(seconds * 1000)
