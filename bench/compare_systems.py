@@ -22,6 +22,7 @@ import redis.asyncio as aredis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import consumers  # noqa: E402
 from bench.peers.common import payload  # noqa: E402
 
 PROJECT_PY = str(ROOT / ".venv" / "bin" / "python")
@@ -123,30 +124,22 @@ def _on_namespace(
     )
 
 
-def sop_system(name: str, procs: int, ns: str, slots: int | None = None) -> System:
+def project_system(name: str, consumer: str, procs: int, ns: str, config: str) -> System:
+    """``procs`` processes of one of ``bench/consumers.py``'s consumers, in the project venv."""
 
     def spawn(url: str, log: Path) -> list[subprocess.Popen[bytes]]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SOP_")}
-        env.update(SOP_REDIS_URL=url, SOP_NAMESPACE=ns, SOP_LOG_LEVEL="WARNING")
-        if slots is not None:  # the loop's batch size: reads of up to half the slots
-            env.update(SOP_WORKER_SLOTS=str(slots), SOP_ECHO_SLOTS=str(slots))
-        cmd = [PROJECT_PY, "-m", "ops.cli", "worker"]
-        return [_popen(cmd, env, log) for _ in range(procs)]
+        return [consumers.spawn(consumer, url, ns, log, python=PROJECT_PY) for _ in range(procs)]
 
-    config = "defaults (64 slots" if slots is None else f"SOP_WORKER_SLOTS={slots} ({slots} slots"
-    config = f"{procs} x `python -m ops.cli worker`, {config}, every guarantee on)"
     return _on_namespace(name, ns, config, spawn)
 
 
-def loop_system(ns: str) -> System:
-
-    def spawn(url: str, log: Path) -> list[subprocess.Popen[bytes]]:
-        script = str(ROOT / "bench" / "baseline_loop.py")
-        cmd = [PROJECT_PY, script, "--redis-url", url, "--namespace", ns]
-        return [_popen(cmd, dict(os.environ), log)]
-
-    config = "bench/baseline_loop.py: XREADGROUP COUNT 256, one pipeline of writes per batch"
-    return _on_namespace("loop", ns, config, spawn)
+SOP = "`python -m ops.cli worker`, {}, every guarantee on"
+PROJECT_SYSTEMS = {  # name: (consumer of bench/consumers.py, processes, configuration)
+    "sop": ("sop", 1, "1 x " + SOP.format("defaults (64 slots)")),
+    "sop-256": ("sop-256", 1, "1 x " + SOP.format("SOP_WORKER_SLOTS=256 (256 slots)")),
+    "sop-2": ("sop", 2, "2 x " + SOP.format("defaults (64 slots)")),
+    "loop": ("loop", 1, "bench/baseline_loop.py: XREADGROUP COUNT 256, one pipeline per batch"),
+}
 
 
 def peer_system(name: str) -> System:
@@ -198,10 +191,7 @@ class DoneCounter:
 
 def make_system(name: str) -> System:
     """A fresh instance of one of :data:`SYSTEMS` (sop-llm and the loop in a new namespace)."""
-    ns = f"bench-{uuid.uuid4().hex[:12]}"
-    if name in ("sop", "sop-2", "sop-256"):
-        slots = 256 if name == "sop-256" else None
-        return sop_system(name, 2 if name == "sop-2" else 1, ns, slots)
-    if name == "loop":
-        return loop_system(ns)
+    if name in PROJECT_SYSTEMS:
+        consumer, procs, config = PROJECT_SYSTEMS[name]
+        return project_system(name, consumer, procs, f"bench-{uuid.uuid4().hex[:12]}", config)
     return peer_system(name)

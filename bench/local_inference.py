@@ -4,7 +4,7 @@
 
 A random-weight LLaMA GGUF is written with ``tests/providers/tinygguf.py``'s writer into a
 temporary directory, once per ``--models`` size (``tiny``: the test model, n_embd 64, 2
-layers, ~0.7 MB; ``small``: n_embd 256, 4 layers, ~13 MB; ``medium``: n_embd 512, 8 layers,
+layers, ~0.5 MB; ``small``: n_embd 256, 4 layers, ~13 MB; ``medium``: n_embd 512, 8 layers,
 ~100 MB). Per size, in one run, interleaved round by round (the order alternates each round):
 
 * **sop-llm**: a real worker process (``python -m ops.cli worker``, the model declared in a
@@ -31,16 +31,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +50,9 @@ import llama_cpp  # noqa: E402
 from redis.asyncio import Redis  # noqa: E402
 
 import tests.providers.tinygguf as tinygguf  # noqa: E402
+from bench import consumers  # noqa: E402
 from bench.redisutil import delete_namespace  # noqa: E402
+from bench.sampling import stopping  # noqa: E402
 from schemas.result import TaskResult, TaskState  # noqa: E402
 from streams.producer import Producer, ProducerConfig  # noqa: E402
 
@@ -165,35 +165,17 @@ async def run_sop(
     side.e2e_tps.append(tokens / wall)
 
 
-@contextlib.contextmanager
-def worker_process(
+def start_worker(
     redis_url: str, namespace: str, model: Path, workdir: Path
-) -> Iterator[subprocess.Popen[bytes]]:
+) -> subprocess.Popen[bytes]:
+    """A ``sop-llm worker`` process whose models file declares ``model`` (llama.cpp, 1 thread)."""
     models_file = workdir / "models.toml"
     models_file.write_text(
         f'[models.{MODEL}]\nprovider = "llama_cpp"\npath = "{model}"\n'
         f"context_window = {N_CTX}\nn_threads = 1\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SOP_")}
-    env.update(
-        SOP_REDIS_URL=redis_url, SOP_NAMESPACE=namespace, SOP_MODELS_FILE=str(models_file),
-        PYTHONUNBUFFERED="1",
-    )  # fmt: skip
-    with open(workdir / "worker.log", "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "ops.cli", "worker"], env=env, cwd=ROOT, stdout=log,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+    env = {"SOP_MODELS_FILE": str(models_file), "PYTHONUNBUFFERED": "1"}
+    return consumers.spawn("sop", redis_url, namespace, workdir / "worker.log", env=env)
 
 
 @dataclass(slots=True)
@@ -214,7 +196,7 @@ async def bench_size(size: str, args: argparse.Namespace, tmp: Path) -> Row:
     sides = {"sop": Side(), "loop": Side(), "cc": Side()}
     timeout = 120.0
     try:
-        with worker_process(args.redis_url, namespace, path, tmp) as proc:
+        with stopping(start_worker(args.redis_url, namespace, path, tmp)) as proc:
             # warm up both (model pages, prompt cache, worker connections); not counted
             warm = Side()
             try:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -38,7 +37,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,12 +48,13 @@ sys.path.insert(0, str(ROOT))
 from aiohttp import web  # noqa: E402
 from redis.asyncio import Redis  # noqa: E402
 
+from bench import consumers  # noqa: E402
 from bench.redisutil import delete_namespace  # noqa: E402
+from bench.sampling import cpu_seconds, stopping  # noqa: E402
 from providers.base import GenerationRequest  # noqa: E402
 from providers.factory import build_provider  # noqa: E402
 from schemas.models import ModelSpec  # noqa: E402
 from schemas.result import TaskResult, TaskState  # noqa: E402
-from streams.entries import entries_from_range  # noqa: E402
 from streams.keys import Keys  # noqa: E402
 from streams.producer import Producer, ProducerConfig  # noqa: E402
 from tests.providers.wire import oa_chunks, oa_completion  # noqa: E402
@@ -110,25 +110,6 @@ def run_server(latency: float) -> None:
 # ---- the measured side -------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-@contextlib.contextmanager
-def stopping(proc: subprocess.Popen[bytes]) -> Iterator[subprocess.Popen[bytes]]:
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-
-
 def start_server(latency: float) -> tuple[subprocess.Popen[bytes], int]:
     proc = subprocess.Popen(
         [sys.executable, __file__, "--serve", "--latency", str(latency)],
@@ -151,16 +132,11 @@ def start_worker(
         f'base_url = "http://127.0.0.1:{port}/v1"\napi_key_env = "BENCH_OPENAI_KEY"\n'
         f"concurrency = {n}\ntimeout_s = 30\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SOP_")}
-    env.update(
-        SOP_REDIS_URL=redis_url, SOP_NAMESPACE=namespace, SOP_MODELS_FILE=str(models_file),
-        SOP_WORKER_SLOTS=str(n), BENCH_OPENAI_KEY="sk-bench", PYTHONUNBUFFERED="1",
-    )  # fmt: skip
-    with open(workdir / "worker.log", "ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "ops.cli", "worker"], env=env, cwd=ROOT, stdout=log,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    env = {
+        "SOP_MODELS_FILE": str(models_file), "SOP_WORKER_SLOTS": str(n),
+        "BENCH_OPENAI_KEY": "sk-bench", "PYTHONUNBUFFERED": "1",
+    }  # fmt: skip
+    return consumers.spawn("sop", redis_url, namespace, workdir / "worker.log", env=env)
 
 
 @dataclass(slots=True)
@@ -202,8 +178,8 @@ async def run_once(
             level.rates.append(tasks / wall)
             level.worker_cpu_ms.append((cpu_seconds(worker.pid) - cpu_w) * 1000 / tasks)
             level.server_cpu_ms.append((cpu_seconds(server_pid) - cpu_s) * 1000 / tasks)
-            entries = entries_from_range(keys.results, await client.xrange(keys.results))
-            states = [TaskResult.model_validate_json(e.data or b"").state for e in entries]
+            entries: Any = await client.xrange(keys.results)
+            states = [TaskResult.model_validate_json(f[b"data"]).state for _, f in entries]
             level.failed += sum(1 for s in states if s != TaskState.COMPLETED)
             if worker.poll() is not None:
                 raise RuntimeError(f"worker exited early ({worker.returncode})")
