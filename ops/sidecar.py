@@ -6,9 +6,8 @@ import contextlib
 import hmac
 import json
 import re
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -21,8 +20,9 @@ from ops.gpu_setup import GpuRuntime
 from ops.openapi import openapi_document
 from ops.settings import Settings
 from schemas.task import TASK_ID_PATTERN
-from streams.entries import text
-from streams.keys import TASK_GROUP, Keys
+from streams.errors import TRANSIENT_ERRORS
+from streams.keys import Keys
+from streams.queue_stats import PartitionStats, read_partition_stats
 from streams.status import read_status
 from streams.tokens import read_tokens
 
@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _OPEN_PATHS = frozenset({"/health/live"})
 _TASK_ID_RE = re.compile(TASK_ID_PATTERN)
+# a probe or a scrape is answered whatever Redis says: a refusal (NOPERM) means "not ready" as
+# much as an outage does, and neither may turn into a 500
+_REDIS_FAILURES: Final[tuple[type[BaseException], ...]] = (*TRANSIENT_ERRORS, RedisError)
 
 
 def _json_error(status: int, code: str, message: str) -> web.Response:
@@ -138,16 +141,14 @@ class Sidecar:
         """Prometheus text: this process's worker metrics and the queue figures read now."""
         m = self._metrics
         try:
-            for row in await queue_figures(self._client, self._keys, self._settings):
-                labels = (row["pool"], row["partition"])
-                m.queue_depth.labels(*labels).set(row["length"])
-                m.queue_lag.labels(*labels).set(
-                    row["lag"] if row["lag"] is not None else float("nan")
-                )
-                m.queue_pending.labels(*labels).set(row["pending"])
-                age = row["oldest_pending_age_ms"]
+            for row in await _partition_stats(self._client, self._keys, self._settings):
+                labels = (row.pool, row.partition)
+                m.queue_depth.labels(*labels).set(row.length)
+                m.queue_lag.labels(*labels).set(row.lag if row.lag is not None else float("nan"))
+                m.queue_pending.labels(*labels).set(row.pending)
+                age = row.oldest_pending_age_ms
                 m.queue_oldest.labels(*labels).set(age / 1000 if age is not None else 0)
-        except (OSError, RedisError, TimeoutError):
+        except _REDIS_FAILURES:
             pass  # Redis away: serve the process metrics anyway; /health/ready tells the rest
         if self._gpu is not None:
             self._gpu.export(m)
@@ -176,20 +177,9 @@ class Sidecar:
         problems = []
         try:
             await self._client.ping()
-            streams = [
-                self._keys.tasks(p, q)
-                for q in self._settings.partitions
-                for p in self._settings.pools
-            ]
-            pipe = self._client.pipeline(transaction=False)
-            for s in streams:
-                pipe.xinfo_groups(s)
-            for s, groups in zip(streams, await pipe.execute(raise_on_error=False), strict=True):
-                if isinstance(groups, Exception) or not any(
-                    text(g["name"]) == TASK_GROUP for g in groups
-                ):
-                    problems.append(f"consumer group missing on {s}")
-        except (OSError, RedisError, TimeoutError) as exc:
+            stats = await _partition_stats(self._client, self._keys, self._settings)
+            problems += [f"consumer group missing on {s.stream}" for s in stats if not s.group]
+        except _REDIS_FAILURES as exc:
             problems.append(f"redis unreachable: {type(exc).__name__}")
         if self._worker is not None and not self._worker.ready:
             problems.append("worker not started")
@@ -199,44 +189,13 @@ class Sidecar:
 
 
 async def queue_figures(client: Redis, keys: Keys, settings: Settings) -> list[dict[str, Any]]:
-    """Depth, lag, pending and oldest-pending age per partition (XINFO GROUPS + XPENDING)."""
-    rows = [
-        (pool, part, keys.tasks(pool, part))
-        for part in settings.partitions
-        for pool in settings.pools
-    ]
-    pipe = client.pipeline(transaction=False)
-    for _, _, s in rows:
-        pipe.xlen(s)
-        pipe.xinfo_groups(s)
-        pipe.xpending(s, TASK_GROUP)
-    replies = await pipe.execute(raise_on_error=False)
-    now = int(time.time() * 1000)
-    out = []
-    for i, (pool, part, stream) in enumerate(rows):
-        length, groups, pending = replies[3 * i : 3 * i + 3]
-        group = None
-        if not isinstance(groups, Exception):
-            group = next((g for g in groups if text(g["name"]) == TASK_GROUP), None)
-        row: dict[str, Any] = {
-            "stream": stream,
-            "pool": pool,
-            "partition": part,
-            "length": 0 if isinstance(length, Exception) else int(length),
-            "group": group is not None,
-            "pending": 0,
-            "lag": None,
-            "oldest_pending_age_ms": None,
-            "consumers": 0,
-        }
-        if group is not None:
-            row["consumers"] = int(group["consumers"])
-            lag = group.get("lag")
-            row["lag"] = int(lag) if lag is not None else None
-            row["last_delivered_id"] = text(group["last-delivered-id"])
-        if not isinstance(pending, Exception) and pending and pending.get("pending"):
-            row["pending"] = int(pending["pending"])
-            oldest = text(pending["min"])
-            row["oldest_pending_age_ms"] = max(0, now - int(oldest.split("-", 1)[0]))
-        out.append(row)
-    return out
+    """The ``GET /v1/queue`` rows of the configured pools and partitions (see
+    :func:`streams.queue_stats.read_partition_stats`)."""
+    stats = await _partition_stats(client, keys, settings)
+    return [s.as_json() for s in stats]
+
+
+async def _partition_stats(client: Redis, keys: Keys, settings: Settings) -> list[PartitionStats]:
+    return await read_partition_stats(
+        client, keys, pools=settings.pools, partitions=settings.partitions
+    )
