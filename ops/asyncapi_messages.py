@@ -14,12 +14,6 @@ from typing import Any, Final, get_args
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from handlers.webhook_store import (
-    F_ATTEMPT_LOG,
-    WEBHOOK_DEAD_TYPE,
-    AttemptRecord,
-    WebhookDeadLetter,
-)
 from schemas.errors import ErrorCode
 from schemas.result import (
     DeadLetter,
@@ -41,6 +35,12 @@ from schemas.wire import (
 )
 from streams.keys import DEFAULT_POOL, Keys
 from streams.tokens import DELTA, END
+from streams.webhook_store import (
+    F_ATTEMPT_LOG,
+    WEBHOOK_DEAD_TYPE,
+    AttemptRecord,
+    WebhookDeadLetter,
+)
 
 # entry types of the token stream `{ns}:task:<id>:tokens` (kept in streams.tokens, not in
 # EventType: they never reach a task, result or webhook stream)

@@ -5,7 +5,7 @@ IPv6, cloud metadata, unspecified, multicast, reserved and anything else not glo
 routable, including 6to4/Teredo/NAT64 addresses that embed such an IPv4 address. An allow-list
 entry (a host name, ``.suffix`` for a domain's sub-names, an address or a CIDR network) lifts it.
 The resolving half (one lookup, every address vetted, connect to what was vetted) is
-``handlers/ssrf.py``.
+``handlers/webhooks/ssrf.py``.
 """
 
 from __future__ import annotations

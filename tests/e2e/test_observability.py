@@ -17,8 +17,7 @@ from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from handlers.metrics import Metrics
-from handlers.webhook_config import WebhookConfig
-from handlers.webhooks import WebhookSender
+from handlers.webhooks import WebhookConfig, WebhookSender
 from ops.settings import Settings
 from ops.sidecar import Sidecar
 from streams.keys import TASK_GROUP, Keys

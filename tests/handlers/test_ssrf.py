@@ -10,17 +10,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from handlers.ssrf import (
+from handlers.webhooks.ssrf import GuardedResolver, system_lookup
+from schemas.errors import InvalidTaskError
+from streams.urlguard import (
     AllowList,
-    GuardedResolver,
     IPAddress,
     WebhookURLRefusedError,
     check_webhook_url,
-    system_lookup,
     unsafe_reason,
     vet_addresses,
 )
-from schemas.errors import InvalidTaskError
 
 
 @pytest.fixture(autouse=True)

@@ -30,26 +30,26 @@ from aiohttp import web
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
-from handlers.ssrf import IPAddress
-from handlers.tasks import Worker
-from handlers.webhook_policy import (
+from handlers.tasks import Worker, WorkerConfig
+from handlers.webhooks import WebhookConfig, WebhookSender
+from handlers.webhooks.policy import (
     Decision,
     decide,
     from_exception,
     from_response,
     parse_retry_after,
 )
-from handlers.webhooks import WebhookConfig, WebhookSender
-from handlers.worker_config import WorkerConfig
+from ops.cli.webhooks import register, run_command
 from ops.settings import Settings
-from ops.webhooks_cli import add_parser, build_sender, run_command
+from ops.webhook_setup import build_sender
 from providers.echo import EchoProvider
 from providers.registry import ModelRegistry
 from schemas.result import TaskResult, TaskState, WebhookJob, WebhookStatus
 from streams import keys as k
 from streams.keys import DEFAULT_PARTITIONS, WEBHOOK_GROUP, Keys
 from streams.status import read_status
-from tests.conftest import ROOT, wait_for
+from streams.urlguard import IPAddress
+from tests.conftest import ROOT, RedisServer, wait_for
 
 LOOPBACK = ("127.0.0.1",)
 
@@ -349,7 +349,7 @@ async def test_every_attempt_reaches_the_dead_letter_then_redeliver(
 
         settings = Settings(redis_url=SecretStr(redis_url), namespace=keys.namespace)
         parser = argparse.ArgumentParser()
-        add_parser(parser.add_subparsers(dest="command"))
+        register(parser.add_subparsers(dest="command"))
         assert await run_command(settings, parser.parse_args(["webhooks", "dead"])) == 0
         args = parser.parse_args(["webhooks", "redeliver", job.task_id])
         assert await run_command(settings, args) == 0
@@ -428,13 +428,6 @@ async def test_unreadable_job_is_dead_lettered(client: Redis, keys: Keys) -> Non
 _CHILD = """
 import asyncio, json, sys
 from redis.asyncio import Redis
-from handlers.webhook_policy import (
-    Decision,
-    decide,
-    from_exception,
-    from_response,
-    parse_retry_after,
-)
 from handlers.webhooks import WebhookConfig, WebhookSender
 from streams.keys import Keys
 cfg = json.loads(sys.argv[1])
@@ -484,9 +477,6 @@ async def test_build_sender_from_settings(client: Redis, redis_url: str) -> None
     bad = settings.model_copy(update={"webhook_secrets": SecretStr("hunter2")})
     with pytest.raises(ValueError, match="whsec_"):
         build_sender(bad, client)
-    worse = settings.model_copy(update={"webhook_schedule_s": ("soon",)})
-    with pytest.raises(ValueError, match="SOP_WEBHOOK_SCHEDULE_S"):
-        build_sender(worse, client)
 
 
 async def test_several_senders_attempt_each_delivery_once_per_try(
@@ -510,7 +500,7 @@ async def test_redeliver_refuses_a_delivery_under_way_unless_forced(
     job = await publish(client, keys, receiver.url())  # pending: no sender has taken it yet
     settings = Settings(redis_url=SecretStr(redis_url), namespace=keys.namespace)
     parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers(dest="command"))
+    register(parser.add_subparsers(dest="command"))
     busy = parser.parse_args(["webhooks", "redeliver", job.task_id])
     assert await run_command(settings, busy) == 1
     forced = parser.parse_args(["webhooks", "redeliver", job.task_id, "--force"])
@@ -568,3 +558,39 @@ async def test_a_schedule_starting_with_a_delay_defers_the_first_attempt(
     assert first.at - published >= 0.3
     assert second.at - first.at >= 0.1
     assert status is not None and status.attempts == 2
+
+
+async def test_the_sender_rides_out_a_redis_restart(
+    private_redis: RedisServer, namespace: str, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = Redis.from_url(private_redis.url, socket_timeout=2, socket_connect_timeout=1)
+    keys = Keys(namespace)
+    try:
+        async with running(client, keys) as sender:
+            first = await publish(client, keys, receiver.url())
+            await wait_for(lambda: settled(client, keys, first.task_id, "delivered"), 5)
+            private_redis.stop()  # every loop meets refused connections until it is back
+            await wait_for(lambda: "redis unavailable, retrying" in caplog.messages, 5)
+            private_redis.start()  # empty: the stream and its group are gone too
+            second = await publish(client, keys, receiver.url())
+            await wait_for(lambda: settled(client, keys, second.task_id, "delivered"), 10)
+            assert sender.inflight == 0
+    finally:
+        await client.aclose()
+
+
+async def test_a_refusal_from_redis_never_ends_the_sender(
+    client: Redis, keys: Keys, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refused(loop: str) -> bool:
+        return any(r.message == f"webhook {loop} loop error" for r in caplog.records)
+
+    async with running(client, keys, reclaim_interval_ms=50) as sender:
+        await wait_for(lambda: client.exists(keys.worker(sender.consumer)), 5)
+        # the stream replaced by a string: every read and reclaim is answered WRONGTYPE
+        await client.delete(keys.webhooks)
+        await client.set(keys.webhooks, "not a stream")
+        await wait_for(lambda: refused("consume") and refused("reclaim"), 5)
+        await client.delete(keys.webhooks)  # repaired: the sender creates its group again
+        job = await publish(client, keys, receiver.url())
+        await wait_for(lambda: settled(client, keys, job.task_id, "delivered"), 10)

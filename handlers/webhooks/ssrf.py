@@ -1,16 +1,11 @@
-"""SSRF guard for webhook URLs: vet the address before anything is sent to it.
+"""SSRF guard for webhook URLs, the resolving half: vet the address before anything is sent.
 
-Two layers, one rule. :func:`check_webhook_url` is pure (no DNS): it refuses what the URL alone
-shows to be unsafe (scheme, literal addresses, well-known internal names) and can run at
-submission. :class:`GuardedResolver` is the aiohttp resolver of the sender's session: it resolves
-a name once, refuses the delivery if *any* address is unsafe, and hands the connector exactly the
+The rules and the pure check (no DNS) are :mod:`streams.urlguard` (:func:`check_webhook_url`
+refuses what the URL alone shows to be unsafe, at submission and before each attempt).
+:class:`GuardedResolver` is the aiohttp resolver of the sender's session: it resolves a name
+once, refuses the delivery if *any* address is unsafe, and hands the connector exactly the
 vetted addresses, so the Host header and the TLS name stay the URL's while the connection goes
 to the address that was checked (no second lookup an attacker could rebind).
-
-Unsafe: loopback, private, link-local, CGNAT (100.64/10), unique-local (fc00::/7), IPv4-mapped
-IPv6, cloud metadata, unspecified, multicast, reserved and anything else not globally
-routable, including 6to4/Teredo/NAT64 addresses that embed such an IPv4 address. An allow-list
-entry (a host name, ``.suffix`` for a domain's sub-names, an address or a CIDR network) lifts it.
 """
 
 from __future__ import annotations
@@ -23,29 +18,13 @@ from collections.abc import Iterable
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from streams.urlguard import (
-    METADATA_ADDRESSES,
     AllowList,
     IPAddress,
     Lookup,
-    WebhookURLRefusedError,
     as_allow,
     check_webhook_url,
-    unsafe_reason,
     vet_addresses,
 )
-
-__all__ = [
-    "METADATA_ADDRESSES",
-    "AllowList",
-    "GuardedResolver",
-    "IPAddress",
-    "Lookup",
-    "WebhookURLRefusedError",
-    "check_webhook_url",
-    "system_lookup",
-    "unsafe_reason",
-    "vet_addresses",
-]
 
 
 async def system_lookup(host: str, port: int, family: int) -> list[IPAddress]:

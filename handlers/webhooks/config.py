@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from handlers.webhook_policy import DEFAULT_SCHEDULE_S
-
 CONSUMER_PREFIX: Final = "webhook-"
+# Standard Webhooks' example schedule: immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h
+DEFAULT_SCHEDULE_S: Final = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""Webhook deliveries in Redis: settling an attempt, the delayed set, dead letters.
+"""Webhook deliveries in Redis: reading jobs, settling an attempt, the delayed set.
 
 A delivery job lives on ``{ns}:webhooks`` (group ``webhook-senders``). After each attempt the
 sender *settles* the entry in one script, fenced on still owning it: acknowledge it and either
@@ -6,6 +6,9 @@ mark the task delivered, park the next attempt in ``{ns}:webhooks:delayed`` (a s
 by due time, server clock), or write a dead letter to ``{ns}:webhooks:dead``; the task's status
 hash gets the delivery log only while it still exists (an HSET on an expired record would
 recreate it without a TTL). Due members return to the stream as new entries (``promote``).
+
+What an attempt means (retry or not, when) is decided in ``handlers/webhooks/policy.py``; this
+module only knows how a decision is written.
 """
 
 from __future__ import annotations
@@ -13,23 +16,27 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
-from handlers.webhook_policy import AttemptResult, DeadReason, Decision, Outcome
 from schemas.result import WebhookJob
 from schemas.wire import FIELD_DATA, FIELD_TRACEPARENT, FIELD_TYPE, EventType
 from streams import keys as k
-from streams.entries import Entry
+from streams.entries import Entry, entries_from_read
 from streams.keys import WEBHOOK_GROUP, Keys
 from streams.scripts import LuaScript
+from streams.topology import ensure_groups, is_missing_group
 
 # extra field of a retried delivery entry: the attempts made so far, as JSON
-# (wished for in streams/keys.py; kept here because that module is not ours to edit)
+# (it belongs with the other names in streams/keys.py, which is not this module's to edit)
 F_ATTEMPT_LOG: Final = "attempt_log"
 WEBHOOK_DEAD_TYPE: Final = "webhook.dead"
+
+Outcome = Literal["delivered", "retry", "dead"]
+DeadReason = Literal["exhausted", "gone", "refused", "invalid_job", "payload_too_large"]
 
 _STATUS_STATE: Final[dict[str, str]] = {
     "delivered": "delivered",
@@ -85,8 +92,8 @@ if #nxt > 0 then wait = math.max(0, tonumber(nxt[2]) - now) end
 return {#due, wait}
 """
 
-SETTLE_SCRIPT: Final = LuaScript("webhook_settle", _SETTLE)
-PROMOTE_SCRIPT: Final = LuaScript("webhook_promote", _PROMOTE)
+_SETTLE_SCRIPT: Final = LuaScript("webhook_settle", _SETTLE)
+_PROMOTE_SCRIPT: Final = LuaScript("webhook_promote", _PROMOTE)
 
 
 class _Strict(BaseModel):
@@ -142,6 +149,15 @@ def delivery_fields(
     return out
 
 
+def status_pairs(state: str, attempts: int, status: int | None, error: str | None) -> list[str]:
+    """The delivery log of a task's status hash, flat, as ``HSET`` takes it."""
+    return [
+        k.F_WEBHOOK_STATE, state, k.F_WEBHOOK_ATTEMPTS, str(attempts),
+        k.F_WEBHOOK_LAST_STATUS, "" if status is None else str(status),
+        k.F_WEBHOOK_LAST_ERROR, error or "",
+    ]  # fmt: skip
+
+
 @dataclass(frozen=True, slots=True)
 class Settlement:
     """What one attempt (or the refusal to make one) leaves behind."""
@@ -156,19 +172,29 @@ class Settlement:
     dead: WebhookDeadLetter | None = None
 
 
-def status_pairs(state: str, attempts: int, status: int | None, error: str | None) -> list[str]:
-    return [
-        k.F_WEBHOOK_STATE, state, k.F_WEBHOOK_ATTEMPTS, str(attempts),
-        k.F_WEBHOOK_LAST_STATUS, "" if status is None else str(status),
-        k.F_WEBHOOK_LAST_ERROR, error or "",
-    ]  # fmt: skip
-
-
 class WebhookStore:
+    """The sender's side of ``{ns}:webhooks``: read jobs, settle attempts, promote retries."""
+
     def __init__(self, *, client: Redis, keys: Keys, group: str = WEBHOOK_GROUP) -> None:
         self._client = client
         self._keys = keys
         self._group = group
+
+    async def read(self, consumer: str, count: int, block_ms: int) -> list[Entry]:
+        """Up to ``count`` new jobs for ``consumer``, blocking up to ``block_ms``. A stream or
+        group that vanished (FLUSHALL, a restore) is created again and the read answers none.
+        Raises the ``streams.errors.TRANSIENT_ERRORS`` while Redis is away."""
+        stream = self._keys.webhooks
+        try:
+            reply: Any = await self._client.xreadgroup(
+                self._group, consumer, {stream: ">"}, count=count, block=block_ms
+            )
+        except ResponseError as exc:
+            if not is_missing_group(exc):
+                raise
+            await ensure_groups(self._client, [stream], self._group)
+            return []
+        return entries_from_read(reply)
 
     async def settle(self, entry: Entry, consumer: str, s: Settlement) -> bool:
         """Acknowledge ``entry`` and record ``s`` atomically; ``False`` when ``consumer`` no
@@ -186,63 +212,10 @@ class WebhookStore:
         args += status_pairs(_STATUS_STATE[s.outcome], s.attempts, s.last_status, s.last_error)
         status_key = kk.task(s.task_id or "-")
         keys = [kk.webhooks, kk.webhooks_delayed, kk.webhooks_dead, status_key]
-        return bool(int(await SETTLE_SCRIPT(self._client, keys, args)))
+        return bool(int(await _SETTLE_SCRIPT(self._client, keys, args)))
 
     async def promote(self, limit: int = 100) -> tuple[int, int]:
         """Move due retries back to the stream: ``(moved, ms until the next is due or -1)``."""
         keys = [self._keys.webhooks_delayed, self._keys.webhooks]
-        moved, wait = await PROMOTE_SCRIPT(self._client, keys, [limit])
+        moved, wait = await _PROMOTE_SCRIPT(self._client, keys, [limit])
         return int(moved), int(wait)
-
-
-def dead_settlement(
-    entry: Entry,
-    job: WebhookJob | None,
-    attempts: list[AttemptRecord],
-    reason: DeadReason,
-    error: str | None,
-    now_ms: int,
-) -> Settlement:
-    """The settlement of a delivery that ends here: its dead letter and the task's log."""
-    last = attempts[-1] if attempts else None
-    letter = WebhookDeadLetter(
-        reason=reason, delivery_id=job.delivery_id if job else None,
-        task_id=job.task_id if job else None, url=job.url if job else None,
-        event=job.event if job else None, attempts=attempts, source_stream=entry.stream,
-        entry_id=entry.entry_id, job=job, fields=None if job else entry.printable_fields(),
-        dead_at=now_ms,
-    )  # fmt: skip
-    return Settlement(
-        outcome="dead", task_id=job.task_id if job else None, attempts=len(attempts),
-        last_status=last.status if last else None, last_error=error, dead=letter,
-    )  # fmt: skip
-
-
-def settlement_after(
-    entry: Entry,
-    job: WebhookJob,
-    attempts: list[AttemptRecord],
-    result: AttemptResult,
-    decision: Decision,
-    now_ms: int,
-) -> Settlement:
-    """The settlement of an attempt (``attempts`` ends with it) under ``decision``."""
-    if decision.outcome == "dead":
-        assert decision.reason is not None
-        return dead_settlement(entry, job, attempts, decision.reason, result.error, now_ms)
-    data = (entry.data or b"").decode()
-    return Settlement(
-        outcome=decision.outcome, task_id=job.task_id, attempts=len(attempts),
-        last_status=result.status, last_error=result.error,
-        delay_ms=round(decision.delay_s * 1000),
-        next_fields=delivery_fields(data, attempts, entry.traceparent),
-    )  # fmt: skip
-
-
-def deferral(entry: Entry, job: WebhookJob, delay_s: float) -> Settlement:
-    """Park a fresh delivery for the schedule's first delay, before any attempt."""
-    data = (entry.data or b"").decode()
-    return Settlement(
-        outcome="retry", task_id=job.task_id, attempts=0, delay_ms=round(delay_s * 1000),
-        next_fields=delivery_fields(data, [], entry.traceparent),
-    )  # fmt: skip

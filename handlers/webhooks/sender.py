@@ -3,12 +3,12 @@
 Like the task worker it pulls only when it has a free slot (``concurrency`` deliveries at once),
 keeps a lease (``{ns}:worker:webhook-...``) and reclaims the entries of senders whose lease
 expired, so a killed sender loses nothing. No sender waits on a delivery: a failed attempt is
-settled at once (see :mod:`handlers.webhook_store`) and its retry waits in the delayed set until
+settled at once (see :mod:`streams.webhook_store`) and its retry waits in the delayed set until
 a promoter loop, running in every sender, moves it back to the stream when due.
 
-Siblings: ``webhook_config`` (the config), ``webhook_policy`` (error classes, retry decisions),
-``webhook_payload`` (the body), ``signing`` (Standard Webhooks), ``ssrf`` (the address guard),
-``webhook_store`` (the Redis side), ``webhook_admin`` (operator actions).
+Passing Redis trouble (``streams.errors.TRANSIENT_ERRORS``) is retried with backoff by every
+loop here; anything else Redis answers is a bug or a misconfiguration, logged with its
+traceback by the loop's guard.
 """
 
 from __future__ import annotations
@@ -17,24 +17,19 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
-from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from pydantic import ValidationError
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
+from handlers.clock import now_ms
 from handlers.logctx import bind
 from handlers.metrics import Metrics
-from handlers.prepare import now_ms
-from handlers.signing import Signer
-from handlers.ssrf import AllowList, GuardedResolver, Lookup, check_webhook_url, system_lookup
-from handlers.webhook_config import CONSUMER_PREFIX, WebhookConfig
-from handlers.webhook_payload import build_body
-from handlers.webhook_policy import (
+from handlers.webhooks.config import WebhookConfig
+from handlers.webhooks.payload import build_body
+from handlers.webhooks.policy import (
     E_INVALID_JOB,
     E_PAYLOAD_TOO_LARGE,
     AttemptResult,
@@ -42,29 +37,29 @@ from handlers.webhook_policy import (
     from_exception,
     from_response,
 )
-from handlers.webhook_store import (
+from handlers.webhooks.settlement import dead_settlement, deferral, settlement_after
+from handlers.webhooks.signing import Signer
+from handlers.webhooks.ssrf import GuardedResolver, system_lookup
+from schemas.result import WebhookJob
+from streams.cancellation import raise_if_cancelled
+from streams.client import RedisClient
+from streams.entries import Entry
+from streams.errors import TRANSIENT_ERRORS, describe
+from streams.keys import WEBHOOK_GROUP, Keys
+from streams.leases import Lease, Reclaimer
+from streams.topology import Backoff
+from streams.tracecontext import context_from, current_traceparent
+from streams.urlguard import AllowList, Lookup, check_webhook_url
+from streams.webhook_store import (
     F_ATTEMPT_LOG,
     AttemptRecord,
     Settlement,
     WebhookStore,
-    dead_settlement,
-    deferral,
     parse_attempt_log,
-    settlement_after,
 )
-from schemas.result import WebhookJob
-from streams.cancellation import raise_if_cancelled
-from streams.entries import Entry
-from streams.keys import WEBHOOK_GROUP, Keys
-from streams.leases import Lease, Reclaimer
-from streams.topology import Backoff, ensure_groups, is_missing_group
-from streams.tracecontext import context_from, current_traceparent
-
-__all__ = ["CONSUMER_PREFIX", "WebhookConfig", "WebhookSender"]
 
 log = logging.getLogger(__name__)
 
-_REDIS_TROUBLE = (RedisError, OSError, TimeoutError, ConnectionError)
 _PROMOTE_BATCH = 100
 
 
@@ -72,7 +67,7 @@ class WebhookSender:
     def __init__(
         self,
         *,
-        client: Redis,
+        client: RedisClient,
         keys: Keys,
         config: WebhookConfig,
         lookup: Lookup = system_lookup,
@@ -82,7 +77,6 @@ class WebhookSender:
         """Raises ``ValueError`` for a malformed secret or allow-list entry."""
         self._tracer = tracer or trace.get_tracer("sop_llm.webhooks")
         self._metrics = metrics
-        self._client = client
         self._keys = keys
         self._config = config
         self._signer = Signer(config.secrets)
@@ -165,7 +159,6 @@ class WebhookSender:
 
     async def _consume(self, stop: asyncio.Event, tg: asyncio.TaskGroup) -> None:
         backoff = Backoff(base=0.05, cap=2.0)
-        stream = self._keys.webhooks
         while not stop.is_set():
             if self._free() <= 0:
                 self._slot_freed.clear()
@@ -174,22 +167,15 @@ class WebhookSender:
             try:
                 async with self._intake:
                     async with asyncio.timeout(self._config.block_ms / 1000 + 10):
-                        reply: Any = await self._client.xreadgroup(
-                            WEBHOOK_GROUP, self.consumer, {stream: ">"},
-                            count=self._free(), block=self._config.block_ms,
-                        )  # fmt: skip
+                        entries = await self._store.read(
+                            self.consumer, self._free(), self._config.block_ms
+                        )
                     raise_if_cancelled()
-                    rows = [row for _, batch in reply or [] for row in batch]
-                    entries = [Entry.from_reply(stream, eid, f) for eid, f in rows]
                     self._admit(entries, tg, stop)
                 backoff.reset()
-            except _REDIS_TROUBLE as exc:
-                if is_missing_group(exc):
-                    # the stream or group vanished (FLUSHALL, a restore): create it again
-                    with contextlib.suppress(*_REDIS_TROUBLE):
-                        await ensure_groups(self._client, [stream], WEBHOOK_GROUP)
-                elif backoff.failures == 0:
-                    log.warning("redis unavailable, retrying", extra={"error": repr(exc)})
+            except TRANSIENT_ERRORS as exc:
+                if backoff.failures == 0:
+                    log.warning("redis unavailable, retrying", extra={"error": describe(exc)})
                 await backoff.sleep(stop)
             except Exception:
                 # the consume loop's guard: log with the traceback, back off, go on
@@ -208,8 +194,11 @@ class WebhookSender:
                     async with asyncio.timeout(10):
                         entries = await self._reclaimer.reclaim(self._free())
                     self._admit(entries, tg, stop)
-            except _REDIS_TROUBLE as exc:
-                log.debug("reclaim skipped", extra={"error": repr(exc)})
+            except TRANSIENT_ERRORS as exc:
+                log.debug("reclaim skipped", extra={"error": describe(exc)})
+            except Exception:
+                # the loop's guard: an answer that is not passing trouble never ends the sender
+                log.exception("webhook reclaim loop error")
 
     async def _promote_loop(self, stop: asyncio.Event) -> None:
         interval = self._config.promote_interval_ms / 1000
@@ -223,8 +212,12 @@ class WebhookSender:
                 if moved >= _PROMOTE_BATCH:
                     continue
                 delay = interval if wait_ms < 0 else min(interval, wait_ms / 1000)
-            except _REDIS_TROUBLE as exc:
-                log.debug("promotion skipped", extra={"error": repr(exc)})
+            except TRANSIENT_ERRORS as exc:
+                log.debug("promotion skipped", extra={"error": describe(exc)})
+                delay = backoff.next_delay()
+            except Exception:
+                # the loop's guard: an answer that is not passing trouble never ends the sender
+                log.exception("webhook promote loop error")
                 delay = backoff.next_delay()
             await _first_of(stop, self._retry_parked, timeout=delay)
 
@@ -243,6 +236,15 @@ class WebhookSender:
 
     async def _deliver(self, entry: Entry) -> None:
         bind(stream=entry.stream, entry_id=entry.entry_id)
+        try:
+            await self._deliver_entry(entry)
+        except Exception:
+            # the delivery's guard: an answer from Redis that is not passing trouble leaves the
+            # entry pending (another sender reclaims it once this one's lease is gone); it never
+            # ends the sender
+            log.exception("delivery left pending after an error")
+
+    async def _deliver_entry(self, entry: Entry) -> None:
         history = parse_attempt_log(entry.fields.get(F_ATTEMPT_LOG))
         try:
             job = WebhookJob.model_validate_json(entry.data or b"")
@@ -332,9 +334,9 @@ class WebhookSender:
         while True:
             try:
                 settled = await asyncio.shield(self._settle_once(entry, settlement))
-            except _REDIS_TROUBLE as exc:
+            except TRANSIENT_ERRORS as exc:
                 if backoff.failures == 0:
-                    log.warning("webhook settle failed, retrying", extra={"error": repr(exc)})
+                    log.warning("webhook settle failed, retrying", extra={"error": describe(exc)})
                 await backoff.sleep()
                 continue
             if not settled:

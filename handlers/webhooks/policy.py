@@ -12,17 +12,12 @@ import random
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Final, Literal
+from typing import Final
 
 import aiohttp
 
-from handlers.ssrf import WebhookURLRefusedError
-
-Outcome = Literal["delivered", "retry", "dead"]
-DeadReason = Literal["exhausted", "gone", "refused", "invalid_job", "payload_too_large"]
-
-# Standard Webhooks' example schedule: immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h
-DEFAULT_SCHEDULE_S: Final = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0)
+from streams.urlguard import WebhookURLRefusedError
+from streams.webhook_store import DeadReason, Outcome
 
 # error classes (the only thing kept of a failed attempt, with its status code)
 E_REFUSED: Final = "refused"  # the SSRF guard refused the address
