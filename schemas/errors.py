@@ -80,3 +80,14 @@ class WaitTimeoutError(SopError, TimeoutError):
     """A task did not reach a terminal state within the time asked for."""
 
     code = ErrorCode.TIMEOUT
+
+
+class BrokerError(SopError):
+    """Redis refused a command of the SDK (``NOPERM``, a key of the wrong type, a script
+    error): retrying the same call will not help. The redis-py error is kept as ``__cause__``."""
+
+
+class BrokerUnavailableError(BrokerError):
+    """Redis could not be reached in time (refused or reset connections, a timeout, a failover
+    under way): passing trouble, worth trying again after a pause. The redis-py error is kept
+    as ``__cause__``."""

@@ -3,27 +3,36 @@
 async with Producer(settings) as p:
     task_id = await p.submit("echo", "hello world", priority="high")
     result = await p.wait(task_id, timeout=30)
+
+Every error it raises is one of sop-llm's (:class:`~schemas.errors.SopError`): redis-py's are
+translated here, once, into :class:`~schemas.errors.BrokerUnavailableError` (passing trouble)
+or :class:`~schemas.errors.BrokerError` (a refusal), the original kept as ``__cause__``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, Self
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Tracer
 from pydantic import ValidationError
 from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
 
 from schemas.errors import (
     BacklogFullError,
+    BrokerError,
+    BrokerUnavailableError,
     DuplicateTaskIdError,
     IdempotencyConflictError,
     InvalidTaskError,
+    SopError,
     WaitTimeoutError,
 )
 from schemas.result import StatusRecord, TaskResult
@@ -40,6 +49,7 @@ from schemas.wire import EventType
 from streams.cancellation import raise_if_cancelled
 from streams.control import CancelOutcome, cancel_task
 from streams.entries import entries_from_range, entries_from_read, text
+from streams.errors import TRANSIENT_ERRORS, describe
 from streams.keys import DEFAULT_PARTITIONS, DEFAULT_POOL, Keys
 from streams.scripts import SUBMIT_SCRIPT
 from streams.status import read_status
@@ -63,15 +73,31 @@ class ProducerConfig:
     """Refuse submissions while a partition holds this many unfinished entries (0: no limit)."""
     status_ttl_s: int = 86_400
     socket_timeout_s: float = 30.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class HasProducerConfig(Protocol):
     def producer_config(self) -> ProducerConfig: ...
 
 
+@contextlib.contextmanager
+def _broker_errors() -> Iterator[None]:
+    """The SDK's edge: redis-py's errors leave it as sop-llm's, the original as ``__cause__``."""
+    try:
+        yield
+    except SopError:
+        raise  # ours already (WaitTimeoutError is a TimeoutError too: never translated)
+    except TRANSIENT_ERRORS as exc:
+        raise BrokerUnavailableError(f"redis is unavailable: {describe(exc)}") from exc
+    except RedisError as exc:
+        raise BrokerError(f"redis refused the request: {describe(exc)}") from exc
+
+
 class Producer:
-    """Submits tasks and reads their outcomes. Use as an async context manager."""
+    """Submits tasks and reads their outcomes. Use as an async context manager.
+
+    Every method that talks to Redis raises :class:`~schemas.errors.BrokerUnavailableError`
+    while Redis cannot be reached and :class:`~schemas.errors.BrokerError` when it refuses a
+    command, besides the errors each method names."""
 
     def __init__(
         self,
@@ -107,7 +133,8 @@ class Producer:
 
     async def aclose(self) -> None:
         if self._own_client:
-            await self._client.aclose()
+            with _broker_errors():
+                await self._client.aclose()
 
     def build(self, model: str, prompt: str | None = None, **fields: Any) -> TaskEvent:
         """Validate a task as :meth:`submit` would. Raises :class:`InvalidTaskError`."""
@@ -151,7 +178,7 @@ class Producer:
             f"publish {stream}", kind=SpanKind.PRODUCER,
             attributes={"messaging.system": "redis", "messaging.operation.type": "send",
                         "messaging.destination.name": stream, "sop.task_id": task_id},
-        ):  # fmt: skip
+        ), _broker_errors():  # fmt: skip
             return await self._publish(event, task_id, stream, current_traceparent()[0])
 
     async def _publish(
@@ -195,32 +222,40 @@ class Producer:
     async def cancel(self, task_id: str) -> CancelOutcome:
         """Cancel a task: a queued one ends ``cancelled`` at once; a running one stops between
         tokens; a finished or unknown one is left alone (the outcome says which)."""
-        return await cancel_task(
-            self._client, self.keys, task_id, status_ttl_s=self._config.status_ttl_s
-        )
+        with _broker_errors():
+            return await cancel_task(
+                self._client, self.keys, task_id, status_ttl_s=self._config.status_ttl_s
+            )
 
     async def stream(self, task_id: str) -> AsyncGenerator[str, None]:
         """The text of a task as it is generated (from the start, also for a late reader);
         ends when the task does. A task that did not ask for ``stream`` yields its whole text
         once it has finished."""
-        async for event in read_tokens(self._client, self.keys, task_id):
-            if event.kind == "delta":
-                yield event.text
+        with _broker_errors():
+            async for event in read_tokens(self._client, self.keys, task_id):
+                if event.kind == "delta":
+                    yield event.text
 
     async def status(self, task_id: str) -> StatusRecord | None:
-        return await read_status(self._client, self.keys, task_id)
+        """The task's status record; ``None`` when unknown (never submitted, or expired)."""
+        with _broker_errors():
+            return await read_status(self._client, self.keys, task_id)
 
     async def wait(self, task_id: str, *, timeout: float) -> TaskResult:
         """The terminal result of ``task_id``. Raises :class:`WaitTimeoutError` after ``timeout`` s.
 
         Watches the shared ``results`` stream; services that wait on many tasks read their own
         ``reply_to`` stream with :meth:`results` instead."""
+        with _broker_errors():
+            return await self._wait(task_id, timeout)
+
+    async def _wait(self, task_id: str, timeout: float) -> TaskResult:
         deadline = time.monotonic() + timeout
         newest = entries_from_range(
             self.keys.results, await self._client.xrevrange(self.keys.results, count=1)
         )
         last = newest[0].entry_id if newest else "0-0"
-        record = await self.status(task_id)
+        record = await read_status(self._client, self.keys, task_id)
         if record is not None and record.result is not None:
             return record.result
         needle = json.dumps(task_id).encode()
@@ -254,30 +289,31 @@ class Producer:
         one the loop did not finish with (a ``break``, a crash) stays pending and is delivered
         again first by the next ``results()`` of the same group and consumer."""
         stream = self.keys.results_for(reply_to) if reply_to else self.keys.results
-        if group is not None:
-            try:
-                await self._client.xgroup_create(stream, group, id="0", mkstream=True)
-            except Exception as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
-        last = start
-        backlog = True  # a group consumer first re-reads what it left unacknowledged
-        while True:
-            reply: Any
-            if group is None:
-                reply = await self._client.xread({stream: last}, count=100, block=block_ms)
-            else:
-                reply = await self._client.xreadgroup(
-                    group, consumer, {stream: "0" if backlog else ">"}, count=100,
-                    block=None if backlog else block_ms,
-                )  # fmt: skip
-            raise_if_cancelled()
-            entries = entries_from_read(reply)
-            if group is not None and backlog and not entries:
-                backlog = False
-                continue
-            for entry in entries:
-                last = entry.entry_id
-                yield TaskResult.model_validate_json(entry.data or b"")
-                if group is not None:
-                    await self._client.xack(stream, group, entry.entry_id)
+        with _broker_errors():
+            if group is not None:
+                try:
+                    await self._client.xgroup_create(stream, group, id="0", mkstream=True)
+                except ResponseError as exc:
+                    if "BUSYGROUP" not in str(exc):
+                        raise
+            last = start
+            backlog = True  # a group consumer first re-reads what it left unacknowledged
+            while True:
+                reply: Any
+                if group is None:
+                    reply = await self._client.xread({stream: last}, count=100, block=block_ms)
+                else:
+                    reply = await self._client.xreadgroup(
+                        group, consumer, {stream: "0" if backlog else ">"}, count=100,
+                        block=None if backlog else block_ms,
+                    )  # fmt: skip
+                raise_if_cancelled()
+                entries = entries_from_read(reply)
+                if group is not None and backlog and not entries:
+                    backlog = False
+                    continue
+                for entry in entries:
+                    last = entry.entry_id
+                    yield TaskResult.model_validate_json(entry.data or b"")
+                    if group is not None:
+                        await self._client.xack(stream, group, entry.entry_id)

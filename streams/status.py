@@ -50,7 +50,8 @@ async def read_status(client: Redis, keys: k.Keys, task_id: str) -> StatusRecord
     """The status of ``task_id``, or ``None`` when unknown (never submitted, or expired).
 
     A plain-XADD duplicate (same idempotency key and payload as an earlier task) answers with
-    the earlier task's record, its ``duplicate_of`` naming that task.
+    the earlier task's record, its ``duplicate_of`` naming that task. Raises what redis-py
+    raises: this is a building block; the SDK's :meth:`Producer.status` raises sop-llm's errors.
     """
     raw = await client.hgetall(keys.task(task_id))
     alias = raw.get(k.F_DUPLICATE_OF.encode()) if raw else None

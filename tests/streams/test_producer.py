@@ -3,17 +3,22 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import redis.exceptions
 from redis.asyncio import Redis
 
 from schemas.errors import (
+    BrokerError,
+    BrokerUnavailableError,
     DuplicateTaskIdError,
     IdempotencyConflictError,
     InvalidTaskError,
+    SopError,
     WaitTimeoutError,
 )
 from schemas.result import TaskState
 from streams.keys import Keys
 from streams.producer import Producer, ProducerConfig
+from tests.conftest import free_port
 from tests.harness import running_worker, stream_entries, wait_results
 
 
@@ -112,3 +117,34 @@ async def test_results_through_a_group_and_reply_to(
     assert seen == [mine, mine]
     assert other != mine
     assert (await client.xpending(keys.results_for("billing"), "svc"))["pending"] == 0
+
+
+async def test_an_unreachable_redis_raises_our_error_with_redis_pys_as_cause(
+    namespace: str,
+) -> None:
+    closed = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    config = ProducerConfig(redis_url=closed, namespace=namespace, socket_timeout_s=1)
+    async with Producer(config) as p:
+        with pytest.raises(BrokerUnavailableError, match="redis is unavailable") as info:
+            await p.submit("echo", "hello")
+        assert isinstance(info.value, SopError)
+        assert isinstance(info.value.__cause__, redis.exceptions.ConnectionError)
+        with pytest.raises(BrokerUnavailableError):
+            await p.status("t-1")
+        with pytest.raises(BrokerUnavailableError):
+            await p.wait("t-1", timeout=1)
+        with pytest.raises(BrokerUnavailableError):
+            await anext(p.results())
+        with pytest.raises(BrokerUnavailableError):
+            await anext(p.stream("t-1"))
+
+
+async def test_a_refused_command_raises_broker_error(
+    producer: Producer, client: Redis, keys: Keys
+) -> None:
+    await client.set(keys.task("t-odd"), "not a hash")
+    with pytest.raises(BrokerError) as info:
+        await producer.status("t-odd")
+    assert not isinstance(info.value, BrokerUnavailableError)  # retrying will not help
+    assert isinstance(info.value.__cause__, redis.exceptions.ResponseError)
+    assert "WRONGTYPE" in str(info.value)
