@@ -8,7 +8,6 @@ raises :class:`~providers.errors.SchemaInvalidError` carrying the raw text.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Awaitable, Callable, Mapping
@@ -44,11 +43,6 @@ def schema_of(fmt: ResponseFormat | None) -> JsonSchema | None:
     if fmt.type == "json_object":
         return ANY_OBJECT
     return None
-
-
-def schema_hash(schema: JsonSchema) -> str:
-    canonical = json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def check_schema(schema: JsonSchema) -> None:
