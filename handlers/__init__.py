@@ -1,6 +1,5 @@
 """Where events meet work: the task worker (and the webhook sender)."""
 
-from handlers.tasks import Worker
-from handlers.worker_config import WorkerConfig
+from handlers.tasks import Worker, WorkerConfig
 
 __all__ = ["Worker", "WorkerConfig"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -15,18 +14,17 @@ from pydantic import SecretStr
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from handlers.gpu_gate import GpuGate
 from handlers.metrics import Metrics
 from handlers.policy import RetryPolicy
-from handlers.tasks import Worker
-from handlers.worker_config import WorkerConfig
+from handlers.tasks import Worker, WorkerConfig
+from handlers.tasks.gpu import GpuGate
 from ops.connect import redis_client_for, target_for
 from ops.embedded import embedded_redis
 from ops.gpu_setup import build_gpu_runtime
 from ops.settings import Settings
 from ops.sidecar import Sidecar
 from ops.telemetry import tracing
-from ops.webhooks_cli import build_sender
+from ops.webhook_setup import build_sender
 from providers.echo import EchoProvider
 from providers.loader import ModelLoader
 from providers.registry import ModelRegistry
@@ -95,19 +93,11 @@ def build_worker(
     metrics: Metrics | None = None,
     gpu: GpuGate | None = None,
 ) -> Worker:
-    # each pool gets the slots its models can use at once (or SOP_WORKER_SLOTS), so a pool whose
-    # provider hangs fills its own slots and never another pool's
-    pool_slots = {
-        pool: settings.worker_slots or max(1, sum(b.concurrency for b in registry.bindings([pool])))
-        for pool in settings.pools
-    }
-    slots = max(pool_slots.values())
     config = WorkerConfig(
-        pool_slots=pool_slots,
         consumer=settings.consumer_name(),
         pools=settings.pools,
         partitions=settings.partitions,
-        slots=slots,
+        slots=settings.worker_slots,
         block_ms=settings.block_ms,
         aging_ms=settings.aging_ms,
         lease_ttl_ms=settings.lease_ttl_ms,
@@ -126,10 +116,8 @@ def build_worker(
         ),
         trim_interval_s=settings.trim_interval_s,
         trace_content=settings.trace_content,
-        fast_link=settings.fast_link,
     )
-    # no exporter: no spans at all on the hot path (a no-op span still costs a context switch)
-    tracer = trace.get_tracer("sop_llm.worker") if settings.otel_exporter != "none" else None
+    tracer = trace.get_tracer("sop_llm.worker")
     return Worker(
         client=client, keys=Keys(settings.namespace), registry=registry, config=config,
         tracer=tracer, metrics=metrics, gpu=gpu,
@@ -195,11 +183,6 @@ async def serve(
         sender = None
         if worker and settings.webhook_sender:
             sender = build_sender(settings, client, metrics)
-        # long-lived service: a higher gen-0 threshold makes the cyclic GC run far less often on
-        # the per-task allocations (about a fifth of a worker's CPU with the default of 700)
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(50_000, 50, 100)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(gpus.run(stop))  # VRAM sampling and idle-model unloading
             if worker:

@@ -9,6 +9,11 @@ from pydantic_core import PydanticUndefined
 
 from ops.settings import Settings
 
+FOOTER = """
+Removed settings: `SOP_FAST_LINK` is gone (workers use one Redis client, redis-py with hiredis,
+for every command); a worker whose environment still sets it ignores it.
+"""
+
 HEADER = """# Configuration
 
 Every setting is read from the environment with the `SOP_` prefix (or from a `.env` file in
@@ -34,7 +39,7 @@ def render() -> str:
     for name, field in Settings.model_fields.items():
         desc = (field.description or "").replace("|", "\\|")
         rows.append(f"| `SOP_{name.upper()}` | `{_default(field.default)}` | {desc} |")
-    return HEADER + "\n".join(rows) + "\n"
+    return HEADER + "\n".join(rows) + "\n" + FOOTER
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ from gpu import (
     VramMonitor,
     gpu_snapshot,
 )
-from handlers.gpu_gate import ProviderLoader
 from handlers.metrics import Metrics
+from handlers.tasks.gpu import ProviderLoader
 from ops.settings import Settings
 from streams.keys import Keys
 

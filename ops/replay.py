@@ -4,12 +4,12 @@ namespace (``--sandbox``), or re-run them in-process and diff the output (``--ru
 A sandbox copy gets a fresh task id, ``metadata.replay_of`` / ``metadata.replay_namespace``
 naming the original, and no ``webhook_url``, ``idempotency_key`` or absolute ``deadline``: its
 outcome lands only in the sandbox's streams and never reaches a production receiver.
-``--run`` writes nothing to Redis.
+``--run`` writes nothing to Redis. The command's arguments become a :class:`ReplayRequest` in
+``ops/cli/replay.py``.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import difflib
 import json
@@ -17,6 +17,7 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TextIO
 
 from pydantic import ValidationError
@@ -24,12 +25,12 @@ from redis.asyncio import Redis
 
 from ops.app import model_registry
 from ops.connect import redis_client_for
-from ops.replay_select import Candidate, Filters, parse_time, select, source_streams
+from ops.replay_select import Candidate, Filters, select, source_streams
 from ops.settings import Settings
 from providers.base import Generation, GenerationRequest
 from providers.registry import ModelRegistry
 from schemas.errors import SopError
-from schemas.result import TaskResult, TaskState
+from schemas.result import TaskResult
 from schemas.task import (
     CTX_MAX_METADATA_BYTES,
     CTX_MAX_PROMPT_BYTES,
@@ -44,23 +45,21 @@ from streams.keys import Keys
 _DROPPED = ("webhook_url", "idempotency_key", "deadline")
 
 
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    r = sub.add_parser("replay", help="select tasks from a stream; re-publish or re-run them")
-    r.add_argument("stream", help="results, dead, tasks, a partition name, or a full key")
-    r.add_argument("--from-id", help="first entry id (inclusive)")
-    r.add_argument("--to-id", help="last entry id (inclusive)")
-    r.add_argument("--since", help="ISO time (UTC unless zoned) or relative: 90s, 30m, 2h, 7d")
-    r.add_argument("--until", help="ISO time or relative, like --since")
-    r.add_argument("--task-id", action="append", default=[], help="only this task (repeatable)")
-    r.add_argument("--model-filter", help="only tasks of this model")
-    r.add_argument("--state", choices=[s.value for s in TaskState], help="only this state")
-    r.add_argument("--limit", type=int, help="at most this many tasks")
-    mode = r.add_mutually_exclusive_group()
-    mode.add_argument("--sandbox", metavar="NAMESPACE", help="re-publish into this namespace")
-    mode.add_argument("--run", action="store_true", help="re-run in-process and diff the output")
-    r.add_argument("--model", help="with --run: use this model instead of the recorded one")
-    r.add_argument("--timeout", type=float, default=300.0, help="with --run: seconds per task")
-    r.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+@dataclass(frozen=True, slots=True)
+class ReplayRequest:
+    """What to replay and how: the entries of ``stream`` (``results``, ``dead``, ``tasks``, a
+    partition name or a full key) that pass ``filters``; listed when no mode is given,
+    re-published into the ``sandbox`` namespace, or re-run in-process (``rerun``) with ``model``
+    instead of the recorded one when given, ``timeout_s`` per task."""
+
+    stream: str
+    filters: Filters
+    sandbox: str | None = None
+    rerun: bool = False
+    model: str | None = None
+    timeout_s: float = 300.0
+    progress: bool = True
+    """A progress bar on stderr (only where stderr is a terminal)."""
 
 
 class Progress:
@@ -104,22 +103,6 @@ def sandbox_data(c: Candidate, *, new_id: str, namespace: str) -> str:
     }
     body["task_id"] = new_id
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
-
-
-def _filters(args: argparse.Namespace) -> Filters:
-    if args.limit is not None and args.limit < 1:
-        raise ValueError("--limit must be at least 1")
-    now = int(time.time() * 1000)
-    return Filters(
-        from_id=args.from_id,
-        to_id=args.to_id,
-        since_ms=parse_time(args.since, now_ms=now) if args.since else None,
-        until_ms=parse_time(args.until, now_ms=now) if args.until else None,
-        task_ids=frozenset(args.task_id or ()),
-        model=args.model_filter,
-        state=args.state,
-        limit=args.limit,
-    )
 
 
 def _out(line: str, progress: Progress | None = None) -> None:
@@ -192,13 +175,14 @@ async def _generate(
         stop=tuple(event.stop or ()), seed=event.seed, response_format=event.response_format,
     )  # fmt: skip
     started = time.monotonic()
-    async with asyncio.timeout(timeout_s), binding.limit:
-        generation = await binding.provider.generate(request)
+    with binding.in_use():
+        async with asyncio.timeout(timeout_s):
+            generation = await binding.provider.generate(request)
     return generation, int((time.monotonic() - started) * 1000)
 
 
 async def _rerun_one(
-    registry: ModelRegistry, c: Candidate, context: dict[str, int], args: argparse.Namespace
+    registry: ModelRegistry, c: Candidate, context: dict[str, int], request: ReplayRequest
 ) -> tuple[bool, list[str]]:
     """Run one task again; ``(ran, lines to print)``."""
     lines = [f"=== {c.task_id}  ({c.stream} {c.entry_id})", _recorded_line(c.recorded)]
@@ -206,15 +190,15 @@ async def _rerun_one(
         return False, [*lines, f"replay:   not run: {c.problem or 'no original event'}"]
     try:
         event = TaskEvent.model_validate(c.event, context=context)
-        model = args.model or event.model
-        gen, run_ms = await _generate(registry, event, model, args.timeout)
+        model = request.model or event.model
+        gen, run_ms = await _generate(registry, event, model, request.timeout_s)
     except ValidationError as exc:
         return False, [
             *lines,
             f"replay:   not run: invalid event: {describe_validation_error(exc)}",
         ]
     except TimeoutError:
-        return False, [*lines, f"replay:   not run: timed out after {args.timeout} s"]
+        return False, [*lines, f"replay:   not run: timed out after {request.timeout_s} s"]
     except SopError as exc:  # model_not_found, and every provider error
         return False, [*lines, f"replay:   failed ({exc.code.value}: {exc})"]
     usage = (gen.usage.input_tokens, gen.usage.output_tokens)
@@ -228,7 +212,7 @@ async def _rerun_one(
 
 
 async def _rerun(
-    settings: Settings, args: argparse.Namespace, chosen: Sequence[Candidate], progress: Progress
+    settings: Settings, request: ReplayRequest, chosen: Sequence[Candidate], progress: Progress
 ) -> int:
     context = {CTX_MAX_PROMPT_BYTES: settings.max_prompt_bytes,
                CTX_MAX_METADATA_BYTES: settings.max_metadata_bytes}  # fmt: skip
@@ -237,7 +221,7 @@ async def _rerun(
     try:
         async with model_registry(settings, client) as (registry, _, _):
             for c in chosen:
-                ran, lines = await _rerun_one(registry, c, context, args)
+                ran, lines = await _rerun_one(registry, c, context, request)
                 failed += not ran
                 _out("\n".join(lines), progress)
                 progress.advance()
@@ -252,27 +236,26 @@ def _listing(c: Candidate) -> str:
             f"{note}")  # fmt: skip
 
 
-async def run(settings: Settings, args: argparse.Namespace) -> int:
-    """Select, then list (no mode), re-publish (``--sandbox``) or re-run (``--run``).
+async def run(settings: Settings, request: ReplayRequest) -> int:
+    """Select, then list (no mode), re-publish (``sandbox``) or re-run (``rerun``).
     Returns 0, 1 when some task could not be replayed, 2 for bad arguments."""
     prod = Keys(settings.namespace)
-    if args.sandbox is not None and args.sandbox == settings.namespace:
+    if request.sandbox is not None and request.sandbox == settings.namespace:
         _warn(f"--sandbox must differ from the production namespace {settings.namespace!r}")
         return 2
-    sandbox = Keys(args.sandbox) if args.sandbox is not None else None  # raises for a bad name
-    if args.model and not args.run:
+    sandbox = Keys(request.sandbox) if request.sandbox is not None else None  # raises if bad
+    if request.model and not request.rerun:
         _warn("--model needs --run (to filter by model, use --model-filter)")
         return 2
-    filters = _filters(args)
     pools = tuple(dict.fromkeys((*settings.pools, settings.pool)))
-    source, streams = source_streams(args.stream, prod, pools=pools,
+    source, streams = source_streams(request.stream, prod, pools=pools,
                                      partitions=settings.partitions)  # fmt: skip
     failed = 0
     client = redis_client_for(settings)
     try:
         # no overall deadline: a long stream takes long to scan; each call has the client's
-        chosen = await select(client, prod, source, streams, filters)
-        progress = Progress(len(chosen), out=sys.stderr, enabled=not args.no_progress
+        chosen = await select(client, prod, source, streams, request.filters)
+        progress = Progress(len(chosen), out=sys.stderr, enabled=request.progress
                             and sys.stderr.isatty())  # fmt: skip
         if sandbox is not None and chosen:
             failed = await _to_sandbox(client, chosen, prod, sandbox, progress)
@@ -282,12 +265,12 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
     if not chosen:
         _warn("nothing selected")
         return 0
-    if args.run:  # with no Redis client left open: a re-run writes nothing
-        failed = await _rerun(settings, args, chosen, progress)
+    if request.rerun:  # with no Redis client left open: a re-run writes nothing
+        failed = await _rerun(settings, request, chosen, progress)
     elif sandbox is None:
         for c in chosen:
             _out(_listing(c))
     progress.finish()
-    done = "listed" if sandbox is None and not args.run else "replayed"
+    done = "listed" if sandbox is None and not request.rerun else "replayed"
     _warn(f"{len(chosen) - failed} of {len(chosen)} task(s) {done}")
     return 1 if failed else 0

@@ -16,6 +16,8 @@ from streams.keys import DEFAULT_PARTITIONS
 from streams.producer import ProducerConfig
 
 CommaList = Annotated[tuple[str, ...], NoDecode]
+# a delay in seconds: finite and never negative
+Delay = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
 def _split(value: object) -> object:
@@ -73,7 +75,7 @@ class Settings(BaseSettings):
     worker_slots: int | None = Field(
         default=None,
         ge=1,
-        description="Tasks at a time per pool and worker; default: the sum of the pool's model concurrencies.",
+        description="Cap on the tasks a worker runs at once per pool; default: no cap beyond each model's own slots (its concurrency).",
     )
     worker_name: str | None = Field(
         default=None, description="Consumer name; default host-pid-random."
@@ -157,10 +159,6 @@ class Settings(BaseSettings):
         default=False,
         description="Put prompts and completions on spans (off: they may hold personal data).",
     )
-    fast_link: bool = Field(
-        default=True,
-        description="Workers read, begin and finish tasks over lean pipelined connections of their own (one server over TCP or a Unix socket; TLS, Sentinel and Cluster always use redis-py).",
-    )
     metrics_port: int | None = Field(
         default=None,
         ge=0,
@@ -217,8 +215,10 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = Field(
         default=15.0, gt=0, description="Timeout of one delivery attempt."
     )
-    webhook_schedule_s: CommaList = Field(
-        default=("0", "5", "300", "1800", "7200", "18000", "36000"),
+    # parsed here, so a malformed schedule fails every command at start like any other setting
+    webhook_schedule_s: Annotated[tuple[Delay, ...], NoDecode] = Field(
+        default=(0, 5, 300, 1800, 7200, 18000, 36000),
+        validate_default=True,
         description="Delay before each delivery attempt, in seconds.",
     )
     webhook_concurrency: int = Field(
@@ -248,6 +248,14 @@ class Settings(BaseSettings):
     def _not_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         if not value:
             raise ValueError("at least one name is required")
+        return value
+
+    @field_validator("webhook_schedule_s")
+    @classmethod
+    def _a_delay(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        # here, not as min_length: that would also report an empty tuple for a bad delay
+        if not value:
+            raise ValueError("at least one delay is required")
         return value
 
     @property

@@ -131,17 +131,11 @@ class ModelLoader:
 
     async def _retire(self, binding: ModelBinding) -> None:
         """Close ``binding``'s provider once its in-flight tasks are done (or the wait ends)."""
-        taken = 0
         try:
             async with asyncio.timeout(self._retire_timeout_s):
-                for _ in range(binding.concurrency):
-                    await binding.limit.acquire()
-                    taken += 1
+                await binding.idle()
         except TimeoutError:
             log.warning("closing a model with tasks still running", extra={"model": binding.name})
-        finally:
-            for _ in range(taken):
-                binding.limit.release()
         await _close(binding.provider)
 
     async def close(self) -> None:

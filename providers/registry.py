@@ -1,10 +1,11 @@
-"""Model name → provider, with a per-model concurrency limit."""
+"""Model name → provider, with the model's concurrency (its slots on a worker)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 
 from providers.base import Provider
 from schemas.errors import ModelNotFoundError
@@ -16,13 +17,33 @@ class ModelBinding:
     name: str
     provider: Provider
     pool: str
-    limit: asyncio.Semaphore
     concurrency: int
     spec: ModelSpec | None = None
+    _users: int = 0
+    _idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self._idle.set()
 
     @property
     def needs_gpu_slot(self) -> bool:
         return self.provider.capabilities.needs_gpu_slot
+
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[None]:
+        """Held by each task that runs on this binding (its provider stays open meanwhile)."""
+        self._users += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._users -= 1
+            if self._users == 0:
+                self._idle.set()
+
+    async def idle(self) -> None:
+        """Return once no task runs on this binding."""
+        await self._idle.wait()
 
 
 class ModelRegistry:
@@ -44,7 +65,7 @@ class ModelRegistry:
         if n < 1:
             raise ValueError("concurrency must be >= 1")
         old = self._models.get(name)
-        self._models[name] = ModelBinding(name, provider, pool, asyncio.Semaphore(n), n, spec)
+        self._models[name] = ModelBinding(name, provider, pool, n, spec)
         return old
 
     def unregister(self, name: str) -> ModelBinding | None:

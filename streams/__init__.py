@@ -1,6 +1,6 @@
 """Redis Streams layer: names, topology, the producer SDK, dispatch, leases and outcomes."""
 
-from streams.dispatch import PriorityReader
+from streams.dispatch import PoolReader
 from streams.entries import Entry
 from streams.keys import (
     DEFAULT_NAMESPACE,
@@ -29,7 +29,7 @@ __all__ = [
     "Keys",
     "Lease",
     "Outcomes",
-    "PriorityReader",
+    "PoolReader",
     "Producer",
     "ProducerConfig",
     "Reclaimer",

@@ -23,7 +23,6 @@ from schemas.result import TERMINAL_STATES, TaskResult, TaskState
 from streams import keys as k
 from streams.cancellation import raise_if_cancelled
 from streams.entries import Entry, entries_from_range, entries_from_read, text
-from streams.link import Link
 from streams.outcome import Finish, Outcomes, webhook_job
 from streams.scripts import CANCEL_SCRIPT
 
@@ -92,33 +91,22 @@ async def cancel_task(
 
 
 async def control_events(
-    client: Redis | Link,
+    client: Redis,
     keys: k.Keys,
     *,
     block_ms: int = 1000,
     stop: asyncio.Event | None = None,
 ) -> AsyncIterator[str]:
     """Task ids of ``task.cancel`` events published from now on (every reader sees every one),
-    until ``stop`` is set. A worker reads them over a link of its own (``streams/link.py``)
-    where it has one. ``stop`` bounds the end even where a cancellation gets lost: redis-py's
+    until ``stop`` is set. ``stop`` bounds the end even where a cancellation gets lost: redis-py's
     asyncio client can swallow the cancellation of a blocking read (redis/redis-py#2028), and
     this loop would then read on forever."""
     stream = keys.control
-    if isinstance(client, Link):
-        raw = await client.execute("XREVRANGE", stream, "+", "-", "COUNT", 1)
-        newest = entries_from_range(stream, raw)
-    else:
-        newest = entries_from_range(stream, await client.xrevrange(stream, count=1))
+    newest = entries_from_range(stream, await client.xrevrange(stream, count=1))
     last = newest[0].entry_id if newest else "0-0"
     while stop is None or not stop.is_set():
-        if isinstance(client, Link):
-            reply = await client.execute(
-                "XREAD", "COUNT", 100, "BLOCK", block_ms, "STREAMS", stream, last,
-                timeout_s=block_ms / 1000 + client.timeout_s,
-            )  # fmt: skip
-        else:
-            reply = await client.xread({stream: last}, count=100, block=block_ms)
-            raise_if_cancelled()
+        reply = await client.xread({stream: last}, count=100, block=block_ms)
+        raise_if_cancelled()
         for entry in entries_from_read(reply):
             last = entry.entry_id
             if entry.type != "task.cancel":

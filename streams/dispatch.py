@@ -1,191 +1,178 @@
-"""Pull-when-ready reading across priority partitions.
+"""Pull-when-ready reading of one pool, per model, in priority order.
 
-A worker calls :meth:`PriorityReader.read` only with slots already free, and gets at most that
-many entries, so nothing waits in a local buffer and its pending list never exceeds its slots.
+A worker reads only while some model of the pool has a free slot on it, and at most as many
+entries as it has free slots (``handlers/tasks/slots.py``). What it reads it starts at once
+when the entry's model has a free slot here; otherwise it *parks* the entry: the entry moves in
+the group's pending list to the consumer :data:`~streams.keys.PARKED_CONSUMER` and into its
+model's parked set, and every worker of the pool whose slot for that model frees takes the best
+parked entry before anything new. So nothing waits in one worker that another could start, a
+task is ``running`` only once its model starts it, and a task waiting for its model waits in
+priority order, never first come first served.
 
-Order: strict priority (``high`` before ``normal`` before ``low``; pools interleaved within a
-partition). **Aging rule:** when the next waiting entry of a lower partition has waited longer
-than ``aging_ms``, each read takes one entry from that partition first and fills the remaining
-slots in priority order, until its next entry is younger than the limit. So a low task waits
-at most about ``aging_ms`` plus one task per read, whatever the load above it.
+**Order.** Entries are read partition by partition (``high`` before ``normal`` before
+``low``), and parked entries are taken in the same order (partition, then age). **Aging rule:**
+when the next waiting entry of a lower partition has waited longer than ``aging_ms``, each read
+takes one entry from that partition first and fills the rest in priority order; likewise each
+take of a model's parked entries takes the oldest one that has waited past ``aging_ms`` in a
+lower partition first. So a low task waits at most about ``aging_ms`` plus one task per read,
+whatever the load above it. With ``aging_ms`` 0 the order is strict.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
 
 from streams.cancellation import raise_if_cancelled
-from streams.entries import Entry, entries_from_read, text
-from streams.keys import TASK_GROUP
-from streams.link import Link
-from streams.scripts import HEADS_SCRIPT, READ_SCRIPT
+from streams.entries import Entry, text
+from streams.keys import PARKED_CONSUMER, TASK_GROUP, Keys
+from streams.scripts import HEADS_SCRIPT, PARK_SCRIPT, READ_SCRIPT, EncodableT
 from streams.topology import ensure_groups, is_missing_group
 
 log = logging.getLogger(__name__)
 
+RANK_MS = 1 << 42
+"""A parked entry's score is ``rank * RANK_MS + entry time``: partition first, then age."""
 
-class PriorityReader:
+
+@dataclass(slots=True)
+class Read:
+    entries: list[Entry]
+    """Parked entries taken for the models asked for, then new ones, in priority order."""
+    last_ids: list[str] | None
+    """When nothing was found: the newest id of each partition and of the wake stream."""
+
+
+class PoolReader:
     def __init__(
         self,
         *,
         client: Redis,
-        streams: Sequence[str],
+        keys: Keys,
+        pool: str,
+        partitions: Sequence[str],
         consumer: str,
         block_ms: int = 1000,
         aging_ms: int = 30_000,
         aging_check_ms: int = 1_000,
         group: str = TASK_GROUP,
-        link: Link | None = None,
     ) -> None:
-        """``streams`` are the task partitions in priority order, highest first. With a
-        ``link`` (``streams/link.py``), the reads go through it instead of ``client``."""
-        if not streams:
-            raise ValueError("at least one stream is required")
+        if not partitions:
+            raise ValueError("at least one partition is required")
+        if consumer == PARKED_CONSUMER:
+            raise ValueError(f"{PARKED_CONSUMER!r} is reserved for parked entries")
         self._client = client
-        self._link = link
-        self._streams = list(streams)
+        self._keys = keys
+        self.pool = pool
+        self.streams = [keys.tasks(pool, p) for p in partitions]
+        self._ranks = {s: i for i, s in enumerate(self.streams)}
+        self._wake = keys.wake(pool)
         self._consumer = consumer
         self._group = group
-        self._block_ms = block_ms
+        self.block_ms = block_ms
         self._aging_ms = aging_ms
         self._aging_check_s = aging_check_ms / 1000
         self._next_aging_check = 0.0
         self._promoted: str | None = None
-        # the last read took fewer entries than it could: the partitions were empty then, so
-        # the next read may block at once (XREADGROUP answers at once when entries wait)
-        self._drained = False
 
-    @property
-    def streams(self) -> list[str]:
-        return list(self._streams)
+    def score(self, entry: Entry) -> int:
+        """The entry's place in line for its model (lower goes first)."""
+        rank = self._ranks.get(entry.stream, len(self._ranks))
+        return rank * RANK_MS + entry.timestamp_ms
 
-    @property
-    def block_ms(self) -> int:
-        return self._block_ms
-
-    @property
-    def drained(self) -> bool:
-        """The last read took fewer entries than it could: the partitions were empty then."""
-        return self._drained
-
-    @property
-    def promoted(self) -> str | None:
-        """The partition the aging rule currently serves first, if any."""
-        return self._promoted
-
-    async def read(self, free: int) -> list[Entry]:
-        """Up to ``free`` new entries, highest priority first; blocks up to ``block_ms`` when
-        there are none. Groups missing after a restart or FLUSHALL are created again."""
-        if free <= 0:
-            return []
+    async def read(self, count: int, parked: Mapping[str, int]) -> Read:
+        """Up to ``parked[model]`` parked entries of each model named, then up to ``count`` new
+        ones, without blocking. Groups missing after a restart or FLUSHALL are created again."""
         try:
             await self._check_aging()
-            blocks = self._block_ms > 0 and free >= len(self._streams)
-            if self._drained and blocks and self._promoted is None:
-                entries = await self._block(free)
-                self._drained = len(entries) < self._block_count(free)
-                return entries
-            entries, last_ids = await self._read_now(free)
-            if entries or self._block_ms <= 0:
-                self._drained = len(entries) < free
-                return entries
-            entries = await self._wait(free, last_ids)
-            self._drained = len(entries) < self._block_count(free)
-            return entries
-        except Exception as exc:
-            self._drained = False
-            if not is_missing_group(exc):
-                raise
-            log.warning("consumer group missing, creating it again", extra={"group": self._group})
-            await ensure_groups(self._client, self._streams, self._group)
-            return []
-
-    async def read_now(self, free: int) -> tuple[list[Entry], list[str]]:
-        """Up to ``free`` entries without blocking, and (when there are none) the newest id of
-        each stream, to wait for what comes next with a plain XREAD."""
-        try:
-            await self._check_aging()
-            return await self._read_now(free)
+            return await self._read(count, parked)
         except Exception as exc:
             if not is_missing_group(exc):
                 raise
             log.warning("consumer group missing, creating it again", extra={"group": self._group})
-            await ensure_groups(self._client, self._streams, self._group)
-            return [], ["0-0"] * len(self._streams)
+            await ensure_groups(self._client, self.streams, self._group)
+            return Read([], None)
 
-    async def _read_now(self, free: int) -> tuple[list[Entry], list[str]]:
-        order = self._streams
+    async def _read(self, count: int, parked: Mapping[str, int]) -> Read:
+        order = self.streams
         first_limit = 0
         if self._promoted is not None:
-            order = [self._promoted, *(s for s in self._streams if s != self._promoted)]
+            order = [self._promoted, *(s for s in self.streams if s != self._promoted)]
             first_limit = 1
-        reply = await READ_SCRIPT(
-            self._link or self._client, order, [self._group, self._consumer, free, first_limit]
-        )
-        found, last = reply
-        entries: list[Entry] = []
+        models = [m for m, n in parked.items() if n > 0]
+        keys = [*order, self._wake, *(self._keys.parked(self.pool, m) for m in models)]
+        args: list[EncodableT] = [
+            self._group, self._consumer, PARKED_CONSUMER, count, first_limit, len(order),
+            RANK_MS, self._aging_ms,
+        ]  # fmt: skip
+        args += [parked[m] for m in models]
+        taken, found, last = await READ_SCRIPT(self._client, keys, args)
+        entries = [Entry.from_reply(text(stream), *item) for stream, item in taken]
         for index, items in found:
             stream = order[int(index) - 1]
             entries.extend(Entry.from_reply(stream, eid, fields) for eid, fields in items)
-        # last ids come in `order`; map them back to streams
-        last_by_stream = dict(zip(order, (text(x) for x in last), strict=False))
-        return entries, [last_by_stream.get(s, "0-0") for s in self._streams]
+        if entries:
+            return Read(entries, None)
+        by_stream = dict(zip([*order, self._wake], (text(x) for x in last), strict=True))
+        return Read([], [by_stream[s] for s in (*self.streams, self._wake)])
 
-    async def _wait(self, free: int, last_ids: list[str]) -> list[Entry]:
-        streams = self._streams
-        if free >= len(streams):
-            return await self._block(free)
-        # fewer slots than partitions: wait without reading (XREAD from the newest ids seen),
-        # then take the entries in priority order through the script
-        reply = await self._client.xread(
-            dict(zip(streams, last_ids, strict=True)), count=1, block=self._block_ms
-        )
+    async def wait(self, last_ids: Sequence[str]) -> None:
+        """Block up to ``block_ms`` until a partition gets a new entry or an entry is parked
+        (after ``last_ids``, as :meth:`read` gave them). A plain XREAD: safe to cancel."""
+        ids = dict(zip([*self.streams, self._wake], last_ids, strict=True))
+        await self._client.xread(ids, count=1, block=self.block_ms)  # type: ignore[arg-type]
         raise_if_cancelled()
-        if not reply:
-            return []
-        entries, _ = await self._read_now(free)
-        return entries
 
-    def _block_count(self, free: int) -> int:
-        return max(1, free // len(self._streams))
+    async def park(self, entries: Sequence[tuple[Entry, str]]) -> int:
+        """Park ``(entry, model)`` pairs (entries this consumer holds); returns how many were
+        parked (one taken from this consumer meanwhile is left alone)."""
+        if not entries:
+            return 0
+        keys: list[str] = [self._wake, self._keys.parked_models(self.pool)]
+        index: dict[str, int] = {}
 
-    async def _block(self, free: int) -> list[Entry]:
-        # a blocked XREADGROUP is served by the first stream that receives an entry, and
-        # answers at once with at most COUNT from each stream that already has some: never
-        # more than `free` entries
-        count = self._block_count(free)
-        reply: Any
-        if self._link is not None:
-            n = len(self._streams)
-            reply = await self._link.execute(
-                "XREADGROUP", "GROUP", self._group, self._consumer, "COUNT", count,
-                "BLOCK", self._block_ms, "STREAMS", *self._streams, *(">",) * n,
-                timeout_s=self._block_ms / 1000 + self._link.timeout_s,
+        def key(name: str) -> int:
+            if name not in index:
+                keys.append(name)
+                index[name] = len(keys)  # Lua indexes from 1
+            return index[name]
+
+        args: list[EncodableT] = [self._group, self._consumer, PARKED_CONSUMER]
+        for entry, model in entries:
+            args += (
+                key(entry.stream), key(self._keys.parked(self.pool, model)), entry.entry_id,
+                self.score(entry), model,
             )  # fmt: skip
-        else:
-            reply = await self._client.xreadgroup(
-                self._group,
-                self._consumer,
-                dict.fromkeys(self._streams, ">"),
-                count=count,
-                block=self._block_ms,
-            )
-            raise_if_cancelled()
-        return entries_from_read(reply)
+        return int(await PARK_SCRIPT(self._client, keys, args))
+
+    async def parked_models(self) -> dict[str, int]:
+        """Models with parked entries in this pool, and how many each has."""
+        names = [text(m) for m in await self._client.smembers(self._keys.parked_models(self.pool))]
+        if not names:
+            return {}
+        pipe = self._client.pipeline(transaction=False)
+        for name in names:
+            pipe.zcard(self._keys.parked(self.pool, name))
+        counts = await pipe.execute()
+        empty = [n for n, c in zip(names, counts, strict=True) if not c]
+        if empty:
+            # a racing park re-adds its model after this (SADD is in its script)
+            await self._client.srem(self._keys.parked_models(self.pool), *empty)
+        return {n: int(c) for n, c in zip(names, counts, strict=True) if c}
 
     async def _check_aging(self) -> None:
-        if self._aging_ms <= 0 or len(self._streams) < 2:
+        if self._aging_ms <= 0 or len(self.streams) < 2:
             return
         now = time.monotonic()
         if now < self._next_aging_check:
             return
         self._next_aging_check = now + self._aging_check_s
-        lower = self._streams[1:]
+        lower = self.streams[1:]
         reply: list[Any] = await HEADS_SCRIPT(self._client, lower, [self._group])
         server_ms = int(text(reply[0]))
         oldest: tuple[int, str] | None = None

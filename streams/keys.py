@@ -41,7 +41,17 @@ F_CANCEL_REQUESTED: Final = "cancel_requested"
 F_ERRORS: Final = "errors"  # JSON list of the errors of earlier attempts
 F_RETRY_AT: Final = "retry_at"
 
+PARKED_CONSUMER: Final = "~parked"
+"""The consumer that owns parked entries in the task group (no worker may take this name)."""
+
 _NAMESPACE_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}$")
+_PLAIN: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+
+
+def _escape(name: str) -> str:
+    """``name`` with every character outside ``[A-Za-z0-9._-]`` as ``%XX`` (its UTF-8 bytes), so
+    that no model name can reach into another key."""
+    return "".join(c if c in _PLAIN else "".join(f"%{b:02X}" for b in c.encode()) for c in name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +113,20 @@ class Keys:
     def webhooks_dead(self) -> str:
         return f"{self.prefix}:webhooks:dead"
 
+    def parked(self, pool: str, model: str) -> str:
+        """Sorted set of a pool's entries waiting for ``model`` to have a free slot on some
+        worker (score: see ``streams/dispatch.py``); the entries sit in the group's pending list
+        under :data:`PARKED_CONSUMER` meanwhile."""
+        return f"{self.prefix}:parked:{pool}:{_escape(model)}"
+
+    def parked_models(self, pool: str) -> str:
+        """Set of the models that have (or recently had) parked entries in ``pool``."""
+        return f"{self.prefix}:parked-models:{pool}"
+
+    def wake(self, pool: str) -> str:
+        """Stream that wakes a pool's idle workers when an entry is parked."""
+        return f"{self.prefix}:wake:{pool}"
+
     def task(self, task_id: str) -> str:
         return f"{self.prefix}:task:{task_id}"
 
@@ -134,10 +158,6 @@ class Keys:
 
     def worker(self, consumer: str) -> str:
         return f"{self.prefix}:worker:{consumer}"
-
-    @property
-    def worker_pattern(self) -> str:
-        return f"{self.prefix}:worker:*"
 
     @property
     def all_pattern(self) -> str:

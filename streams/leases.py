@@ -15,10 +15,10 @@ from collections.abc import Sequence, Set
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from streams.entries import Entry, text
-from streams.keys import TASK_GROUP, Keys
+from streams.errors import TRANSIENT_ERRORS, describe
+from streams.keys import PARKED_CONSUMER, TASK_GROUP, Keys
 from streams.topology import Backoff, ensure_groups
 
 log = logging.getLogger(__name__)
@@ -49,9 +49,9 @@ class Lease:
                     await self.renew()
                 backoff.reset()
                 delay = self._ttl_ms / 3000
-            except (OSError, TimeoutError, RedisError) as exc:
+            except TRANSIENT_ERRORS as exc:
                 if backoff.failures == 0:
-                    log.warning("lease renewal failed", extra={"error": repr(exc)})
+                    log.warning("lease renewal failed", extra={"error": describe(exc)})
                 delay = backoff.next_delay()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
@@ -69,16 +69,18 @@ class Lease:
                     await ensure_groups(self._client, streams, group)
                     await self.renew()
                 return True
-            except (RedisError, OSError, TimeoutError) as exc:
+            except TRANSIENT_ERRORS as exc:
                 if backoff.failures == 0:
-                    log.warning("redis unavailable at start, retrying", extra={"error": repr(exc)})
+                    log.warning(
+                        "redis unavailable at start, retrying", extra={"error": describe(exc)}
+                    )
                 await backoff.sleep(stop)
         return False
 
     async def leave(self) -> None:
         """Drop the lease at once (best effort): what this consumer leaves pending becomes
         claimable by others without waiting for the lease to expire."""
-        with contextlib.suppress(RedisError, OSError, TimeoutError):
+        with contextlib.suppress(*TRANSIENT_ERRORS):
             async with asyncio.timeout(2):
                 await self.release()
 
@@ -112,10 +114,11 @@ class Reclaimer:
                 if "NOGROUP" in str(exc) or "no such key" in str(exc).lower():
                     continue
                 raise
+            # parked entries wait for a slot of their model, taken only through the parked sets
             others = [
                 (text(c["name"]), int(c["pending"]))
                 for c in consumers
-                if text(c["name"]) != self._consumer
+                if text(c["name"]) not in (self._consumer, PARKED_CONSUMER)
             ]
             if not others:
                 continue

@@ -92,3 +92,20 @@ async def trim_all(
     if removed:
         log.info("streams trimmed", extra={"removed": removed})
     return removed
+
+
+async def trim_if_due(
+    client: Redis,
+    keys: Keys,
+    task_streams: Iterable[str],
+    retention: Retention,
+    now_ms: int,
+    *,
+    holder: str,
+    interval_s: float,
+) -> int:
+    """:func:`trim_all`, by one worker of the fleet per ``interval_s`` (a lock taken with
+    ``SET NX``); 0 when another holds the turn."""
+    if not await client.set(keys.trim_lock, holder, nx=True, ex=max(5, int(interval_s))):
+        return 0
+    return await trim_all(client, keys, task_streams, retention, now_ms)

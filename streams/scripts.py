@@ -8,16 +8,12 @@ scripts are legal on Redis Cluster. They run on Redis 6.2 and later.
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import hashlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Final
 
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
-
-from streams.link import Link
 
 EncodableT = str | bytes | int | float
 
@@ -143,32 +139,107 @@ redis.call('XDEL', KEYS[1], ARGV[1])
 return id
 """
 
-# Pull-when-ready read: fill `count` slots from the partitions in the order given, taking at
-# most ARGV[4] from the first one when it is > 0 (the aged partition, see dispatch).
-# KEYS: partition streams in read order. ARGV: group, consumer, count, first_limit
-# Returns {{{key index, entries}...}, last ids (only when nothing was found)}
+# Pull-when-ready read of one pool: first the best parked entries of the models that have free
+# slots here (each moved from the parked consumer to this one), then up to `count` new entries
+# from the partitions in the order given, taking at most `first_limit` from the first one when
+# it is > 0 (the aged partition, see dispatch).
+# KEYS: the pool's partition streams in read order (n of them), the wake stream, then one
+#   parked set per model asked for
+# ARGV: group, consumer, parked consumer, count, first_limit, n, rank_ms, aging_ms, then one
+#   count per parked set (a parked score is rank * rank_ms + entry time)
+# A parked member is "<stream> <entry id>"; taking it claims the entry from the parked consumer
+# with JUSTID (the delivery counter is not raised: parking is no delivery). A member whose entry
+# the parked consumer no longer holds (acknowledged by a cancel, trimmed) is dropped.
+# Returns {taken entries as {stream, {id, fields}}, {{key index, entries}...}, last ids}; the
+# last ids (partitions, then the wake stream) only when nothing at all was found.
 READ: Final = """
-local left = tonumber(ARGV[3])
-local out = {}
-for i, key in ipairs(KEYS) do
-  if left <= 0 then break end
-  local n = left
-  if i == 1 and tonumber(ARGV[4]) > 0 and tonumber(ARGV[4]) < n then n = tonumber(ARGV[4]) end
-  local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', n, 'STREAMS', key, '>')
-  if r then
-    local entries = r[1][2]
-    table.insert(out, {i, entries})
-    left = left - #entries
+local group, me, parked, n = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[6])
+local rank_ms, aging = tonumber(ARGV[7]), tonumber(ARGV[8])
+local partitions = {}
+for i = 1, n do partitions[KEYS[i]] = true end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- the next member of a parked set: the oldest that has waited past the aging limit in a lower
+-- partition, else the lowest score
+local function next_member(key)
+  if aging > 0 then
+    local best, best_ts
+    for r = 1, n - 1 do
+      local lo = r * rank_ms
+      local m = redis.call('ZRANGEBYSCORE', key, lo, lo + now - aging, 'WITHSCORES', 'LIMIT', 0, 1)
+      if m[1] and (not best or tonumber(m[2]) - lo < best_ts) then
+        best, best_ts = m[1], tonumber(m[2]) - lo
+      end
+    end
+    if best then return best end
+  end
+  return redis.call('ZRANGE', key, 0, 0)[1]
+end
+local taken = {}
+for j = n + 2, #KEYS do
+  local want = tonumber(ARGV[8 + j - n - 1])
+  while want > 0 do
+    local m = next_member(KEYS[j])
+    if not m then break end
+    redis.call('ZREM', KEYS[j], m)
+    local sep = string.find(m, ' [^ ]*$')
+    local stream, id = string.sub(m, 1, sep - 1), string.sub(m, sep + 1)
+    local p = partitions[stream] and redis.call('XPENDING', stream, group, id, id, 1)
+    if p and p[1] and p[1][2] == parked then
+      redis.call('XCLAIM', stream, group, me, 0, id, 'JUSTID')
+      local r = redis.call('XRANGE', stream, id, id)
+      if #r > 0 then
+        table.insert(taken, {stream, r[1]})
+        want = want - 1
+      else
+        redis.call('XACK', stream, group, id)
+      end
+    end
   end
 end
-if #out > 0 then return {out, {}} end
+local left = tonumber(ARGV[4])
+local out = {}
+for i = 1, n do
+  if left <= 0 then break end
+  local c = left
+  if i == 1 and tonumber(ARGV[5]) > 0 and tonumber(ARGV[5]) < c then c = tonumber(ARGV[5]) end
+  local r = redis.call('XREADGROUP', 'GROUP', group, me, 'COUNT', c, 'STREAMS', KEYS[i], '>')
+  if r then
+    table.insert(out, {i, r[1][2]})
+    left = left - #r[1][2]
+  end
+end
+if #out > 0 or #taken > 0 then return {taken, out, {}} end
 -- nothing waiting: the newest id of each stream, so the caller can block for what comes next
 local last = {}
-for _, key in ipairs(KEYS) do
-  local r = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+for i = 1, n + 1 do
+  local r = redis.call('XREVRANGE', KEYS[i], '+', '-', 'COUNT', 1)
   if #r > 0 then table.insert(last, r[1][1]) else table.insert(last, '0-0') end
 end
-return {out, last}
+return {taken, out, last}
+"""
+
+# Park entries whose model has no free slot here: each moves to the parked consumer (only if it
+# is still this consumer's) and into its model's parked set, where any worker takes it next.
+# KEYS: the wake stream, the parked-models set, then the streams and parked sets named below
+# ARGV: group, consumer, parked consumer, then per entry: stream index, parked-set index, entry
+#   id, score, model
+# Returns the number parked; idle workers of the pool are woken through the wake stream.
+PARK: Final = """
+local group, me, parked = ARGV[1], ARGV[2], ARGV[3]
+local n = 0
+for i = 4, #ARGV, 5 do
+  local stream, set, id = KEYS[tonumber(ARGV[i])], KEYS[tonumber(ARGV[i + 1])], ARGV[i + 2]
+  local p = redis.call('XPENDING', stream, group, id, id, 1)
+  if p[1] and p[1][2] == me then
+    redis.call('XCLAIM', stream, group, parked, 0, id, 'JUSTID')
+    redis.call('ZADD', set, ARGV[i + 3], stream .. ' ' .. id)
+    redis.call('SADD', KEYS[2], ARGV[i + 4])
+    n = n + 1
+  end
+end
+if n > 0 then redis.call('XADD', KEYS[1], 'MAXLEN', '~', 100, '*', 'parked', n) end
+return n
 """
 
 # Server time (ms), then the id of the next undelivered entry of each partition ('' when
@@ -210,44 +281,12 @@ class LuaScript:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
-    async def __call__(
-        self, client: Redis | Link, keys: Sequence[str], args: Sequence[EncodableT]
-    ) -> Any:
-        call: Callable[..., Awaitable[Any]]
-        load: Callable[[str], Awaitable[Any]]
-        if isinstance(client, Link):
-            call, load = client.execute, functools.partial(client.execute, "SCRIPT", "LOAD")
-        else:
-            call, load = client.execute_command, client.script_load
+    async def __call__(self, client: Redis, keys: Sequence[str], args: Sequence[EncodableT]) -> Any:
         try:
-            return await call("EVALSHA", self.sha, len(keys), *keys, *args)
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:
-            await load(self.source)
-            return await call("EVALSHA", self.sha, len(keys), *keys, *args)
-
-    def send(
-        self, client: Redis | Link, keys: Sequence[str], args: Sequence[EncodableT]
-    ) -> Awaitable[Any]:
-        """The call, sent before this returns when ``client`` is a connected link (nothing
-        waits on the event loop before the command leaves); awaiting gives the reply, the script
-        loaded again on NOSCRIPT as by a plain call. Otherwise it is sent when awaited."""
-        if isinstance(client, Link):
-            sent = client.send_now("EVALSHA", self.sha, len(keys), *keys, *args)
-            if sent is not None:
-                return self._reply(sent, client, keys, args)
-        return self(client, keys, args)
-
-    async def _reply(
-        self,
-        sent: asyncio.Future[Any],
-        link: Link,
-        keys: Sequence[str],
-        args: Sequence[EncodableT],
-    ) -> Any:
-        try:
-            return await sent
-        except NoScriptError:
-            return await self(link, keys, args)  # the plain call's path: load, then run
+            await client.script_load(self.source)
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
 
 
 ScriptCall = tuple[LuaScript, Sequence[str], Sequence[EncodableT]]
@@ -285,6 +324,7 @@ async def run_batch(client: Redis, calls: Sequence[ScriptCall]) -> list[Any]:
 SUBMIT_SCRIPT: Final = LuaScript("submit", SUBMIT)
 READ_SCRIPT: Final = LuaScript("read", READ)
 HEADS_SCRIPT: Final = LuaScript("heads", HEADS)
+PARK_SCRIPT: Final = LuaScript("park", PARK)
 RETRY_SCRIPT: Final = LuaScript("retry", RETRY)
 MOVE_SCRIPT: Final = LuaScript("move", MOVE)
 CANCEL_SCRIPT: Final = LuaScript("cancel", CANCEL)

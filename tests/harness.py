@@ -12,10 +12,9 @@ from typing import Any
 from opentelemetry.trace import Tracer
 from redis.asyncio import Redis
 
-from handlers.gpu_gate import GpuGate
 from handlers.metrics import Metrics
-from handlers.tasks import Worker
-from handlers.worker_config import WorkerConfig
+from handlers.tasks import Worker, WorkerConfig
+from handlers.tasks.gpu import GpuGate
 from providers.echo import EchoProvider
 from providers.registry import ModelRegistry
 from schemas.result import TaskResult
@@ -34,7 +33,7 @@ async def running_worker(
     client: Redis,
     keys: Keys,
     *,
-    slots: int = 8,
+    slots: int | None = 8,
     tokens_per_s: float = 0.0,
     registry: ModelRegistry | None = None,
     consumer: str = "w1",
@@ -58,7 +57,7 @@ async def running_worker(
     worker = Worker(
         client=client,
         keys=keys,
-        registry=registry or echo_registry(tokens_per_s, slots),
+        registry=registry or echo_registry(tokens_per_s, slots or 64),
         config=WorkerConfig(**settings),
         tracer=tracer,
         metrics=metrics,

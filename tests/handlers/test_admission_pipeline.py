@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 pytest.importorskip("llama_cpp")
 
 from gpu import Admission, AdmissionConfig, Device, DeviceMemory, GpuSemaphore, SemaphoreConfig
-from handlers.gpu_gate import GpuGate, ProviderLoader, loadable
+from handlers.tasks.gpu import GpuGate, ProviderLoader, loadable
 from ops.gpu_setup import device_keys
 from providers.base import Loadable
 from providers.loader import load_registry

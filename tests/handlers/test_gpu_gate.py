@@ -9,7 +9,7 @@ import time
 from redis.asyncio import Redis
 
 from gpu import Device, GpuSemaphore, SemaphoreConfig
-from handlers.gpu_gate import GpuGate
+from handlers.tasks.gpu import GpuGate
 from ops.gpu_setup import device_keys
 from providers.base import Capabilities, DeltaSink, Generation, GenerationRequest
 from providers.registry import ModelRegistry

@@ -156,12 +156,16 @@ async def test_a_replaced_provider_closes_after_its_tasks(server: FakeServer) ->
         await loader.apply([spec(base_url=url, concurrency=2)])
         old = registry.resolve("gpt")
         assert isinstance(old.provider, ConfiguredProvider)
-        await old.limit.acquire()  # a task still running on the old binding
+        task = old.in_use()
+        task.__enter__()  # a task still running on the old binding
         swap = asyncio.create_task(loader.apply([spec(base_url=url, concurrency=3)]))
-        await asyncio.sleep(0.05)
+        async with asyncio.timeout(5):
+            while registry.resolve("gpt") is old:
+                await asyncio.sleep(0.01)
         assert registry.resolve("gpt").concurrency == 3  # new tasks already get the new one
+        await asyncio.sleep(0.05)
         assert not swap.done()  # the old one waits for its task
-        old.limit.release()
+        task.__exit__(None, None, None)
         report = await asyncio.wait_for(swap, 5)
         assert report.replaced == ["gpt"]
         # a task that resolved the old binding and only now gets to run is told to retry

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from typing import Any
 
 from redis.asyncio import Redis
 
 from schemas.errors import ErrorCode
 from schemas.result import DeadLetter, TaskResult, TaskState, WebhookJob
-from streams.entries import Entry, entries_from_read, text
+from streams.entries import Entry, entries_from_read
 from streams.keys import TASK_GROUP, Keys
 from streams.leases import Lease, Reclaimer
 from streams.outcome import Finish, Outcomes, Start
@@ -61,68 +60,6 @@ async def test_two_racing_attempts_write_one_result(client: Redis, keys: Keys) -
     [rc] = await b.begin([Start(entry=entry, task_id="t1", model="echo")], now_ms=3)
     assert rc.verdict == "done" and rc.other == "completed"
     assert 0 < await client.ttl(keys.task("t1")) <= 60
-
-
-def _instant(entry: Entry, task_id: str, **kw: Any) -> Start:
-    """A start that carries its outcome (an instant model's task)."""
-    result = _result(task_id, "a").model_copy(update={"attempts": 1})
-    return Start(entry=entry, task_id=task_id, model="echo", finish=Finish(entry, result, **kw))
-
-
-async def test_begin_writes_an_instant_outcome_with_the_start(client: Redis, keys: Keys) -> None:
-    entry = await _one_entry(client, keys, "a")
-    o = Outcomes(client=client, keys=keys, worker="a", status_ttl_s=60, max_attempts=3)
-    job = WebhookJob(
-        delivery_id="d1", task_id="t5", url="https://x.test/h", event="task.completed",
-        payload=_result("t5", "a"), created_at=1,
-    )  # fmt: skip
-    start = _instant(entry, "t5", reply_to="svc", webhook=job, idempotency_key="k5")
-    start = dataclasses.replace(start, idempotency_key="k5", payload_hash="h5")
-    [reply] = await o.begin([start], now_ms=7)
-    assert (reply.verdict, reply.attempts) == ("finished", 1)
-    status = {text(k): text(v) for k, v in (await client.hgetall(keys.task("t5"))).items()}
-    assert status["state"] == "completed" and status["attempts"] == "1"
-    assert (status["worker"], status["started_at"], status["model"]) == ("a", "7", "echo")
-    assert status["created_at"] == str(entry.timestamp_ms) and status["finished_at"] == "1"
-    assert TaskResult.model_validate_json(status["result"]).task_id == "t5"
-    assert status["webhook_state"] == "pending"
-    assert await client.xlen(keys.results) == 1
-    assert await client.xlen(keys.results_for("svc")) == 1
-    assert await client.xlen(keys.webhooks) == 1
-    assert (await client.xpending(entry.stream, TASK_GROUP))["pending"] == 0
-    assert await client.get(keys.idem("k5")) == b"h5 t5"
-    assert 0 < await client.ttl(keys.idem("k5")) <= 60
-    assert 0 < await client.ttl(keys.task("t5")) <= 60
-    # the entry delivered again (a reclaim after a lost reply): acked, no second result
-    [again] = await o.begin([_instant(entry, "t5")], now_ms=8)
-    assert (again.verdict, again.other) == ("done", "completed")
-    assert await client.xlen(keys.results) == 1
-
-
-async def test_begin_runs_a_later_attempt_instead_of_writing_its_outcome(
-    client: Redis, keys: Keys
-) -> None:
-    entry = await _one_entry(client, keys, "a")
-    o = Outcomes(client=client, keys=keys, worker="a", status_ttl_s=60, max_attempts=3)
-    # attempt 1 began elsewhere and its worker died: the precomputed outcome says attempts 1,
-    # so it must not be written; the task runs as attempt 2
-    [first] = await o.begin([Start(entry=entry, task_id="t6", model="echo")], now_ms=1)
-    [second] = await o.begin([_instant(entry, "t6")], now_ms=2)
-    assert (first.verdict, second.verdict, second.attempts) == ("run", "run", 2)
-    assert await client.hget(keys.task("t6"), "state") == b"running"
-    assert await client.xlen(keys.results) == 0
-    assert (await client.xpending(entry.stream, TASK_GROUP))["pending"] == 1
-
-
-async def test_begin_does_not_write_an_instant_outcome_for_a_cancelled_task(
-    client: Redis, keys: Keys
-) -> None:
-    entry = await _one_entry(client, keys, "a")
-    o = Outcomes(client=client, keys=keys, worker="a", status_ttl_s=60, max_attempts=3)
-    await client.hset(keys.task("t7"), mapping={"state": "queued", "cancel_requested": "1"})
-    [reply] = await o.begin([_instant(entry, "t7")], now_ms=1)
-    assert (reply.verdict, reply.attempts) == ("cancelled", 1)
-    assert await client.xlen(keys.results) == 0
 
 
 TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"

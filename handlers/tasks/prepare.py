@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from dataclasses import dataclass
 
 from pydantic import ValidationError
@@ -94,7 +93,3 @@ def _salvage_task_id(data: bytes) -> str | None:
     if isinstance(task_id, str) and _TASK_ID_RE.match(task_id):
         return task_id
     return None
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000

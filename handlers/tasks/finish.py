@@ -1,0 +1,205 @@
+"""A task's end: its result, the retry policy's decision after a failed attempt, and the one
+terminal write (retried while Redis is unreachable)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from handlers.clock import now_ms
+from handlers.metrics import Metrics
+from handlers.policy import Fail, RetryPolicy
+from handlers.tasks.prepare import Prepared
+from schemas.errors import ErrorCode, SopError
+from schemas.result import DeadLetter, ErrorInfo, FinishReason, TaskResult, TaskState, Usage
+from streams.errors import TRANSIENT_ERRORS, describe
+from streams.outcome import Finish, Outcomes, webhook_job
+from streams.tokens import TokenStreams
+from streams.topology import Backoff
+from streams.tracecontext import current_traceparent
+
+log = logging.getLogger(__name__)
+
+
+class Finisher:
+    def __init__(
+        self,
+        *,
+        outcomes: Outcomes,
+        consumer: str,
+        policy: RetryPolicy,
+        tokens: TokenStreams,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._outcomes = outcomes
+        self._consumer = consumer
+        self._policy = policy
+        self._tokens = tokens
+        self._metrics = metrics
+
+    def result(
+        self,
+        p: Prepared,
+        attempts: int,
+        started: int,
+        state: TaskState,
+        *,
+        text: str | None = None,
+        finish_reason: FinishReason | None = None,
+        usage: Usage | None = None,
+        error: ErrorInfo | None = None,
+    ) -> TaskResult:
+        finished = now_ms()
+        return TaskResult(
+            task_id=p.task_id, state=state, model=p.model or None, text=text,
+            finish_reason=finish_reason, usage=usage,
+            queued_ms=max(0, started - p.entry.timestamp_ms), run_ms=max(0, finished - started),
+            worker=self._consumer, attempts=attempts, error=error,
+            metadata=p.event.metadata if p.event else None, finished_at=finished,
+        )  # fmt: skip
+
+    async def end(
+        self,
+        p: Prepared,
+        attempts: int,
+        started: int,
+        state: TaskState,
+        earlier: tuple[ErrorInfo, ...] = (),
+        *,
+        text: str | None = None,
+        finish_reason: FinishReason | None = None,
+        usage: Usage | None = None,
+    ) -> None:
+        """End the task in ``state`` (not ``failed``: see :meth:`fail`)."""
+        result = self.result(
+            p, attempts, started, state, text=text, finish_reason=finish_reason, usage=usage
+        )
+        await self.write(p, result, earlier)
+
+    async def fail(
+        self,
+        p: Prepared,
+        attempts: int,
+        started: int,
+        fail: Fail,
+        earlier: tuple[ErrorInfo, ...] = (),
+        *,
+        text: str | None = None,
+    ) -> None:
+        """End the task ``failed`` (dead-lettered when ``fail`` says so)."""
+        error = ErrorInfo(code=fail.code, message=fail.message)
+        result = self.result(
+            p, attempts, started, TaskState.FAILED, finish_reason="error", error=error, text=text
+        )
+        await self.write(p, result, earlier, fail)
+
+    async def attempt_failed(
+        self,
+        p: Prepared,
+        attempts: int,
+        started: int,
+        limit: int,
+        exc: Exception,
+        earlier: tuple[ErrorInfo, ...],
+    ) -> None:
+        """The policy decides: the task ends ``failed`` (maybe dead-lettered), or is retried."""
+        if not isinstance(exc, SopError):
+            # a provider bug must not take the worker down: logged, then treated as retryable
+            log.exception("provider raised an unexpected error")
+        decision = self._policy.decide(exc, attempts=attempts, max_attempts=limit)
+        if isinstance(decision, Fail):
+            # a schema_invalid answer keeps the model's raw output for the caller to inspect
+            raw = getattr(exc, "raw_text", None)
+            await self.fail(p, attempts, started, decision, earlier, text=raw)
+            return
+        error = _error_info(exc)
+        due = now_ms() + int(decision.delay_s * 1000)
+        if self._metrics is not None:
+            self._metrics.retries.labels(error.code.value).inc()
+        if await self._schedule_retry(p, due, error):
+            log.info(
+                "retry scheduled",
+                extra={"attempts": attempts, "delay_s": round(decision.delay_s, 3),
+                       "error": error.code.value},
+            )  # fmt: skip
+            return
+        # a cancel came while it failed: it ends cancelled rather than being retried
+        await self.end(
+            p, attempts, started, TaskState.CANCELLED, earlier, finish_reason="cancelled"
+        )
+
+    async def write(
+        self,
+        p: Prepared,
+        result: TaskResult,
+        earlier: tuple[ErrorInfo, ...],
+        fail: Fail | None = None,
+    ) -> None:
+        event = p.event
+        dead = None
+        if fail is not None and fail.dead_letter and result.error is not None:
+            dead = DeadLetter(
+                source_stream=p.entry.stream, entry_id=p.entry.entry_id, task_id=p.task_id,
+                reason=fail.code, message=fail.message, attempts=result.attempts,
+                fields=p.entry.printable_fields(), errors=[*earlier, result.error],
+                dead_at=result.finished_at,
+            )  # fmt: skip
+        url = event.webhook_url if event else None
+        # results and webhook jobs carry this worker's span: the sender's span hangs under it
+        traceparent, tracestate = current_traceparent()
+        fin = Finish(
+            traceparent=traceparent, tracestate=tracestate,
+            entry=p.entry, result=result, reply_to=event.reply_to if event else None,
+            idempotency_key=event.idempotency_key if event else None,
+            webhook=webhook_job(result, url) if url else None, dead=dead,
+        )  # fmt: skip
+        # the write runs on its own (a shutdown cannot cut it in half); Redis trouble is retried
+        # until it lands (the entry stays pending meanwhile, so nothing is lost)
+        backoff = Backoff(base=0.05, cap=2.0)
+        while True:
+            try:
+                written = await self._outcomes.finish(fin)
+                break
+            except TRANSIENT_ERRORS as exc:
+                if backoff.failures == 0:
+                    log.warning("terminal write failed, retrying", extra={"error": describe(exc)})
+                await backoff.sleep()
+        if event is not None and event.stream:
+            with contextlib.suppress(*TRANSIENT_ERRORS):
+                await self._tokens.end(
+                    p.task_id, state=result.state.value, finish_reason=result.finish_reason
+                )
+        if written == 1:
+            log.info(
+                "task finished", extra={"state": result.state.value, "attempts": result.attempts}
+            )
+            self._observe(p, result, dead)
+        else:
+            log.info("task already finished by another attempt")
+
+    def _observe(self, p: Prepared, result: TaskResult, dead: DeadLetter | None) -> None:
+        if self._metrics is None:
+            return
+        self._metrics.outcome(result.state.value).inc()
+        self._metrics.model(p.model or "").run_time.observe(result.run_ms / 1000)
+        if dead is not None:
+            self._metrics.dead_letters.labels(dead.reason.value).inc()
+
+    async def _schedule_retry(self, p: Prepared, due: int, error: ErrorInfo) -> bool:
+        backoff = Backoff(base=0.05, cap=2.0)
+        while True:
+            try:
+                async with asyncio.timeout(15):
+                    scheduled = await self._outcomes.retry(
+                        p.entry, p.task_id, due_ms=due, error=error
+                    )
+                return scheduled >= 0  # 0: already terminal elsewhere; -1: cancel requested
+            except TRANSIENT_ERRORS:
+                await backoff.sleep()
+
+
+def _error_info(exc: BaseException) -> ErrorInfo:
+    if isinstance(exc, SopError):
+        return ErrorInfo(code=exc.code, message=exc.message)
+    return ErrorInfo(code=ErrorCode.INTERNAL, message=f"{type(exc).__name__}: {exc}")

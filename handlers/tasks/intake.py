@@ -1,0 +1,193 @@
+"""One pool's intake: read what the free slots allow, then start or park each entry.
+
+Each pass reads, in one round trip, the best parked entries of the models that have free slots
+here and up to as many new entries as there are free slots (``streams/dispatch.py``). Each
+entry is validated (``prepare``); those whose model has a free slot start at once, best first,
+and the rest are parked for the next free slot of their model on any worker. With nothing to
+read, the pass waits for a new entry, a parked one, or a freed slot of a model that has parked
+entries. A worker holds no task for a model beyond that model's slots: all others are parked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+from handlers.tasks.config import WorkerConfig
+from handlers.tasks.prepare import Prepared, prepare
+from handlers.tasks.run import TaskRunner
+from handlers.tasks.slots import INVALID_MODEL, Slot, SlotBudget
+from providers.registry import ModelRegistry
+from streams.dispatch import PoolReader
+from streams.entries import Entry
+from streams.errors import TRANSIENT_ERRORS, describe
+from streams.keys import Keys
+from streams.leases import Reclaimer
+from streams.topology import Backoff
+
+log = logging.getLogger(__name__)
+
+
+class PoolIntake:
+    def __init__(
+        self,
+        *,
+        keys: Keys,
+        reader: PoolReader,
+        reclaimer: Reclaimer,
+        budget: SlotBudget,
+        runner: TaskRunner,
+        registry: ModelRegistry,
+        config: WorkerConfig,
+    ) -> None:
+        self.pool = reader.pool
+        self._keys = keys
+        self._reader = reader
+        self._reclaimer = reclaimer
+        self._budget = budget
+        self._runner = runner
+        self._registry = registry
+        self._config = config
+        self._maybe_parked: set[str] = set()
+        """Models that may have parked entries: a freed slot of one is worth a read."""
+        self._wake = asyncio.Event()
+        self._unknown_since: dict[str, float] = {}
+        self.ready = False
+        budget.listen(self._released)
+
+    def _released(self, slot: Slot) -> None:
+        if slot.pool == self.pool and slot.model in self._maybe_parked:
+            self._wake.set()
+
+    def _free(self) -> dict[str, int]:
+        """Free slots per model this pool may start now."""
+        models = [*self._registry.names(), INVALID_MODEL]
+        free = {m: self._budget.free(self.pool, m) for m in models}
+        return {m: n for m, n in free.items() if n > 0}
+
+    async def run(self, stop: asyncio.Event, tg: asyncio.TaskGroup) -> None:
+        """Read and start until ``stop`` is set."""
+        backoff = Backoff(base=0.05, cap=2.0)
+        while not stop.is_set():
+            self._budget.released.clear()
+            self._wake.clear()
+            free = self._free()
+            # new entries only for the free slots of real models: the slots of invalid entries
+            # are extra, kept for the ones that arrive among the others
+            count = sum(n for m, n in free.items() if m != INVALID_MODEL)
+            if not count:
+                await _first(stop.wait(), self._budget.released.wait())
+                continue
+            try:
+                read = await self._reader.read(count, free)
+                taken = {m for m in free if m in self._maybe_parked}
+                if read.entries:
+                    await self._route(read.entries, tg)
+                else:
+                    self._maybe_parked -= taken
+                if read.last_ids is not None:
+                    await self._wait(read.last_ids, stop)
+                if backoff.failures:
+                    log.info("redis reachable again")
+                self.ready = True
+                backoff.reset()
+            except TRANSIENT_ERRORS as exc:
+                if backoff.failures == 0:
+                    log.warning("redis unavailable, retrying", extra={"error": describe(exc)})
+                self.ready = False
+                await backoff.sleep(stop)
+            except Exception:
+                # the intake's guard: log with the traceback, back off, go on
+                log.exception("intake error")
+                await backoff.sleep(stop)
+
+    async def _wait(self, last_ids: list[str], stop: asyncio.Event) -> None:
+        arrival = asyncio.ensure_future(self._reader.wait(last_ids))
+        local = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
+        try:
+            await asyncio.wait(
+                {arrival, *local},
+                timeout=self._reader.block_ms / 1000 + 5,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            for f in local:
+                f.cancel()
+            if not arrival.done():
+                arrival.cancel()  # a plain XREAD delivers nothing: cutting it short is safe
+        if arrival.done() and not arrival.cancelled():
+            arrival.result()  # raise what the read raised
+            # something new or parked: any model with a free slot may find a parked entry
+            self._maybe_parked.update(self._registry.names())
+            self._maybe_parked.add(INVALID_MODEL)
+
+    async def _route(self, entries: list[Entry], tg: asyncio.TaskGroup) -> None:
+        """Start each entry on a free slot of its model, best first; park the rest."""
+        cfg = self._config
+        by_model: dict[str, list[Prepared]] = {}
+        for entry in entries:
+            p = prepare(
+                entry, keys=self._keys,
+                max_prompt_bytes=cfg.max_prompt_bytes, max_metadata_bytes=cfg.max_metadata_bytes,
+            )  # fmt: skip
+            model = p.model if p.event and self._registry.get(p.model) else INVALID_MODEL
+            by_model.setdefault(model, []).append(p)
+        parked: list[tuple[Entry, str]] = []
+        for model, ps in by_model.items():
+            ps.sort(key=lambda p: self._reader.score(p.entry))
+            for p in ps:
+                slot = self._budget.take(self.pool, model)
+                if slot is None:
+                    parked.append((p.entry, model))
+                else:
+                    self._runner.start(p, slot, tg)
+        if parked:
+            self._maybe_parked.update(model for _, model in parked)
+            # on failure the entries stay pending here and are adopted again later
+            await self._reader.park(parked)
+
+    async def reclaim(self, tg: asyncio.TaskGroup) -> None:
+        """Take what dead workers left, and this worker's own entries that nothing runs (their
+        read's reply was lost): started or parked like any entry. Then end the parked entries
+        of models no longer served once they have waited ``unknown_model_grace_s``."""
+        free = sum(n for m, n in self._free().items() if m != INVALID_MODEL)
+        if free > 0:
+            entries = await self._reclaimer.reclaim(free)
+            min_idle = 2 * self._config.reclaim_interval_ms + self._config.block_ms
+            entries += await self._reclaimer.orphans(
+                free - len(entries), self._runner.busy(), min_idle_ms=min_idle
+            )
+            if entries:
+                await self._route(entries, tg)
+        await self._end_unknown(tg)
+
+    async def _end_unknown(self, tg: asyncio.TaskGroup) -> None:
+        now = time.monotonic()
+        parked = await self._reader.parked_models()
+        unknown = {m for m in parked if m != INVALID_MODEL and self._registry.get(m) is None}
+        self._unknown_since = {m: self._unknown_since.get(m, now) for m in unknown}
+        due = {
+            m: parked[m]
+            for m, since in self._unknown_since.items()
+            if now - since >= self._config.unknown_model_grace_s
+        }
+        if due:
+            read = await self._reader.read(0, due)
+            log.warning(
+                "parked entries of a model no longer served",
+                extra={"models": sorted(due), "count": len(read.entries)},
+            )
+            await self._route(read.entries, tg)
+
+
+async def _first(*waits: Coroutine[Any, Any, Any]) -> None:
+    """Wait for the first of ``waits``, then cancel the others."""
+    futures = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for f in futures:
+            f.cancel()

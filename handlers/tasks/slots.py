@@ -1,0 +1,90 @@
+"""The one owner of slot state: what may start here now.
+
+Each model has as many slots as its concurrency (read from the registry at every look, so a
+model reloaded with another figure gets it at once); a pool may also have a cap on the tasks it
+runs at once. A task holds its :class:`Slot` from the moment its entry is taken for it until its
+outcome is written; the slot is released once, when the task's ``async with`` ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Callable, Mapping
+from types import TracebackType
+
+INVALID_MODEL = ""
+"""The slots of entries that name no model this worker knows (or none at all): they only fail,
+and take few slots so that a flood of them cannot hold up good tasks."""
+INVALID_SLOTS = 8
+
+
+class Slot:
+    """One task's place on its model and pool."""
+
+    __slots__ = ("_budget", "_released", "model", "pool")
+
+    def __init__(self, budget: SlotBudget, pool: str, model: str) -> None:
+        self._budget = budget
+        self.pool = pool
+        self.model = model
+        self._released = False
+
+    async def __aenter__(self) -> Slot:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._budget._release(self)
+
+
+class SlotBudget:
+    def __init__(
+        self, *, capacity: Callable[[str], int], pool_caps: Mapping[str, int | None]
+    ) -> None:
+        """``capacity(model)``: the model's slots (its concurrency; 0 when unknown)."""
+        self._capacity = capacity
+        self._caps = dict(pool_caps)
+        self._models: collections.Counter[str] = collections.Counter()
+        self._pools: collections.Counter[str] = collections.Counter()
+        self._listeners: list[Callable[[Slot], None]] = []
+        self.released = asyncio.Event()
+        """Set whenever a slot is released (the waiter clears it)."""
+
+    def listen(self, callback: Callable[[Slot], None]) -> None:
+        """Call ``callback`` with each slot as it is released."""
+        self._listeners.append(callback)
+
+    def capacity(self, model: str) -> int:
+        return INVALID_SLOTS if model == INVALID_MODEL else self._capacity(model)
+
+    def free(self, pool: str, model: str) -> int:
+        free = self.capacity(model) - self._models[model]
+        cap = self._caps.get(pool)
+        if cap is not None:
+            free = min(free, cap - self._pools[pool])
+        return max(0, free)
+
+    def running(self, pool: str | None = None) -> int:
+        return self._pools[pool] if pool is not None else sum(self._pools.values())
+
+    def take(self, pool: str, model: str) -> Slot | None:
+        """A slot for a task of ``model`` in ``pool``, or ``None`` when none is free."""
+        if self.free(pool, model) <= 0:
+            return None
+        self._models[model] += 1
+        self._pools[pool] += 1
+        return Slot(self, pool, model)
+
+    def _release(self, slot: Slot) -> None:
+        self._models[slot.model] -= 1
+        self._pools[slot.pool] -= 1
+        self.released.set()
+        for callback in self._listeners:
+            callback(slot)

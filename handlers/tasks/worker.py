@@ -1,0 +1,199 @@
+"""The task worker: its loops, and its start and shutdown.
+
+One intake loop per pool (``intake``) starts tasks on their models' slots; beside them run the
+reclaimer (entries of workers whose lease expired, and parked entries of models no longer
+served), the lease renewal, the control reader (cancellations), the retry mover (due retries
+back to their partitions) and the trimmer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+
+from opentelemetry.trace import Tracer
+
+from handlers.clock import now_ms
+from handlers.metrics import Metrics
+from handlers.tasks.config import WorkerConfig
+from handlers.tasks.finish import Finisher
+from handlers.tasks.gpu import GpuGate
+from handlers.tasks.intake import PoolIntake
+from handlers.tasks.run import TaskRunner
+from handlers.tasks.slots import SlotBudget
+from providers.registry import ModelRegistry
+from streams.client import RedisClient
+from streams.control import cancel_task, control_events
+from streams.dispatch import PoolReader
+from streams.errors import TRANSIENT_ERRORS, describe
+from streams.keys import TASK_GROUP, Keys
+from streams.leases import Lease, Reclaimer
+from streams.outcome import Outcomes
+from streams.retention import trim_if_due
+from streams.retry import move_due
+from streams.tokens import TokenStreams
+from streams.topology import Backoff
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    def __init__(
+        self,
+        *,
+        client: RedisClient,
+        keys: Keys,
+        registry: ModelRegistry,
+        config: WorkerConfig,
+        tracer: Tracer | None = None,
+        metrics: Metrics | None = None,
+        gpu: GpuGate | None = None,
+    ) -> None:
+        self._client = client
+        self._keys = keys
+        self._config = config
+        self._registry = registry
+        self._streams = config.streams(keys)
+        self.budget = SlotBudget(
+            capacity=self._capacity, pool_caps={p: config.pool_cap(p) for p in config.pools}
+        )
+        self._lease = Lease(
+            client=client, keys=keys, consumer=config.consumer, ttl_ms=config.lease_ttl_ms,
+            info={"pools": ",".join(config.pools)},
+        )  # fmt: skip
+        self._outcomes = Outcomes(
+            client=client, keys=keys, worker=config.consumer,
+            status_ttl_s=config.status_ttl_s, max_attempts=config.max_attempts,
+        )  # fmt: skip
+        tokens = TokenStreams(client=client, keys=keys, ttl_s=config.tokens_ttl_s)
+        finisher = Finisher(
+            outcomes=self._outcomes, consumer=config.consumer, policy=config.retry,
+            tokens=tokens, metrics=metrics,
+        )  # fmt: skip
+        self._runner = TaskRunner(
+            registry=registry, outcomes=self._outcomes, finisher=finisher, tokens=tokens,
+            consumer=config.consumer, max_attempts=config.max_attempts, tracer=tracer,
+            metrics=metrics, trace_content=config.trace_content, gpu=gpu,
+        )  # fmt: skip
+        self._intakes = [self._intake(pool) for pool in config.pools]
+
+    def _intake(self, pool: str) -> PoolIntake:
+        cfg = self._config
+        reader = PoolReader(
+            client=self._client, keys=self._keys, pool=pool, partitions=cfg.partitions,
+            consumer=cfg.consumer, block_ms=cfg.block_ms, aging_ms=cfg.aging_ms,
+            aging_check_ms=cfg.aging_check_ms,
+        )  # fmt: skip
+        reclaimer = Reclaimer(
+            client=self._client, keys=self._keys, streams=reader.streams, consumer=cfg.consumer
+        )
+        return PoolIntake(
+            keys=self._keys, reader=reader, reclaimer=reclaimer, budget=self.budget,
+            runner=self._runner, registry=self._registry, config=cfg,
+        )  # fmt: skip
+
+    def _capacity(self, model: str) -> int:
+        binding = self._registry.get(model)
+        return binding.concurrency if binding is not None else 0
+
+    @property
+    def consumer(self) -> str:
+        return self._config.consumer
+
+    @property
+    def inflight(self) -> int:
+        return len(self._runner.inflight)
+
+    @property
+    def ready(self) -> bool:
+        return bool(self._intakes) and all(i.ready for i in self._intakes)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Work until ``stop`` is set, then drain: in-flight tasks get ``shutdown_grace_s`` to
+        finish; the rest are cancelled unacknowledged, left pending for another worker."""
+        if not await self._lease.join(self._streams, TASK_GROUP, stop):
+            return
+        log.info("worker started", extra={"consumer": self.consumer})
+        cfg = self._config
+        lease_stop = asyncio.Event()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                lease_task = tg.create_task(self._lease.run(lease_stop))
+                side = [tg.create_task(intake.run(stop, tg)) for intake in self._intakes]
+                side += [
+                    tg.create_task(self._periodic(stop, cfg.reclaim_interval_ms / 1000, _each(
+                        [functools.partial(i.reclaim, tg) for i in self._intakes]
+                    ))),
+                    tg.create_task(self._periodic(stop, cfg.retry_poll_ms / 1000, self._retries)),
+                    tg.create_task(self._periodic(stop, cfg.trim_interval_s, self._trim)),
+                    tg.create_task(self._control(stop)),
+                ]  # fmt: skip
+                await stop.wait()
+                await self._runner.drain(cfg.shutdown_grace_s)
+                await self._outcomes.drain()
+                for task in side:
+                    task.cancel()
+                lease_stop.set()
+                await lease_task
+        finally:
+            for intake in self._intakes:
+                intake.ready = False
+            await self._lease.leave()
+
+    async def _periodic(
+        self, stop: asyncio.Event, interval: float, job: Callable[[], Awaitable[None]]
+    ) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=interval)
+            if stop.is_set():
+                return
+            try:
+                async with asyncio.timeout(max(10.0, interval)):
+                    await job()
+            except TRANSIENT_ERRORS as exc:
+                log.debug("periodic job skipped", extra={"error": describe(exc)})
+            except Exception:
+                log.exception("periodic job failed")
+
+    async def _retries(self) -> None:
+        await move_due(self._client, self._keys, now_ms())
+
+    async def _trim(self) -> None:
+        cfg = self._config
+        await trim_if_due(
+            self._client, self._keys, self._streams, cfg.retention, now_ms(),
+            holder=self.consumer, interval_s=cfg.trim_interval_s,
+        )  # fmt: skip
+
+    async def _control(self, stop: asyncio.Event) -> None:
+        backoff = Backoff(base=0.1, cap=5.0)
+        while not stop.is_set():
+            try:
+                async for task_id in control_events(
+                    self._client, self._keys, block_ms=self._config.block_ms, stop=stop
+                ):
+                    backoff.reset()
+                    if self._runner.cancel(task_id):
+                        log.info(
+                            "cancel requested, stopping the generation", extra={"task_id": task_id}
+                        )
+                    else:
+                        # not running here: end it if it is still queued (plain-XADD cancels)
+                        await cancel_task(
+                            self._client, self._keys, task_id,
+                            status_ttl_s=self._config.status_ttl_s, notify=False,
+                        )  # fmt: skip
+            except TRANSIENT_ERRORS:
+                await backoff.sleep(stop)
+
+
+def _each(jobs: list[Callable[[], Awaitable[None]]]) -> Callable[[], Awaitable[None]]:
+    async def run() -> None:
+        for job in jobs:
+            await job()
+
+    return run
