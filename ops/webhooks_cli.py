@@ -1,8 +1,7 @@
-"""``sop-llm webhooks``: look at dead deliveries and send one again; building the sender.
+"""``sop-llm webhooks``: look at dead deliveries and send one again.
 
-Wiring (in ``ops/cli.py`` and ``ops/app.py``): ``add_parser(sub)`` next to the other commands,
-``await run_command(settings, args)`` for ``args.command == "webhooks"``, and
-``build_sender(settings, client).run(stop)`` beside the worker.
+Wiring (in ``ops/cli.py``): ``add_parser(sub)`` next to the other commands, and
+``await run_command(settings, args)`` for ``args.command == "webhooks"``.
 """
 
 from __future__ import annotations
@@ -12,12 +11,7 @@ import json
 import sys
 from typing import Any
 
-from opentelemetry import trace
-from redis.asyncio import Redis
-
-from handlers.metrics import Metrics
-from handlers.webhook_admin import WebhookAdmin, WebhookBusyError, WebhookNotFoundError
-from handlers.webhooks import CONSUMER_PREFIX, WebhookConfig, WebhookSender
+from handlers.webhooks import WebhookAdmin, WebhookBusyError, WebhookNotFoundError
 from ops.connect import redis_client_for
 from ops.settings import Settings
 from streams.keys import Keys
@@ -66,35 +60,3 @@ async def run_command(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     finally:
         await client.aclose()
-
-
-def _schedule(values: tuple[str, ...]) -> tuple[float, ...]:
-    try:
-        out = tuple(float(v) for v in values)
-    except ValueError as exc:
-        raise ValueError(f"SOP_WEBHOOK_SCHEDULE_S must be comma-separated seconds: {exc}") from exc
-    if not out or any(d < 0 for d in out):
-        raise ValueError("SOP_WEBHOOK_SCHEDULE_S needs at least one delay, none negative")
-    return out
-
-
-def build_sender(
-    settings: Settings, client: Redis, metrics: Metrics | None = None
-) -> WebhookSender:
-    """A webhook sender configured from ``settings`` (raises ``ValueError`` for a malformed
-    secret, schedule or allow-list entry, so a bad configuration fails at start)."""
-    secrets = settings.webhook_secrets.get_secret_value() if settings.webhook_secrets else ""
-    config = WebhookConfig(
-        consumer=CONSUMER_PREFIX + settings.consumer_name(),
-        secrets=tuple(s.strip() for s in secrets.split(",") if s.strip()),
-        allow=settings.webhook_allow, timeout_s=settings.webhook_timeout_s,
-        schedule_s=_schedule(settings.webhook_schedule_s), concurrency=settings.webhook_concurrency,
-        max_body_bytes=settings.webhook_max_body_bytes, thin=settings.webhook_thin,
-        block_ms=settings.block_ms, lease_ttl_ms=settings.lease_ttl_ms,
-        reclaim_interval_ms=settings.reclaim_interval_ms,
-        shutdown_grace_s=settings.shutdown_grace_s,
-    )  # fmt: skip
-    return WebhookSender(
-        client=client, keys=Keys(settings.namespace), config=config,
-        tracer=trace.get_tracer("sop_llm.webhooks"), metrics=metrics,
-    )  # fmt: skip

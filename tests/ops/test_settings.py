@@ -34,6 +34,23 @@ def test_bad_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
         Settings()
 
 
+def test_webhook_schedule_is_parsed_into_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SOP_WEBHOOK_SCHEDULE_S", raising=False)
+    assert Settings(_env_file=None).webhook_schedule_s == (
+        0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0,
+    )  # fmt: skip
+    monkeypatch.setenv("SOP_WEBHOOK_SCHEDULE_S", " 0, 1.5 ,60")
+    schedule = Settings(_env_file=None).webhook_schedule_s
+    assert schedule == (0.0, 1.5, 60.0) and all(type(d) is float for d in schedule)
+
+
+@pytest.mark.parametrize("value", ["soon", "5,-1", "", " , ", "5,nan", "inf"])
+def test_a_bad_webhook_schedule_is_refused(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("SOP_WEBHOOK_SCHEDULE_S", value)
+    with pytest.raises(ValidationError, match="webhook_schedule_s"):
+        Settings(_env_file=None)
+
+
 @pytest.mark.parametrize(
     ("url", "shown"),
     [
