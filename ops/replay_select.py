@@ -7,7 +7,6 @@ Reading only: nothing here writes to Redis. It imports nothing from ``ops``, so 
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -330,10 +329,3 @@ def entry_matches(
         and (model is None or _field(doc, "model") == model)
     )
 
-
-def add_tail_filters(parser: argparse.ArgumentParser) -> None:
-    """Add ``--task-id`` (repeatable), ``--type``, ``--state`` and ``--model`` to `tail`."""
-    parser.add_argument("--task-id", action="append", help="only this task (repeatable)")
-    parser.add_argument("--type", help="only entries of this type, e.g. task.failed")
-    parser.add_argument("--state", choices=[s.value for s in TaskState], help="only this state")
-    parser.add_argument("--model", help="only tasks of this model")

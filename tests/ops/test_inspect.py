@@ -12,7 +12,7 @@ import pytest
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
-from ops import inspect_cli
+from ops.cli import inspect
 from ops.settings import Settings
 from streams.keys import TASK_GROUP, Keys
 from tests.harness import running_worker, wait_results, xadd_task
@@ -20,12 +20,12 @@ from tests.harness import running_worker, wait_results, xadd_task
 
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="sop-llm")
-    inspect_cli.add_parser(parser.add_subparsers(dest="command", required=True))
+    inspect.register(parser.add_subparsers(dest="command", required=True))
     return parser.parse_args(["inspect", *argv])
 
 
 async def inspect_json(settings: Settings, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
-    assert await inspect_cli.run(settings, parse("--json")) == 0
+    assert await inspect.run(settings, parse("--json")) == 0
     report: dict[str, Any] = json.loads(capsys.readouterr().out)
     return report
 
@@ -58,7 +58,7 @@ async def test_inspect_shows_consumers_with_lease_state(
         assert ghost["lease_alive"] is False and ghost["lease_ttl_ms"] is None
         assert ghost["pending"] == 1
 
-        assert await inspect_cli.run(settings, parse()) == 0
+        assert await inspect.run(settings, parse()) == 0
         screen = capsys.readouterr().out.splitlines()
 
     rows = {p["stream"]: p for p in report["partitions"]}
@@ -99,11 +99,11 @@ async def test_inspect_of_an_empty_namespace(
     assert report["consumers"] == [] and report["models"] == ["echo"]
     assert [p["length"] for p in report["partitions"]] == [0, 0, 0]
     assert report["dead"] == {"length": 0, "newest": []}
-    assert await inspect_cli.run(settings, parse()) == 0
+    assert await inspect.run(settings, parse()) == 0
     assert "(no consumers)" in capsys.readouterr().out
 
 
 def test_ages_read_well() -> None:
-    assert [inspect_cli.age(v) for v in (None, 850, 12_340, 245_000, 7_380_000, 273_600_000)] == [
+    assert [inspect.age(v) for v in (None, 850, 12_340, 245_000, 7_380_000, 273_600_000)] == [
         "-", "850ms", "12.3s", "4m05s", "2h03m", "3d04h",
     ]  # fmt: skip

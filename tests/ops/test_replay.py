@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 
 from handlers.webhooks import WebhookConfig, WebhookSender
 from ops import replay
+from ops.cli import replay as replay_cli
 from ops.replay_select import Candidate, Filters, entry_matches, parse_time
 from ops.settings import Settings
 from providers.echo import EchoProvider
@@ -45,7 +46,7 @@ def settings_for(redis_url: str, namespace: str) -> Settings:
 
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="sop-llm")
-    replay.add_parser(parser.add_subparsers(dest="command", required=True))
+    replay_cli.register(parser.add_subparsers(dest="command", required=True))
     return parser.parse_args(["replay", *argv])
 
 
@@ -132,7 +133,7 @@ async def test_failed_task_replays_into_sandbox_and_production_is_untouched(
     assert original.error.code == "bad_request"
     before = await snapshot(client, keys, "orig-1")
 
-    rc = await replay.run(settings_for(redis_url, keys.namespace),
+    rc = await replay_cli.run(settings_for(redis_url, keys.namespace),
                           parse("results", "--state", "failed", "--sandbox", sandbox))  # fmt: skip
     out = capsys.readouterr().out
     assert rc == 0
@@ -172,11 +173,11 @@ async def test_dead_letters_replay_from_their_raw_fields(
     assert failed.error is not None and failed.error.code == "model_not_found"
     settings = settings_for(redis_url, keys.namespace)
 
-    assert await replay.run(settings, parse("dead", "--model-filter", "gone")) == 0
+    assert await replay_cli.run(settings, parse("dead", "--model-filter", "gone")) == 0
     listing = capsys.readouterr().out
     assert "lost-1" in listing and "state=failed" in listing
 
-    assert await replay.run(settings, parse("dead", "--sandbox", sandbox)) == 0
+    assert await replay_cli.run(settings, parse("dead", "--sandbox", sandbox)) == 0
     new_id = capsys.readouterr().out.split(" -> ")[1].strip()
     sbx_registry = echo_registry()
     sbx_registry.register("gone", EchoProvider())
@@ -198,7 +199,7 @@ async def test_trimmed_or_expired_originals_are_reported_per_task(
     await client.xdel(record.stream, record.entry_id)
     await client.delete(keys.task("gone-status"))
 
-    rc = await replay.run(settings_for(redis_url, keys.namespace),
+    rc = await replay_cli.run(settings_for(redis_url, keys.namespace),
                           parse("results", "--sandbox", sandbox))  # fmt: skip
     captured = capsys.readouterr()
     assert rc == 1
@@ -220,7 +221,9 @@ async def test_run_prints_the_new_output_beside_the_recorded_one(
     before = await snapshot(client, keys, "r1")
     settings = settings_for(redis_url, keys.namespace)
 
-    rc = await replay.run(settings, parse("results", "--task-id", "r1", "--run", "--model", "echo"))
+    rc = await replay_cli.run(
+        settings, parse("results", "--task-id", "r1", "--run", "--model", "echo")
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "recorded: completed (stop)  tokens in 0 / out 3" in out
@@ -228,7 +231,7 @@ async def test_run_prints_the_new_output_beside_the_recorded_one(
     assert "--- recorded\n+++ replay\n@@ -1 +1 @@\n-the old answer\n+alpha beta gamma" in out
 
     # the recorded model is not served in-process: said per task, and nothing is written
-    assert await replay.run(settings, parse("tasks", "--run")) == 1
+    assert await replay_cli.run(settings, parse("tasks", "--run")) == 1
     assert "replay:   failed (model_not_found: model: 'old' is not registered" in (
         capsys.readouterr().out
     )
@@ -245,7 +248,7 @@ async def test_selection_by_id_time_task_model_state_and_limit(
     settings = settings_for(redis_url, keys.namespace)
 
     async def listed(*argv: str) -> list[str]:
-        assert await replay.run(settings, parse(*argv)) == 0
+        assert await replay_cli.run(settings, parse(*argv)) == 0
         return [line.split()[1] for line in capsys.readouterr().out.splitlines()]
 
     assert await listed("normal", "--from-id", ids[1], "--to-id", ids[3]) == ["s1", "s2", "s3"]
@@ -269,7 +272,7 @@ async def test_sandbox_must_differ_from_production(
 ) -> None:
     await xadd_task(client, keys, {"task_id": "p1", "model": "echo", "prompt": "x"})
     before = await snapshot(client, keys)
-    rc = await replay.run(settings_for(redis_url, keys.namespace),
+    rc = await replay_cli.run(settings_for(redis_url, keys.namespace),
                           parse("tasks", "--sandbox", keys.namespace))  # fmt: skip
     assert rc == 2 and "must differ" in capsys.readouterr().err
     assert await snapshot(client, keys) == before

@@ -11,7 +11,7 @@ import pytest
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
-from ops.models_cli import add_parser, run_command
+from ops.cli.models import register, run_command
 from ops.settings import Settings
 from schemas.models import ModelSpec
 from streams.keys import Keys
@@ -71,7 +71,7 @@ async def test_changes_yield_on_each_version(client: Redis, keys: Keys) -> None:
 
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers(dest="command"))
+    register(parser.add_subparsers(dest="command"))
     return parser.parse_args(["models", *argv])
 
 

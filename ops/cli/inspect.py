@@ -31,9 +31,13 @@ BUILTIN_MODELS = ("echo",)
 _NEWEST_DEAD = 3
 
 
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    i = sub.add_parser("inspect", help="one-screen summary of queues, consumers, dead letters")
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``inspect [--json]``."""
+    i = subparsers.add_parser(
+        "inspect", help="one-screen summary of queues, consumers, dead letters"
+    )
     i.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    i.set_defaults(handler=run)
 
 
 async def _groups(client: Redis, stream: str) -> list[dict[str, Any]]:

@@ -1,24 +1,21 @@
-"""`sop-llm dead list|show|requeue|purge` and `sop-llm cancel`."""
+"""``sop-llm dead list|show|requeue|purge``: the task dead letters."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from typing import Any
 
 from ops.connect import redis_client_for
 from ops.settings import Settings
-from streams.control import cancel_task
 from streams.dead import DeadEntry, NotRequeueable, all_dead, matcher, purge, requeue
 from streams.keys import Keys
 
 
-def add_parser(sub: Any) -> None:
-    c = sub.add_parser("cancel", help="cancel a task (queued: at once; running: between tokens)")
-    c.add_argument("task_id")
-
-    d = sub.add_parser("dead", help="dead letters: list, show, requeue, purge")
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``dead list|show|requeue|purge [entry ids] [--task-id] [--reason] [--model]``."""
+    d = subparsers.add_parser("dead", help="dead letters: list, show, requeue, purge")
+    d.set_defaults(handler=run_dead)
     dsub = d.add_subparsers(dest="dead_command", required=True)
     for name, text in (
         ("list", "list dead letters (one line each)"),
@@ -49,19 +46,9 @@ def _summary(d: DeadEntry) -> str:
     )
 
 
-async def run_cancel(settings: Settings, task_id: str) -> int:
-    client = redis_client_for(settings)
-    try:
-        outcome = await cancel_task(
-            client, Keys(settings.namespace), task_id, status_ttl_s=settings.status_ttl_s
-        )
-    finally:
-        await client.aclose()
-    print(f"{task_id}: {outcome.value}")
-    return 0
-
-
 async def run_dead(settings: Settings, args: argparse.Namespace) -> int:
+    """Run a ``dead`` subcommand; returns the exit status (1: some task not requeued, 2: a
+    requeue or purge that names nothing without ``--all``)."""
     keys = Keys(settings.namespace)
     client = redis_client_for(settings)
     try:

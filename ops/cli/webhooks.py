@@ -1,8 +1,4 @@
-"""``sop-llm webhooks``: look at dead deliveries and send one again.
-
-Wiring (in ``ops/cli.py``): ``add_parser(sub)`` next to the other commands, and
-``await run_command(settings, args)`` for ``args.command == "webhooks"``.
-"""
+"""``sop-llm webhooks redeliver|dead``: look at dead deliveries and send one again."""
 
 from __future__ import annotations
 
@@ -17,9 +13,10 @@ from ops.settings import Settings
 from streams.keys import Keys
 
 
-def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``webhooks redeliver <task_id> [--force]`` and ``webhooks dead [--count N] [--full]``."""
     w = subparsers.add_parser("webhooks", help="look at and retry webhook deliveries")
+    w.set_defaults(handler=run_command)
     sub = w.add_subparsers(dest="webhooks_command", required=True)
     r = sub.add_parser("redeliver", help="send a task's webhook again (same webhook-id)")
     r.add_argument("task_id")

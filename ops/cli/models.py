@@ -1,8 +1,8 @@
-"""``sop-llm models``: register, list and remove models at run time, check a models file.
+"""``sop-llm models add|list|show|remove|check``: register, list and remove models at run time,
+check a models file.
 
-Wiring (in ``ops/cli.py``): ``add_parser(sub)`` next to the other commands, and
-``await run_command(settings, args)`` for ``args.command == "models"``. Runtime models live in
-the ``{ns}:models`` hash; workers pick changes up through :class:`streams.models.ModelStore`.
+Runtime models live in the ``{ns}:models`` hash; workers pick changes up through
+:class:`streams.models.ModelStore`.
 """
 
 from __future__ import annotations
@@ -49,9 +49,10 @@ _FIELDS = (
 _DEFAULTS = (("temperature", float), ("top_p", float), ("max_tokens", int), ("seed", int))
 
 
-def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``models add|list|show|remove|check``."""
     m = subparsers.add_parser("models", help="register, list and remove models")
+    m.set_defaults(handler=run_command)
     sub = m.add_subparsers(dest="models_command", required=True)
     a = sub.add_parser("add", help="register (or replace) a model spec at run time")
     a.add_argument("--spec", help="a whole spec as JSON; flags given too override its fields")

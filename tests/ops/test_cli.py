@@ -1,0 +1,66 @@
+"""The ``sop-llm`` command line as a whole: its commands, its entry points and its event loop."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import subprocess
+import sys
+
+import pytest
+
+from ops.cli import build_parser, main
+from tests.conftest import ROOT, worker_env
+
+# one invocation of every command, with the arguments it requires
+INVOCATIONS = {
+    "up": ["up"],
+    "worker": ["worker"],
+    "sidecar": ["sidecar"],
+    "submit": ["submit", "--prompt", "hi"],
+    "status": ["status", "t1"],
+    "tail": ["tail"],
+    "cancel": ["cancel", "t1"],
+    "dead": ["dead", "list"],
+    "webhooks": ["webhooks", "dead"],
+    "models": ["models", "list"],
+    "replay": ["replay", "results"],
+    "inspect": ["inspect"],
+}
+
+
+def test_every_command_is_registered_with_a_handler() -> None:
+    parser = build_parser()
+    [commands] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert list(commands.choices) == list(INVOCATIONS)
+    for name, argv in INVOCATIONS.items():
+        args = parser.parse_args(argv)
+        assert args.command == name and asyncio.iscoroutinefunction(args.handler), name
+
+
+def test_a_malformed_webhook_schedule_fails_every_command_at_start(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SOP_WEBHOOK_SCHEDULE_S", "5,soon")
+    assert main(["status", "t1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sop-llm: invalid settings:") and "webhook_schedule_s" in err
+
+
+def test_python_dash_m_runs_the_cli(redis_url: str, namespace: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "ops.cli", "status", "no-such-task"],
+        env=worker_env(redis_url, namespace), cwd=ROOT, capture_output=True, text=True,
+        timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == "no task no-such-task (never seen, or expired)\n"
+
+
+def test_the_composition_root_imports_no_cli_module() -> None:
+    code = "import sys, ops.app; print(sorted(m for m in sys.modules if m.startswith('ops.cli')))"
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+        check=True,
+    )  # fmt: skip
+    assert done.stdout == "[]\n"
