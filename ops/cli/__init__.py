@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -38,12 +38,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def runner(coro: Coroutine[Any, Any, int]) -> int:
+def _loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:
     try:
         import uvloop  # optional speed-up
     except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
+        return asyncio.run
+    return uvloop.run
+
+
+def runner(coro: Coroutine[Any, Any, int]) -> int:
+    """Run ``coro`` on a fresh event loop (uvloop's when installed) and return its result.
+
+    The loop is chosen first and runs outside the ``except ImportError`` of that choice, so an
+    error the command raises carries no "No module named 'uvloop'" context."""
+    run = _loop_runner()
+    return run(coro)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

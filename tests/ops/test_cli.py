@@ -6,10 +6,11 @@ import argparse
 import asyncio
 import subprocess
 import sys
+import traceback
 
 import pytest
 
-from ops.cli import build_parser, main
+from ops.cli import build_parser, main, runner
 from tests.conftest import ROOT, worker_env
 
 # one invocation of every command, with the arguments it requires
@@ -36,6 +37,31 @@ def test_every_command_is_registered_with_a_handler() -> None:
     for name, argv in INVOCATIONS.items():
         args = parser.parse_args(argv)
         assert args.command == name and asyncio.iscoroutinefunction(args.handler), name
+
+
+def test_without_uvloop_a_failing_command_carries_no_import_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # `import uvloop` now raises ImportError
+
+    async def failing() -> int:
+        raise RuntimeError("the command failed")
+
+    with pytest.raises(RuntimeError, match="the command failed") as caught:
+        runner(failing())
+    # an error raised under `except ImportError` would carry it: "During handling of ..."
+    assert caught.value.__context__ is None
+    shown = "".join(traceback.format_exception(caught.value))
+    assert "ImportError" not in shown and "During handling" not in shown
+
+
+def test_the_runner_uses_uvloop_when_it_is_installed() -> None:
+    uvloop = pytest.importorskip("uvloop")
+
+    async def on_uvloop() -> int:
+        return int(isinstance(asyncio.get_running_loop(), uvloop.Loop))
+
+    assert runner(on_uvloop()) == 1
 
 
 def test_a_malformed_webhook_schedule_fails_every_command_at_start(
