@@ -328,4 +328,3 @@ def entry_matches(
         and (state is None or _field(doc, "state") == state)
         and (model is None or _field(doc, "model") == model)
     )
-
