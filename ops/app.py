@@ -117,7 +117,8 @@ def build_worker(
         trim_interval_s=settings.trim_interval_s,
         trace_content=settings.trace_content,
     )
-    tracer = trace.get_tracer("sop_llm.worker")
+    # no exporter: no spans at all (OpenTelemetry's no-op spans still cost per task)
+    tracer = trace.get_tracer("sop_llm.worker") if settings.otel_exporter != "none" else None
     return Worker(
         client=client, keys=Keys(settings.namespace), registry=registry, config=config,
         tracer=tracer, metrics=metrics, gpu=gpu,

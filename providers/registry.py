@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from providers.base import Provider
@@ -29,21 +28,31 @@ class ModelBinding:
     def needs_gpu_slot(self) -> bool:
         return self.provider.capabilities.needs_gpu_slot
 
-    @contextlib.contextmanager
-    def in_use(self) -> Iterator[None]:
+    def in_use(self) -> _InUse:
         """Held by each task that runs on this binding (its provider stays open meanwhile)."""
-        self._users += 1
-        self._idle.clear()
-        try:
-            yield
-        finally:
-            self._users -= 1
-            if self._users == 0:
-                self._idle.set()
+        return _InUse(self)
 
     async def idle(self) -> None:
         """Return once no task runs on this binding."""
         await self._idle.wait()
+
+
+class _InUse:
+    __slots__ = ("_binding",)
+
+    def __init__(self, binding: ModelBinding) -> None:
+        self._binding = binding
+
+    def __enter__(self) -> None:
+        b = self._binding
+        b._users += 1
+        b._idle.clear()
+
+    def __exit__(self, *exc: object) -> None:
+        b = self._binding
+        b._users -= 1
+        if b._users == 0:
+            b._idle.set()
 
 
 class ModelRegistry:

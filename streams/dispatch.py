@@ -29,7 +29,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from streams.cancellation import raise_if_cancelled
-from streams.entries import Entry, text
+from streams.entries import Entry, entries_from_read, text
 from streams.keys import PARKED_CONSUMER, TASK_GROUP, Keys
 from streams.scripts import HEADS_SCRIPT, PARK_SCRIPT, READ_SCRIPT, EncodableT
 from streams.topology import ensure_groups, is_missing_group
@@ -44,8 +44,11 @@ RANK_MS = 1 << 42
 class Read:
     entries: list[Entry]
     """Parked entries taken for the models asked for, then new ones, in priority order."""
-    last_ids: list[str] | None
-    """When nothing was found: the newest id of each partition and of the wake stream."""
+    wake_id: str | None
+    """When the read took less than it asked for (the partitions and the parked sets asked for
+    were drained): the newest id of the wake stream, to wait for the next park from."""
+    drained: set[str]
+    """The models asked for whose parked sets were emptied by this read."""
 
 
 class PoolReader:
@@ -96,7 +99,7 @@ class PoolReader:
                 raise
             log.warning("consumer group missing, creating it again", extra={"group": self._group})
             await ensure_groups(self._client, self.streams, self._group)
-            return Read([], None)
+            return Read([], None, set())
 
     async def _read(self, count: int, parked: Mapping[str, int]) -> Read:
         order = self.streams
@@ -112,20 +115,42 @@ class PoolReader:
         ]  # fmt: skip
         args += [parked[m] for m in models]
         taken, found, last = await READ_SCRIPT(self._client, keys, args)
-        entries = [Entry.from_reply(text(stream), *item) for stream, item in taken]
+        got = dict.fromkeys(models, 0)
+        entries = []
+        for number, stream, item in taken:
+            got[models[int(number) - 1]] += 1
+            entries.append(Entry.from_reply(text(stream), *item))
         for index, items in found:
             stream = order[int(index) - 1]
             entries.extend(Entry.from_reply(stream, eid, fields) for eid, fields in items)
-        if entries:
-            return Read(entries, None)
-        by_stream = dict(zip([*order, self._wake], (text(x) for x in last), strict=True))
-        return Read([], [by_stream[s] for s in (*self.streams, self._wake)])
+        drained = {m for m in models if got[m] < parked[m]}
+        if len(entries) - len(taken) >= count or len(drained) < len(models):
+            return Read(entries, None, drained)  # there may be more: read again before waiting
+        return Read(entries, text(last[-1]), drained)
 
-    async def wait(self, last_ids: Sequence[str]) -> None:
-        """Block up to ``block_ms`` until a partition gets a new entry or an entry is parked
-        (after ``last_ids``, as :meth:`read` gave them). A plain XREAD: safe to cancel."""
-        ids = dict(zip([*self.streams, self._wake], last_ids, strict=True))
-        await self._client.xread(ids, count=1, block=self.block_ms)  # type: ignore[arg-type]
+    async def block(self, count: int) -> list[Entry]:
+        """New entries, blocking up to ``block_ms`` until one arrives: at most
+        ``count // partitions`` (at least 1) from each partition that has some (a blocked read
+        is served by the first partition that receives an entry). Cancelling it may leave what
+        it was delivered pending here, to be adopted later (``Reclaimer.orphans``)."""
+        try:
+            reply = await self._client.xreadgroup(
+                self._group, self._consumer, dict.fromkeys(self.streams, ">"),
+                count=max(1, count // len(self.streams)), block=self.block_ms,
+            )  # fmt: skip
+        except Exception as exc:
+            if not is_missing_group(exc):
+                raise
+            log.warning("consumer group missing, creating it again", extra={"group": self._group})
+            await ensure_groups(self._client, self.streams, self._group)
+            return []
+        raise_if_cancelled()
+        return entries_from_read(reply)
+
+    async def parked_since(self, wake_id: str) -> None:
+        """Block up to ``block_ms`` until an entry of this pool is parked after ``wake_id`` (as
+        :meth:`read` gave it). A plain XREAD: safe to cancel."""
+        await self._client.xread({self._wake: wake_id}, count=1, block=self.block_ms)
         raise_if_cancelled()
 
     async def park(self, entries: Sequence[tuple[Entry, str]]) -> int:

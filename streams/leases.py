@@ -41,7 +41,8 @@ class Lease:
         await self._client.set(self._key, self._info, px=self._ttl_ms)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Renew every third of the TTL until ``stop`` is set; connection trouble is retried."""
+        """Renew every third of the TTL until ``stop`` is set. Every failure is retried: a
+        refused renewal (out of memory, say) must not end the worker that holds the lease."""
         backoff = Backoff(base=0.1, cap=self._ttl_ms / 3000)
         while not stop.is_set():
             try:
@@ -52,6 +53,10 @@ class Lease:
             except TRANSIENT_ERRORS as exc:
                 if backoff.failures == 0:
                     log.warning("lease renewal failed", extra={"error": describe(exc)})
+                delay = backoff.next_delay()
+            except Exception:
+                # the lease loop's guard: a refusal is logged with its traceback, then retried
+                log.exception("lease renewal refused")
                 delay = backoff.next_delay()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)

@@ -106,7 +106,7 @@ class _Coalesced(Generic[T]):
         return await future
 
     async def _flush(self) -> None:
-        await asyncio.sleep(0)
+        # this task first runs on the loop's next pass: the callers of this pass are all queued
         batch, self._queue = self._queue, []
         try:
             async with asyncio.timeout(self._timeout_s):
@@ -155,6 +155,8 @@ class Outcomes:
         ``cancelled`` (a cancel came before the start). Raises a Redis error when the call
         failed (then nothing is known to have started) or ``ResponseError`` for an entry whose
         begin failed in Redis."""
+        if len(starts) == 1:
+            return [await self._begin((starts[0], now_ms))]
         return list(await asyncio.gather(*(self._begin((s, now_ms)) for s in starts)))
 
     async def retry(self, entry: Entry, task_id: str, *, due_ms: int, error: ErrorInfo) -> int:
@@ -247,7 +249,7 @@ def _begin_reply(reply: Any) -> BeginReply | ResponseError:
 class _Batch:
     """KEYS and ARGV of a batch script. KEYS: the four every terminal write may touch
     (results, webhooks, dead, reply-streams set), then each task's own, once each, by index.
-    ARGV: the fixed arguments, then each task's values in the order of its field list."""
+    ARGV: the fixed arguments, then each task's values as a JSON object of its field list."""
 
     __slots__ = ("_index", "args", "keys")
 
@@ -266,7 +268,10 @@ class _Batch:
         return found
 
     def add(self, names: Sequence[str], values: Mapping[str, Any]) -> None:
-        self.args += [self.key(values[n]) if n in KEY_FIELDS else values[n] for n in names]
+        """One task's values, as one JSON object with exactly the fields ``names`` (strings, so
+        that Lua reads numbers such as times exactly, not as floats)."""
+        doc = {n: self.key(values[n]) if n in KEY_FIELDS else str(values[n]) for n in names}
+        self.args.append(json.dumps(doc, separators=(",", ":")))
 
 
 def webhook_job(result: TaskResult, url: str) -> WebhookJob:

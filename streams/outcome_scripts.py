@@ -1,11 +1,11 @@
 """The batch scripts of a task's start and terminal write: ``BEGIN_MANY`` and ``FINISH_MANY``.
 
-Each task in a call is atomic and isolated on its own (``pcall``). Its values are positional
-arguments in the order of a field list defined here once, :data:`BEGIN_FIELDS` and
-:data:`FINISH_FIELDS`: the Python side builds the arguments from the list, and the Lua side reads
-them into a table by the same names (the list is written into the script). Fields named in
-:data:`KEY_FIELDS` are indexes into ``KEYS`` (0: none), so every key a script touches is in
-``KEYS`` (legal on Redis Cluster). The status record's fields are written by one Lua function.
+Each task in a call is atomic and isolated on its own (``pcall``). Its values travel as one
+JSON object per task whose fields are named by one list defined here, :data:`BEGIN_FIELDS` and
+:data:`FINISH_FIELDS`: the Python side builds the object from the list, and the Lua side reads
+the same names (no offsets kept by hand in two languages). Fields named in :data:`KEY_FIELDS`
+are indexes into ``KEYS`` (0: none), so every key a script touches is in ``KEYS`` (legal on
+Redis Cluster). The status record's fields are written by one Lua function.
 """
 
 from __future__ import annotations
@@ -38,8 +38,10 @@ _COMMON_LUA: Final = (
     TERMINAL_LUA
     + """
 local function fields(i, names)
-  local a = {}
-  for j, name in ipairs(names) do a[name] = ARGV[i + j - 1] end
+  local a = cjson.decode(ARGV[i])
+  for _, name in ipairs(names) do
+    if a[name] == nil then error('missing field ' .. name) end
+  end
   for _, name in ipairs(KEY_FIELDS) do
     if a[name] ~= nil then
       local k = tonumber(a[name])
@@ -112,7 +114,7 @@ end
 """
 
 # A worker is about to run entries: per entry, in one call, each atomic on its own.
-# ARGV: group, worker, now_ms, ttl_s, n, then per entry the BEGIN_FIELDS values
+# ARGV: group, worker, now_ms, ttl_s, n, then per entry a JSON object of the BEGIN_FIELDS
 # Returns per entry: {'run', attempts, errors_json} | {'done', state} | {'duplicate', task id}
 #   | {'conflict', task id} | {'exhausted', attempts, errors_json} | {'cancelled', attempts}
 #   | {'error', message}
@@ -160,7 +162,7 @@ local function begin_one(a)
 end
 local out = {}
 for n = 1, tonumber(ARGV[5]) do
-  local ok, res = pcall(begin_one, fields(6 + (n - 1) * #BEGIN_FIELDS, BEGIN_FIELDS))
+  local ok, res = pcall(function() return begin_one(fields(5 + n, BEGIN_FIELDS)) end)
   if ok then out[n] = res else out[n] = {'error', tostring(res)} end
 end
 return out
@@ -169,7 +171,7 @@ return out
 
 # The terminal writes of a batch of tasks in one call, each with finish_one: atomic on its own
 # and isolated (one that fails to write does not stop the others).
-# ARGV: group, ttl_s, n, then per task the FINISH_FIELDS values
+# ARGV: group, ttl_s, n, then per task a JSON object of the FINISH_FIELDS
 # Returns per task: 1 written, 0 already terminal (acked only), -1 state not as expected
 # (nothing written), or "ERR <message>".
 FINISH_MANY: Final = _script(
@@ -180,7 +182,7 @@ local group, ttl = ARGV[1], ARGV[2]
     + """
 local out = {}
 for n = 1, tonumber(ARGV[3]) do
-  local ok, res = pcall(finish_one, fields(4 + (n - 1) * #FINISH_FIELDS, FINISH_FIELDS))
+  local ok, res = pcall(function() return finish_one(fields(3 + n, FINISH_FIELDS)) end)
   if ok then out[n] = res else out[n] = 'ERR ' .. tostring(res) end
 end
 return out

@@ -150,8 +150,8 @@ return id
 # A parked member is "<stream> <entry id>"; taking it claims the entry from the parked consumer
 # with JUSTID (the delivery counter is not raised: parking is no delivery). A member whose entry
 # the parked consumer no longer holds (acknowledged by a cancel, trimmed) is dropped.
-# Returns {taken entries as {stream, {id, fields}}, {{key index, entries}...}, last ids}; the
-# last ids (partitions, then the wake stream) only when nothing at all was found.
+# Returns {taken entries as {parked-set number, stream, {id, fields}},
+#   {{key index, entries}...}, last ids of the partitions and of the wake stream}.
 READ: Final = """
 local group, me, parked, n = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[6])
 local rank_ms, aging = tonumber(ARGV[7]), tonumber(ARGV[8])
@@ -189,7 +189,7 @@ for j = n + 2, #KEYS do
       redis.call('XCLAIM', stream, group, me, 0, id, 'JUSTID')
       local r = redis.call('XRANGE', stream, id, id)
       if #r > 0 then
-        table.insert(taken, {stream, r[1]})
+        table.insert(taken, {j - n - 1, stream, r[1]})
         want = want - 1
       else
         redis.call('XACK', stream, group, id)
@@ -209,8 +209,8 @@ for i = 1, n do
     left = left - #r[1][2]
   end
 end
-if #out > 0 or #taken > 0 then return {taken, out, {}} end
--- nothing waiting: the newest id of each stream, so the caller can block for what comes next
+-- the newest id of each stream (and the wake stream), so that a caller that found less than it
+-- asked for can block for what comes next
 local last = {}
 for i = 1, n + 1 do
   local r = redis.call('XREVRANGE', KEYS[i], '+', '-', 'COUNT', 1)

@@ -54,12 +54,18 @@ class PoolIntake:
         self._maybe_parked: set[str] = set()
         """Models that may have parked entries: a freed slot of one is worth a read."""
         self._wake = asyncio.Event()
+        self._freed = asyncio.Event()
         self._unknown_since: dict[str, float] = {}
+        self._blocked: asyncio.Future[list[Entry]] | None = None
+        self._parked: asyncio.Future[None] | None = None
+        self._wake_id: str | None = None
+        self._must_read = True
         self.ready = False
         budget.listen(self._released)
 
     def _released(self, slot: Slot) -> None:
-        if slot.pool == self.pool and slot.model in self._maybe_parked:
+        self._freed.set()
+        if slot.model in self._maybe_parked:
             self._wake.set()
 
     def _free(self) -> dict[str, int]:
@@ -71,58 +77,98 @@ class PoolIntake:
     async def run(self, stop: asyncio.Event, tg: asyncio.TaskGroup) -> None:
         """Read and start until ``stop`` is set."""
         backoff = Backoff(base=0.05, cap=2.0)
-        while not stop.is_set():
-            self._budget.released.clear()
-            self._wake.clear()
-            free = self._free()
-            # new entries only for the free slots of real models: the slots of invalid entries
-            # are extra, kept for the ones that arrive among the others
-            count = sum(n for m, n in free.items() if m != INVALID_MODEL)
-            if not count:
-                await _first(stop.wait(), self._budget.released.wait())
-                continue
-            try:
-                read = await self._reader.read(count, free)
-                taken = {m for m in free if m in self._maybe_parked}
-                if read.entries:
-                    await self._route(read.entries, tg)
-                else:
-                    self._maybe_parked -= taken
-                if read.last_ids is not None:
-                    await self._wait(read.last_ids, stop)
-                if backoff.failures:
-                    log.info("redis reachable again")
-                self.ready = True
-                backoff.reset()
-            except TRANSIENT_ERRORS as exc:
-                if backoff.failures == 0:
-                    log.warning("redis unavailable, retrying", extra={"error": describe(exc)})
-                self.ready = False
-                await backoff.sleep(stop)
-            except Exception:
-                # the intake's guard: log with the traceback, back off, go on
-                log.exception("intake error")
-                await backoff.sleep(stop)
+        try:
+            while not stop.is_set():
+                try:
+                    await self._pass(stop, tg)
+                    if backoff.failures:
+                        log.info("redis reachable again")
+                    self.ready = True
+                    backoff.reset()
+                except TRANSIENT_ERRORS as exc:
+                    if backoff.failures == 0:
+                        log.warning("redis unavailable, retrying", extra={"error": describe(exc)})
+                    self.ready = False
+                    self._must_read = True
+                    await backoff.sleep(stop)
+                except Exception:
+                    # the intake's guard: log with the traceback, back off, go on
+                    log.exception("intake error")
+                    self._must_read = True
+                    await backoff.sleep(stop)
+        finally:
+            # what a blocked read was delivered stays pending here; the lease is dropped at
+            # shutdown, so another worker takes it at once
+            for f in (self._blocked, self._parked):
+                if f is not None and not f.done():
+                    f.cancel()
 
-    async def _wait(self, last_ids: list[str], stop: asyncio.Event) -> None:
-        arrival = asyncio.ensure_future(self._reader.wait(last_ids))
+    async def _pass(self, stop: asyncio.Event, tg: asyncio.TaskGroup) -> None:
+        self._freed.clear()
+        free = self._free()
+        # new entries only for the free slots of real models: the slots of invalid entries are
+        # extra, kept for the ones that arrive among the others
+        count = sum(n for m, n in free.items() if m != INVALID_MODEL)
+        await self._route_blocked(count, tg)
+        if not count:
+            await _first(stop.wait(), self._freed.wait(), also=self._blocked)
+            # the tasks of one terminal write release their slots in the same tick: let them
+            # all, so that the next read takes what they freed
+            await asyncio.sleep(0)
+            return
+        if self._must_read or self._wake_id is None:
+            self._wake.clear()
+            read = await self._reader.read(count, free)
+            self._maybe_parked -= read.drained
+            if read.entries:
+                await self._route(read.entries, tg)
+            if read.wake_id is None:
+                return  # there may be more: read again
+            self._wake_id, self._must_read = read.wake_id, False
+        await self._idle(self._wake_id, count, stop)
+
+    async def _idle(self, wake_id: str, count: int, stop: asyncio.Event) -> None:
+        """Nothing to read: block in ``XREADGROUP`` for a new entry (it delivers it at once) and
+        in ``XREAD`` for an entry parked elsewhere, and stop waiting as well when a slot frees
+        for a model with parked entries. Neither blocked read is cut short (a cancelled command
+        costs its connection); what they bring is handled on the next pass."""
+        if self._blocked is None:
+            self._blocked = asyncio.ensure_future(self._reader.block(count))
+        if self._parked is None:
+            self._parked = asyncio.ensure_future(self._reader.parked_since(wake_id))
         local = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
         try:
+            waits: set[asyncio.Future[Any]] = {self._blocked, self._parked, *local}
             await asyncio.wait(
-                {arrival, *local},
+                waits,
                 timeout=self._reader.block_ms / 1000 + 5,
                 return_when=asyncio.FIRST_COMPLETED,
             )
         finally:
             for f in local:
                 f.cancel()
-            if not arrival.done():
-                arrival.cancel()  # a plain XREAD delivers nothing: cutting it short is safe
-        if arrival.done() and not arrival.cancelled():
-            arrival.result()  # raise what the read raised
-            # something new or parked: any model with a free slot may find a parked entry
+        if self._wake.is_set():
+            self._must_read = True
+        if self._parked.done():
+            parked, self._parked = self._parked, None
+            parked.result()  # raise what the read raised
+            # an entry was parked (or the wait timed out): any model with a free slot may find
+            # one, so read
             self._maybe_parked.update(self._registry.names())
             self._maybe_parked.add(INVALID_MODEL)
+            self._must_read = True
+
+    async def _route_blocked(self, count: int, tg: asyncio.TaskGroup) -> None:
+        """Route what the blocked read brought, once it is back."""
+        blocked = self._blocked
+        if blocked is None or not blocked.done():
+            return
+        self._blocked = None
+        entries = blocked.result()  # raises what the read raised
+        if len(entries) >= max(1, count // len(self._reader.streams)):
+            self._must_read = True  # it took all it could: there may be more
+        if entries:
+            await self._route(entries, tg)
 
     async def _route(self, entries: list[Entry], tg: asyncio.TaskGroup) -> None:
         """Start each entry on a free slot of its model, best first; park the rest."""
@@ -183,11 +229,14 @@ class PoolIntake:
             await self._route(read.entries, tg)
 
 
-async def _first(*waits: Coroutine[Any, Any, Any]) -> None:
-    """Wait for the first of ``waits``, then cancel the others."""
+async def _first(*waits: Coroutine[Any, Any, Any], also: asyncio.Future[Any] | None = None) -> None:
+    """Wait for the first of ``waits`` (and ``also``, which is left running), then cancel the
+    others."""
     futures = [asyncio.ensure_future(w) for w in waits]
     try:
-        await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            [*futures, *([also] if also is not None else [])], return_when=asyncio.FIRST_COMPLETED
+        )
     finally:
         for f in futures:
             f.cancel()

@@ -10,14 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
-from opentelemetry.trace import NoOpTracer, Span, SpanKind, Status, StatusCode, Tracer
-from opentelemetry.util.types import AttributeValue
+from opentelemetry.trace import Span, Tracer
 
 from handlers.clock import now_ms
-from handlers.genai import genai_request_attributes, genai_response_attributes
 from handlers.logctx import bind
 from handlers.metrics import Metrics
 from handlers.policy import Fail
@@ -25,14 +23,14 @@ from handlers.tasks.finish import Finisher
 from handlers.tasks.gpu import GpuGate
 from handlers.tasks.prepare import Prepared, generation_request
 from handlers.tasks.slots import Slot
-from providers.base import Generation
+from handlers.tasks.spans import Spans
+from providers.base import DeltaSink, Generation
 from providers.registry import ModelBinding, ModelRegistry
 from schemas.errors import ErrorCode, ModelNotFoundError, SopError
 from schemas.result import ErrorInfo, TaskState
 from streams.errors import TRANSIENT_ERRORS, describe
 from streams.outcome import BeginReply, Outcomes, Start
 from streams.tokens import TokenStreams, TokenWriter
-from streams.tracecontext import context_from
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +41,13 @@ EntryKey = tuple[str, str]
 class _Cancelled(Exception):
     """The task was cancelled on request while it ran."""
 
+    error_type = "cancelled"
+
 
 @dataclass(slots=True)
 class _Generating:
-    generation: asyncio.Task[Generation]
+    task: asyncio.Task[Any]
+    """The task's own asyncio task: a cancel on request cancels it while it generates."""
     cancelled: bool = False
 
 
@@ -71,9 +72,8 @@ class TaskRunner:
         self._tokens = tokens
         self._consumer = consumer
         self._max_attempts = max_attempts
-        self._tracer = tracer or NoOpTracer()
+        self._spans = Spans(tracer, content=trace_content)
         self._metrics = metrics
-        self._trace_content = trace_content
         self._gpu = gpu
         self._generating: dict[str, _Generating] = {}
         self.inflight: dict[asyncio.Task[None], EntryKey] = {}
@@ -107,25 +107,15 @@ class TaskRunner:
     def cancel(self, task_id: str) -> bool:
         """Stop the generation of ``task_id`` if it runs here (between tokens); True if it did."""
         running = self._generating.get(task_id)
-        if running is None or running.generation.done():
-            return False
+        if running is None or running.cancelled:
+            return running is not None
         running.cancelled = True
-        running.generation.cancel()
+        running.task.cancel()
         return True
 
     async def _run(self, p: Prepared, slot: Slot) -> None:
-        attributes: dict[str, AttributeValue] = {
-            "messaging.system": "redis", "messaging.operation.type": "process",
-            "messaging.destination.name": p.entry.stream,
-            "messaging.message.id": p.entry.entry_id, "sop.task_id": p.task_id,
-        }  # fmt: skip
         async with slot:
-            with self._tracer.start_as_current_span(
-                f"process {p.entry.stream}",
-                context=context_from(p.entry.traceparent, p.entry.tracestate),
-                kind=SpanKind.CONSUMER,
-                attributes=attributes,
-            ) as span:
+            with self._spans.process(p.entry, p.task_id) as span:
                 trace_id = span.get_span_context().trace_id
                 bind(
                     task_id=p.task_id, stream=p.entry.stream, entry_id=p.entry.entry_id,
@@ -148,26 +138,43 @@ class TaskRunner:
             return
         binding = self._registry.get(p.event.model)
         deadline = p.deadline_ms()
-        async with contextlib.AsyncExitStack() as stack:
-            waited: Exception | None = None
-            if binding is not None and (deadline is None or started < deadline):
-                stack.enter_context(binding.in_use())
+        if binding is None or (deadline is not None and started >= deadline):
+            await self._started(p, span, None, deadline)
+            return
+        with binding.in_use():
+            if self._gpu is None or not binding.needs_gpu_slot:
+                await self._started(p, span, binding, deadline)
+                return
+            async with contextlib.AsyncExitStack() as stack:
                 try:
                     await stack.enter_async_context(self._gpu_slot(p, binding, deadline))
-                except Exception as exc:  # noqa: BLE001 - a failed attempt, decided below
-                    waited = exc
-            begin = await self._begin(p)
-            if begin is None:
-                return
+                except Exception as exc:  # noqa: BLE001 - a failed attempt, decided after begin
+                    await self._started(p, span, binding, deadline, exc)
+                    return
+                await self._started(p, span, binding, deadline)
+
+    async def _started(
+        self,
+        p: Prepared,
+        span: Span,
+        binding: ModelBinding | None,
+        deadline: int | None,
+        waited: Exception | None = None,
+    ) -> None:
+        """Begin the task (its slots held), then run or end it."""
+        begin = await self._begin(p)
+        if begin is None:
+            return
+        if span.is_recording():
             span.set_attribute("sop.attempt", begin.attempts)
+        if self._metrics is not None:
+            self._metrics.queue_wait.observe(max(0, now_ms() - p.entry.timestamp_ms) / 1000)
+            self._metrics.inflight.inc()
+        try:
+            await self._decide(p, begin, binding, deadline, waited)
+        finally:
             if self._metrics is not None:
-                self._metrics.queue_wait.observe(max(0, now_ms() - p.entry.timestamp_ms) / 1000)
-                self._metrics.inflight.inc()
-            try:
-                await self._decide(p, begin, binding, deadline, waited)
-            finally:
-                if self._metrics is not None:
-                    self._metrics.inflight.dec()
+                self._metrics.inflight.dec()
 
     async def _begin(self, p: Prepared) -> BeginReply | None:
         """Mark the task running; ``None`` when it must not run here."""
@@ -272,40 +279,23 @@ class TaskRunner:
         request = generation_request(event)
         timeout = None if deadline is None else max(0.0, (deadline - now_ms()) / 1000)
         operation = "chat" if event.messages is not None else "text_completion"
-        attributes = genai_request_attributes(
-            operation, binding.provider.name, request, self._trace_content
-        )
-        with self._tracer.start_as_current_span(
-            f"{operation} {event.model}", kind=SpanKind.CLIENT, attributes=attributes
-        ) as span:
-            try:
-                async with asyncio.timeout(timeout), self._token_writer(p) as tokens:
-                    t0 = asyncio.get_running_loop().time()
-
-                    def on_delta(text: str) -> None:
-                        parts.append(text)
-                        if tokens is not None:
-                            tokens.add(text)
-
-                    generation = asyncio.ensure_future(
-                        binding.provider.generate(request, on_delta=on_delta)
-                    )
-                    running = self._generating[p.task_id] = _Generating(generation)
-                    try:
-                        result = await generation
-                    except asyncio.CancelledError:
-                        if running.cancelled and not _current_cancelling():
-                            raise _Cancelled from None
-                        raise
-                    finally:
-                        self._generating.pop(p.task_id, None)
-                        if not generation.done():
-                            generation.cancel()
-            except BaseException as exc:
-                span.set_attribute("error.type", _error_type(exc))
-                span.set_status(Status(StatusCode.ERROR, str(exc)[:200]))
-                raise
-            span.set_attributes(genai_response_attributes(result, self._trace_content))
+        with self._spans.call(operation, binding.provider.name, request) as span:
+            tokens = self._tokens.writer(p.task_id) if event.stream else None
+            task = asyncio.current_task()
+            assert task is not None
+            running = self._generating[p.task_id] = _Generating(task)
+            t0 = asyncio.get_running_loop().time()
+            async with asyncio.timeout(timeout), tokens or contextlib.nullcontext():
+                try:
+                    result = await binding.provider.generate(request, on_delta=_sink(parts, tokens))
+                except asyncio.CancelledError:
+                    # a cancel on request (not a shutdown, not the deadline) ends the task
+                    if running.cancelled and task.uncancel() == 0:
+                        raise _Cancelled from None
+                    raise
+                finally:
+                    del self._generating[p.task_id]
+            self._spans.answered(span, result)
             self._observe(event.model, result, asyncio.get_running_loop().time() - t0)
             return result
 
@@ -321,14 +311,6 @@ class TaskRunner:
             holder_id=f"{self._consumer}:{p.task_id}",
             deadline_s=None if deadline is None else max(0.0, (deadline - now_ms()) / 1000),
         )
-
-    @contextlib.asynccontextmanager
-    async def _token_writer(self, p: Prepared) -> AsyncIterator[TokenWriter | None]:
-        if p.event is None or not p.event.stream:
-            yield None
-            return
-        async with self._tokens.writer(p.task_id) as writer:
-            yield writer
 
     def _observe(self, model: str, gen: Generation, elapsed_s: float) -> None:
         if self._metrics is None:
@@ -348,16 +330,12 @@ def _not_found(registry: ModelRegistry, name: str) -> Exception:
     return ModelNotFoundError(f"model: {name!r} was not registered when the task was read")
 
 
-def _error_type(exc: BaseException) -> str:
-    if isinstance(exc, SopError):
-        return exc.code.value
-    if isinstance(exc, TimeoutError):
-        return "timeout"
-    if isinstance(exc, _Cancelled):
-        return "cancelled"
-    return type(exc).__qualname__
+def _sink(parts: list[str], tokens: TokenWriter | None) -> DeltaSink:
+    if tokens is None:
+        return parts.append
 
+    def on_delta(text: str) -> None:
+        parts.append(text)
+        tokens.add(text)
 
-def _current_cancelling() -> bool:
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
+    return on_delta

@@ -8,7 +8,6 @@ outcome is written; the slot is released once, when the task's ``async with`` en
 
 from __future__ import annotations
 
-import asyncio
 import collections
 from collections.abc import Callable, Mapping
 from types import TracebackType
@@ -54,8 +53,6 @@ class SlotBudget:
         self._models: collections.Counter[str] = collections.Counter()
         self._pools: collections.Counter[str] = collections.Counter()
         self._listeners: list[Callable[[Slot], None]] = []
-        self.released = asyncio.Event()
-        """Set whenever a slot is released (the waiter clears it)."""
 
     def listen(self, callback: Callable[[Slot], None]) -> None:
         """Call ``callback`` with each slot as it is released."""
@@ -85,6 +82,5 @@ class SlotBudget:
     def _release(self, slot: Slot) -> None:
         self._models[slot.model] -= 1
         self._pools[slot.pool] -= 1
-        self.released.set()
         for callback in self._listeners:
             callback(slot)
