@@ -3,9 +3,9 @@
 from gpu.admission import (
     Admission,
     AdmissionConfig,
+    DeviceLoader,
     InsufficientVramError,
     LoadedModel,
-    ModelLoader,
     ModelLoadTimeoutError,
     estimate_need,
 )
@@ -30,6 +30,7 @@ __all__ = [
     "AdmissionConfig",
     "Device",
     "DeviceKeys",
+    "DeviceLoader",
     "DeviceMemory",
     "GpuSemaphore",
     "Holder",
@@ -37,7 +38,6 @@ __all__ = [
     "LoadedModel",
     "MemoryReader",
     "ModelLoadTimeoutError",
-    "ModelLoader",
     "NvmlError",
     "NvmlReader",
     "Semaphore",

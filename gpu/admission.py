@@ -112,7 +112,7 @@ class AdmissionConfig:
         return int(min(d.free_bytes - self.vram_reserve_mb * MIB, cap))
 
 
-class ModelLoader(Protocol):
+class DeviceLoader(Protocol):
     """Loads and frees a local model; ``device`` ``None`` means the CPU. Failures raise a
     :class:`SopError` (a provider's own error tree), translated at the adapter."""
 
@@ -146,7 +146,7 @@ class Admission:
         self,
         *,
         reader: MemoryReader,
-        loader: ModelLoader,
+        loader: DeviceLoader,
         config: AdmissionConfig,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:

@@ -13,8 +13,6 @@ import json
 from typing import Annotated, Final, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     StringConstraints,
     ValidationError,
@@ -22,6 +20,7 @@ from pydantic import (
 )
 
 from schemas.task import MODEL_PATTERN, NAME_PATTERN
+from schemas.wire import StrictModel
 
 ProviderKind = Literal["echo", "llama_cpp", "openai", "openai_compatible", "anthropic"]
 # how an OpenAI-compatible server is asked for structured output
@@ -43,11 +42,7 @@ ModelName = Annotated[str, StringConstraints(pattern=MODEL_PATTERN)]
 PoolName = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class SamplingDefaults(_Strict):
+class SamplingDefaults(StrictModel):
     """Parameters used when a task leaves them out (``None``: the backend's own default)."""
 
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
@@ -57,7 +52,7 @@ class SamplingDefaults(_Strict):
     seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
 
 
-class ModelSpec(_Strict):
+class ModelSpec(StrictModel):
     """One model a worker may serve. Stored as JSON in ``{ns}:models`` (name -> spec)."""
 
     v: Literal[1] = 1

@@ -5,9 +5,10 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue
+from pydantic import Field, JsonValue
 
 from schemas.errors import ErrorCode
+from schemas.wire import StrictModel
 
 
 class TaskState(StrEnum):
@@ -30,11 +31,7 @@ TERMINAL_STATES = frozenset(
 FinishReason = Literal["stop", "length", "cancelled", "deadline", "error"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Usage(_Strict):
+class Usage(StrictModel):
     input_tokens: Annotated[int, Field(ge=0)] = 0
     output_tokens: Annotated[int, Field(ge=0)] = 0
 
@@ -43,12 +40,12 @@ class Usage(_Strict):
         return self.input_tokens + self.output_tokens
 
 
-class ErrorInfo(_Strict):
+class ErrorInfo(StrictModel):
     code: ErrorCode
     message: str
 
 
-class TaskResult(_Strict):
+class TaskResult(StrictModel):
     """The one terminal entry a task gets on ``{ns}:results``."""
 
     v: Literal[1] = 1
@@ -67,7 +64,7 @@ class TaskResult(_Strict):
     finished_at: int = Field(description="milliseconds since the epoch")
 
 
-class WebhookStatus(_Strict):
+class WebhookStatus(StrictModel):
     """The delivery log of a task's webhook, as far as the status record keeps it."""
 
     state: Literal["pending", "delivered", "failed"]
@@ -76,7 +73,7 @@ class WebhookStatus(_Strict):
     last_error: str | None = None
 
 
-class StatusRecord(_Strict):
+class StatusRecord(StrictModel):
     """The status hash ``{ns}:task:<id>``, decoded."""
 
     task_id: str
@@ -94,7 +91,7 @@ class StatusRecord(_Strict):
     webhook: WebhookStatus | None = None
 
 
-class WebhookJob(_Strict):
+class WebhookJob(StrictModel):
     """An entry on ``{ns}:webhooks``: one delivery of one outcome to one URL."""
 
     v: Literal[1] = 1
@@ -106,7 +103,7 @@ class WebhookJob(_Strict):
     created_at: int
 
 
-class DeadLetter(_Strict):
+class DeadLetter(StrictModel):
     """An entry on ``{ns}:dead``: a task event that could not be run, with its provenance."""
 
     v: Literal[1] = 1

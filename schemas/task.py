@@ -9,7 +9,6 @@ from typing import Annotated, Any, Final, Literal, NewType
 from urllib.parse import urlsplit
 
 from pydantic import (
-    BaseModel,
     ConfigDict,
     Field,
     JsonValue,
@@ -19,6 +18,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from schemas.wire import StrictModel
 
 TaskId = NewType("TaskId", str)
 
@@ -37,16 +38,12 @@ TaskIdStr = Annotated[str, StringConstraints(pattern=TASK_ID_PATTERN)]
 NameStr = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ChatMessage(_Strict):
+class ChatMessage(StrictModel):
     role: Literal["system", "user", "assistant"]
     content: str
 
 
-class JsonSchemaSpec(_Strict):
+class JsonSchemaSpec(StrictModel):
     name: Annotated[str, StringConstraints(min_length=1, max_length=64)] = "output"
     schema_: dict[str, JsonValue] = Field(alias="schema")
     strict: bool = True
@@ -54,7 +51,7 @@ class JsonSchemaSpec(_Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
-class ResponseFormat(_Strict):
+class ResponseFormat(StrictModel):
     """Structured-output request: a JSON Schema, any JSON object, plain text or a GBNF grammar."""
 
     type: Literal["text", "json_object", "json_schema", "grammar"]
@@ -74,7 +71,7 @@ def _json_bytes(value: Any) -> int:
     return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
 
 
-class TaskEvent(_Strict):
+class TaskEvent(StrictModel):
     """A task as published on ``{ns}:tasks:<pool>:<priority>`` (entry type ``task.submitted``).
 
     Exactly one of ``prompt`` and ``messages`` is given. ``temperature`` ``0`` is a real value

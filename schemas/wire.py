@@ -12,6 +12,8 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Final
 
+from pydantic import BaseModel, ConfigDict
+
 WIRE_VERSION: Final = 1
 
 FIELD_TYPE: Final = "type"
@@ -31,3 +33,9 @@ class EventType(StrEnum):
     TASK_DEAD = "task.dead"
     WEBHOOK_DELIVERY = "webhook.delivery"
     TASK_CANCEL = "task.cancel"
+
+
+class StrictModel(BaseModel):
+    """Base of every wire model: unknown fields are refused, and a parsed value never changes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)

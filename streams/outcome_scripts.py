@@ -50,13 +50,9 @@ local function fields(i, names)
   end
   return a
 end
-local function set_status(key, values)
-  local flat = {}
-  for k, v in pairs(values) do
-    table.insert(flat, k)
-    table.insert(flat, v)
-  end
-  redis.call('HSET', key, unpack(flat))
+local function set_status(key, ...)
+  -- every write of a task's status record goes through here: field, value, ...
+  redis.call('HSET', key, ...)
 end
 local function xadd(key, typ, data, tp)
   if tp == '' then return redis.call('XADD', key, '*', 'type', typ, 'data', data) end
@@ -95,8 +91,8 @@ local function finish_one(a)
     return 0
   end
   if a.dead ~= '' then xadd(KEYS[3], 'task.dead', a.dead, a.traceparent) end
-  set_status(a.status, {state = a.state, result = a.result, finished_at = a.finished_at,
-    task_id = a.task_id})
+  set_status(a.status, 'state', a.state, 'result', a.result, 'finished_at', a.finished_at,
+    'task_id', a.task_id)
   redis.call('EXPIRE', a.status, ttl)
   xadd(KEYS[1], a.event_type, a.result, a.traceparent)
   if a.reply then
@@ -105,7 +101,7 @@ local function finish_one(a)
   end
   if a.webhook ~= '' then
     xadd(KEYS[2], 'webhook.delivery', a.webhook, a.traceparent)
-    set_status(a.status, {webhook_state = 'pending', webhook_attempts = 0})
+    set_status(a.status, 'webhook_state', 'pending', 'webhook_attempts', 0)
   end
   if a.idem then redis.call('EXPIRE', a.idem, ttl) end
   redis.call('XACK', a.source, group, a.entry_id)
@@ -142,7 +138,7 @@ local function begin_one(a)
       if tid ~= a.task_id then
         if h ~= a.payload_hash then return {'conflict', tid} end
         -- same key, same payload, published again by plain XADD: point at the first task
-        set_status(a.status, {task_id = a.task_id, duplicate_of = tid, entry_id = a.entry_id})
+        set_status(a.status, 'task_id', a.task_id, 'duplicate_of', tid, 'entry_id', a.entry_id)
         redis.call('EXPIRE', a.status, ttl)
         redis.call('XACK', a.source, group, a.entry_id)
         return {'duplicate', tid}
@@ -152,10 +148,10 @@ local function begin_one(a)
     end
   end
   local attempts = (tonumber(cur[7]) or 0) + 1
-  set_status(a.status, {state = 'running', task_id = a.task_id, attempts = attempts,
-    model = a.model, stream = a.source, entry_id = a.entry_id, started_at = now,
-    worker = worker, reply_to = a.reply_to, webhook_url = a.webhook_url,
-    created_at = cur[6] or a.created_ms})
+  set_status(a.status, 'state', 'running', 'task_id', a.task_id, 'attempts', attempts,
+    'model', a.model, 'stream', a.source, 'entry_id', a.entry_id, 'started_at', now,
+    'worker', worker, 'reply_to', a.reply_to, 'webhook_url', a.webhook_url,
+    'created_at', cur[6] or a.created_ms)
   if cur[4] == '1' then return {'cancelled', attempts} end
   if attempts > tonumber(a.max_attempts) then return {'exhausted', attempts, cur[5] or ''} end
   return {'run', attempts, cur[5] or ''}

@@ -18,12 +18,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from schemas.result import WebhookJob
-from schemas.wire import FIELD_DATA, FIELD_TRACEPARENT, FIELD_TYPE, EventType
+from schemas.wire import FIELD_DATA, FIELD_TRACEPARENT, FIELD_TYPE, EventType, StrictModel
 from streams import keys as k
 from streams.entries import Entry, entries_from_read
 from streams.keys import WEBHOOK_GROUP, Keys
@@ -96,11 +96,7 @@ _SETTLE_SCRIPT: Final = LuaScript("webhook_settle", _SETTLE)
 _PROMOTE_SCRIPT: Final = LuaScript("webhook_promote", _PROMOTE)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class AttemptRecord(_Strict):
+class AttemptRecord(StrictModel):
     """One delivery attempt: when (ms since the epoch), the HTTP status, the error class."""
 
     at: int
@@ -108,7 +104,7 @@ class AttemptRecord(_Strict):
     error: str | None = None
 
 
-class WebhookDeadLetter(_Strict):
+class WebhookDeadLetter(StrictModel):
     """An entry on ``{ns}:webhooks:dead``: a delivery that will not be attempted again."""
 
     v: Literal[1] = 1

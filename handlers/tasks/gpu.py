@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 
 class ProviderLoader:
-    """gpu's ``ModelLoader`` over the providers' :class:`Loadable`: admission loads and frees a
+    """gpu's ``DeviceLoader`` over the providers' :class:`Loadable`: admission loads and frees a
     model by name; this maps the name to the provider currently bound to it (the gate binds it
     before each admission, so a reloaded model's new provider is the one loaded next)."""
 

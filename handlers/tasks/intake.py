@@ -19,7 +19,7 @@ from typing import Any
 from handlers.tasks.config import WorkerConfig
 from handlers.tasks.prepare import Prepared, prepare
 from handlers.tasks.run import TaskRunner
-from handlers.tasks.slots import INVALID_MODEL, Slot, SlotBudget
+from handlers.tasks.slots import INVALID_MODEL, ModelSlot, SlotBudget
 from providers.registry import ModelRegistry
 from streams.dispatch import PoolReader
 from streams.entries import Entry
@@ -63,7 +63,7 @@ class PoolIntake:
         self.ready = False
         budget.listen(self._released)
 
-    def _released(self, slot: Slot) -> None:
+    def _released(self, slot: ModelSlot) -> None:
         self._freed.set()
         if slot.model in self._maybe_parked:
             self._wake.set()

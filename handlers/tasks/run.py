@@ -22,7 +22,7 @@ from handlers.policy import Fail
 from handlers.tasks.finish import Finisher
 from handlers.tasks.gpu import GpuGate
 from handlers.tasks.prepare import Prepared, generation_request
-from handlers.tasks.slots import Slot
+from handlers.tasks.slots import ModelSlot
 from handlers.tasks.spans import Spans
 from providers.base import DeltaSink, Generation
 from providers.registry import ModelBinding, ModelRegistry
@@ -82,7 +82,7 @@ class TaskRunner:
         """The entries of the tasks that run here."""
         return set(self.inflight.values())
 
-    def start(self, p: Prepared, slot: Slot, tg: asyncio.TaskGroup) -> None:
+    def start(self, p: Prepared, slot: ModelSlot, tg: asyncio.TaskGroup) -> None:
         """Run ``p`` on ``slot`` in a task of its own (the slot is released when it ends)."""
         task = tg.create_task(self._run(p, slot))
         self.inflight[task] = (p.entry.stream, p.entry.entry_id)
@@ -113,7 +113,7 @@ class TaskRunner:
         running.task.cancel()
         return True
 
-    async def _run(self, p: Prepared, slot: Slot) -> None:
+    async def _run(self, p: Prepared, slot: ModelSlot) -> None:
         async with slot:
             with self._spans.process(p.entry, p.task_id) as span:
                 trace_id = span.get_span_context().trace_id

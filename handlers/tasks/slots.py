@@ -2,8 +2,8 @@
 
 Each model has as many slots as its concurrency (read from the registry at every look, so a
 model reloaded with another figure gets it at once); a pool may also have a cap on the tasks it
-runs at once. A task holds its :class:`Slot` from the moment its entry is taken for it until its
-outcome is written; the slot is released once, when the task's ``async with`` ends.
+runs at once. A task holds its :class:`ModelSlot` from the moment its entry is taken for it
+until its outcome is written; the slot is released once, when the task's ``async with`` ends.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ and take few slots so that a flood of them cannot hold up good tasks."""
 INVALID_SLOTS = 8
 
 
-class Slot:
+class ModelSlot:
     """One task's place on its model and pool."""
 
     __slots__ = ("_budget", "_released", "model", "pool")
@@ -29,7 +29,7 @@ class Slot:
         self.model = model
         self._released = False
 
-    async def __aenter__(self) -> Slot:
+    async def __aenter__(self) -> ModelSlot:
         return self
 
     async def __aexit__(
@@ -52,9 +52,9 @@ class SlotBudget:
         self._caps = dict(pool_caps)
         self._models: collections.Counter[str] = collections.Counter()
         self._pools: collections.Counter[str] = collections.Counter()
-        self._listeners: list[Callable[[Slot], None]] = []
+        self._listeners: list[Callable[[ModelSlot], None]] = []
 
-    def listen(self, callback: Callable[[Slot], None]) -> None:
+    def listen(self, callback: Callable[[ModelSlot], None]) -> None:
         """Call ``callback`` with each slot as it is released."""
         self._listeners.append(callback)
 
@@ -71,15 +71,15 @@ class SlotBudget:
     def running(self, pool: str | None = None) -> int:
         return self._pools[pool] if pool is not None else sum(self._pools.values())
 
-    def take(self, pool: str, model: str) -> Slot | None:
+    def take(self, pool: str, model: str) -> ModelSlot | None:
         """A slot for a task of ``model`` in ``pool``, or ``None`` when none is free."""
         if self.free(pool, model) <= 0:
             return None
         self._models[model] += 1
         self._pools[pool] += 1
-        return Slot(self, pool, model)
+        return ModelSlot(self, pool, model)
 
-    def _release(self, slot: Slot) -> None:
+    def _release(self, slot: ModelSlot) -> None:
         self._models[slot.model] -= 1
         self._pools[slot.pool] -= 1
         for callback in self._listeners:

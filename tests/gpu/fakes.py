@@ -13,7 +13,7 @@ GIB = 1024 * MIB
 @dataclass
 class FakeGpu:
     """Devices whose used memory is what others hold plus the models loaded through it: both a
-    ``MemoryReader`` and a ``ModelLoader``. ``sizes`` is what a model really takes."""
+    ``MemoryReader`` and a ``DeviceLoader``. ``sizes`` is what a model really takes."""
 
     total: list[int]
     others: list[int] = field(default_factory=list)
