@@ -106,6 +106,7 @@ def build_worker(
         status_ttl_s=settings.status_ttl_s,
         max_prompt_bytes=settings.max_prompt_bytes,
         max_metadata_bytes=settings.max_metadata_bytes,
+        max_entry_bytes=settings.max_entry_bytes,
         shutdown_grace_s=settings.shutdown_grace_s,
         retry_poll_ms=settings.retry_poll_ms,
         retry=RetryPolicy(base_s=settings.retry_base_s, max_s=settings.retry_max_s),

@@ -42,7 +42,7 @@ from streams.webhook_store import (
     WebhookDeadLetter,
 )
 
-# entry types of the token stream `{ns}:task:<id>:tokens` (kept in streams.tokens, not in
+# entry types of the token stream `{ns}:tokens:<id>` (kept in streams.tokens, not in
 # EventType: they never reach a task, result or webhook stream)
 TOKEN_DELTA: Final = DELTA
 TOKEN_END: Final = END

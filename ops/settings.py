@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import uuid
 from pathlib import Path
@@ -12,12 +13,20 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from schemas.task import NAME_PATTERN
 from streams.keys import DEFAULT_PARTITIONS
 from streams.producer import ProducerConfig
 
 CommaList = Annotated[tuple[str, ...], NoDecode]
 # a delay in seconds: finite and never negative
 Delay = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+def _a_name(name: str) -> str:
+    # a pool or partition name is one segment of a Redis key: it may not reach into another
+    if not re.match(NAME_PATTERN, name):
+        raise ValueError(f"{name!r} is not a valid name (letters, digits, '.', '_', '-')")
+    return name
 
 
 def _split(value: object) -> object:
@@ -88,6 +97,11 @@ class Settings(BaseSettings):
     )
     max_metadata_bytes: int = Field(
         default=16 << 10, ge=1, description="Largest metadata object, as JSON bytes."
+    )
+    max_entry_bytes: int = Field(
+        default=4 << 20,
+        ge=1024,
+        description="Largest task entry (all its fields); a bigger one is dead-lettered by its size without being loaded by a worker.",
     )
     status_ttl_s: int = Field(
         default=86_400,
@@ -248,7 +262,14 @@ class Settings(BaseSettings):
     def _not_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         if not value:
             raise ValueError("at least one name is required")
+        for name in value:
+            _a_name(name)
         return value
+
+    @field_validator("pool")
+    @classmethod
+    def _a_pool(cls, value: str) -> str:
+        return _a_name(value)
 
     @field_validator("webhook_schedule_s")
     @classmethod

@@ -63,8 +63,12 @@ class PoolReader:
         block_ms: int = 1000,
         aging_ms: int = 30_000,
         aging_check_ms: int = 1_000,
+        max_entry_bytes: int = 4 << 20,
+        read_budget_bytes: int = 16 << 20,
         group: str = TASK_GROUP,
     ) -> None:
+        """An entry over ``max_entry_bytes`` is returned as a stub (``Entry.oversize``) instead
+        of its content; a read stops once its entries add up to ``read_budget_bytes``."""
         if not partitions:
             raise ValueError("at least one partition is required")
         if consumer == PARKED_CONSUMER:
@@ -79,6 +83,8 @@ class PoolReader:
         self._group = group
         self.block_ms = block_ms
         self._aging_ms = aging_ms
+        self._max_entry_bytes = max_entry_bytes
+        self._read_budget_bytes = read_budget_bytes
         self._aging_check_s = aging_check_ms / 1000
         self._next_aging_check = 0.0
         self._promoted: str | None = None
@@ -111,15 +117,17 @@ class PoolReader:
         keys = [*order, self._wake, *(self._keys.parked(self.pool, m) for m in models)]
         args: list[EncodableT] = [
             self._group, self._consumer, PARKED_CONSUMER, count, first_limit, len(order),
-            RANK_MS, self._aging_ms,
+            RANK_MS, self._aging_ms, self._max_entry_bytes, self._read_budget_bytes,
         ]  # fmt: skip
         args += [parked[m] for m in models]
         taken, found, last = await READ_SCRIPT(self._client, keys, args)
         got = dict.fromkeys(models, 0)
         entries = []
-        for number, stream, item in taken:
+        for number, stream, item, deliveries in taken:
             got[models[int(number) - 1]] += 1
-            entries.append(Entry.from_reply(text(stream), *item))
+            entry = Entry.from_reply(text(stream), *item)
+            entry.deliveries = int(deliveries)
+            entries.append(entry)
         for index, items in found:
             stream = order[int(index) - 1]
             entries.extend(Entry.from_reply(stream, eid, fields) for eid, fields in items)
@@ -128,15 +136,16 @@ class PoolReader:
             return Read(entries, None, drained)  # there may be more: read again before waiting
         return Read(entries, text(last[-1]), drained)
 
-    async def block(self, count: int) -> list[Entry]:
-        """New entries, blocking up to ``block_ms`` until one arrives: at most
-        ``count // partitions`` (at least 1) from each partition that has some (a blocked read
-        is served by the first partition that receives an entry). Cancelling it may leave what
-        it was delivered pending here, to be adopted later (``Reclaimer.orphans``)."""
+    async def block(self) -> list[Entry]:
+        """New entries, blocking up to ``block_ms`` until one arrives: at most one from each
+        partition that has some (a blocked read is served by the first partition that receives
+        an entry; it cannot be held to a size, so it loads at most one entry per partition,
+        and one over the size limit becomes a stub at once). Cancelling it may leave what it
+        was delivered pending here, to be adopted later (``Reclaimer.orphans``)."""
         try:
             reply = await self._client.xreadgroup(
-                self._group, self._consumer, dict.fromkeys(self.streams, ">"),
-                count=max(1, count // len(self.streams)), block=self.block_ms,
+                self._group, self._consumer, dict.fromkeys(self.streams, ">"), count=1,
+                block=self.block_ms,
             )  # fmt: skip
         except Exception as exc:
             if not is_missing_group(exc):
@@ -145,7 +154,7 @@ class PoolReader:
             await ensure_groups(self._client, self.streams, self._group)
             return []
         raise_if_cancelled()
-        return entries_from_read(reply)
+        return [e.capped(self._max_entry_bytes) for e in entries_from_read(reply)]
 
     async def parked_since(self, wake_id: str) -> None:
         """Block up to ``block_ms`` until an entry of this pool is parked after ``wake_id`` (as

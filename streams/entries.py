@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import base64
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from schemas.wire import FIELD_DATA, FIELD_TRACEPARENT, FIELD_TYPE
+
+FIELD_OVERSIZE = "__oversize"
+FIELD_STUB_TASK_ID = "__task_id"
+_TASK_ID_IN_DATA = re.compile(rb'"task_id"\s*:\s*"([A-Za-z0-9._:\-]+)"')
 
 
 def text(value: bytes | str) -> str:
@@ -20,6 +25,8 @@ class Entry:
     stream: str
     entry_id: str
     fields: dict[str, bytes]
+    deliveries: int = 1
+    """How many times the group has delivered it (a new read is the first)."""
 
     @classmethod
     def from_reply(cls, stream: str, entry_id: bytes | str, raw: Any) -> Entry:
@@ -49,6 +56,35 @@ class Entry:
     def tracestate(self) -> str:
         raw = self.fields.get("tracestate")
         return raw.decode("ascii", "replace")[:512] if raw else ""
+
+    @property
+    def oversize(self) -> int:
+        """The entry's size in bytes when it was over the limit and only a stub came back (its
+        type, size and the ``task_id`` found near the start of its data); else 0."""
+        raw = self.fields.get(FIELD_OVERSIZE)
+        return int(raw) if raw is not None and raw.isdigit() else 0
+
+    def task_id_hint(self) -> str | None:
+        """The ``task_id`` found by a bounded scan of the start of ``data`` (or a stub's), read
+        without parsing the entry: for entries that must not be parsed (too big, or delivered
+        too often, maybe because parsing them kills a worker)."""
+        if FIELD_OVERSIZE in self.fields:
+            found = self.fields.get(FIELD_STUB_TASK_ID, b"")
+            return found.decode() if found else None
+        match = _TASK_ID_IN_DATA.search((self.data or b"")[:65536])
+        return match.group(1).decode() if match else None
+
+    def capped(self, limit: int) -> Entry:
+        """This entry, or its stub when its fields add up to more than ``limit`` bytes."""
+        size = sum(len(k) + len(v) for k, v in self.fields.items())
+        if size <= limit:
+            return self
+        stub = {
+            FIELD_TYPE: (self.fields.get(FIELD_TYPE) or b"")[:64],
+            FIELD_OVERSIZE: str(size).encode(),
+            FIELD_STUB_TASK_ID: (self.task_id_hint() or "").encode(),
+        }
+        return Entry(self.stream, self.entry_id, stub, self.deliveries)
 
     @property
     def timestamp_ms(self) -> int:

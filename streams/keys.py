@@ -131,7 +131,9 @@ class Keys:
         return f"{self.prefix}:task:{task_id}"
 
     def task_tokens(self, task_id: str) -> str:
-        return f"{self.prefix}:task:{task_id}:tokens"
+        """A streaming task's token deltas: a family of its own, so that no task id (``X:tokens``
+        is a valid one) can name another task's token stream or status record."""
+        return f"{self.prefix}:tokens:{task_id}"
 
     def idem(self, key: str) -> str:
         return f"{self.prefix}:idem:{key}"

@@ -157,13 +157,10 @@ class Reclaimer:
                 stream, self._group, min="-", max="+", count=free - len(adopted) + len(busy),
                 consumername=self._consumer, idle=min_idle_ms,
             )  # fmt: skip
-            ids = [
-                text(r["message_id"]) for r in rows if (stream, text(r["message_id"])) not in busy
-            ]
+            ids = {i: n for i, n in _deliveries(rows).items() if (stream, i) not in busy}
             if ids:
-                adopted.extend(
-                    await self._claim_ids(stream, ids[: free - len(adopted)], min_idle_ms)
-                )
+                wanted = dict(list(ids.items())[: free - len(adopted)])
+                adopted.extend(await self._claim_ids(stream, wanted, min_idle_ms))
         if adopted:
             log.warning("adopted own orphaned entries", extra={"count": len(adopted)})
         return adopted
@@ -172,9 +169,7 @@ class Reclaimer:
         rows: list[Any] = await self._client.xpending_range(
             stream, self._group, min="-", max="+", count=count, consumername=owner
         )
-        entries = await self._claim_ids(
-            stream, [text(r["message_id"]) for r in rows], _CLAIM_MIN_IDLE_MS
-        )
+        entries = await self._claim_ids(stream, _deliveries(rows), _CLAIM_MIN_IDLE_MS)
         if entries:
             log.warning(
                 "reclaimed entries of an expired worker",
@@ -182,7 +177,9 @@ class Reclaimer:
             )
         return entries
 
-    async def _claim_ids(self, stream: str, ids: list[str], min_idle_ms: int) -> list[Entry]:
+    async def _claim_ids(self, stream: str, ids: dict[str, int], min_idle_ms: int) -> list[Entry]:
+        """Claim ``ids`` (id → times delivered so far); each entry comes back with its count,
+        this claim included."""
         if not ids:
             return []
         claim: list[str | bytes | int | memoryview] = list(ids)
@@ -199,7 +196,14 @@ class Reclaimer:
                 # trimmed or deleted while pending (Redis 6.2 reports it; 7.x drops it itself)
                 deleted.append(text(eid))
                 continue
-            entries.append(Entry.from_reply(stream, eid, fields))
+            entry = Entry.from_reply(stream, eid, fields)
+            entry.deliveries = ids.get(entry.entry_id, 0) + 1
+            entries.append(entry)
         if deleted:
             await self._client.xack(stream, self._group, *deleted)
         return entries
+
+
+def _deliveries(rows: list[Any]) -> dict[str, int]:
+    """Entry id → times delivered, from an XPENDING range."""
+    return {text(r["message_id"]): int(r["times_delivered"]) for r in rows}

@@ -17,13 +17,14 @@ from typing import Any, Generic, Literal, TypeVar
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from schemas.result import DeadLetter, ErrorInfo, TaskResult, WebhookJob
 from schemas.wire import EventType
 from streams.entries import Entry, text
 from streams.keys import TASK_GROUP, Keys
 from streams.outcome_scripts import (
+    ABANDON_SCRIPT,
     BEGIN_FIELDS,
     BEGIN_MANY_SCRIPT,
     FINISH_FIELDS,
@@ -76,6 +77,9 @@ class Finish:
     dead: DeadLetter | None = None
     expect_state: str = ""
     """Write only if the task is in this state (cancelling a queued task); ``""``: any."""
+    fenced: bool = False
+    """The entry is malformed: it may end only a task that no other entry owns (else it gets
+    only its own dead letter and acknowledgement)."""
     traceparent: str | None = None
     """Trace context for the results entry and webhook job; ``None``: the task entry's."""
     tracestate: str = ""
@@ -112,8 +116,13 @@ class _Coalesced(Generic[T]):
             async with asyncio.timeout(self._timeout_s):
                 replies = await self._send([item for item, _ in batch])
         except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 - handed to the callers
-            # nothing of the batch is known to be written: every caller may try again
-            error = exc if isinstance(exc, RedisError) else RedisConnectionError(repr(exc))
+            # nothing of the batch is known to be written: every caller may try again (a cut
+            # call counts as connection trouble; anything else is the callers' to judge)
+            error = (
+                RedisConnectionError(f"call cut short: {exc!r}")
+                if isinstance(exc, asyncio.CancelledError)
+                else exc
+            )
             for _, fut in batch:
                 if not fut.done():
                     fut.set_exception(error)
@@ -179,12 +188,29 @@ class Outcomes:
     async def finish(self, fin: Finish) -> int:
         """Write the terminal outcome. Returns 1 when written; 0 when the task was already
         terminal (another attempt won: only the entry is acknowledged, and dead-lettered if
-        asked); -1 when ``expect_state`` did not hold (nothing written).
+        asked); -1 when ``expect_state`` did not hold (nothing written); -2 when the entry was
+        fenced off another entry's task (only its dead letter and acknowledgement).
 
         The finishes of one event-loop tick go out as one script call. Raises a Redis error
         when the batch could not be written; nothing was written for this task then, and the
         caller may try again."""
         return int(await self._finish(fin))
+
+    async def abandon(self, fin: Finish) -> bool:
+        """Write ``fin``'s result to ``results`` and its dead letter, and acknowledge its entry,
+        without touching the task's own keys (they refused the write). False when the entry was
+        no longer pending (written by an earlier call)."""
+        assert fin.dead is not None
+        result = fin.result
+        tp = (fin.entry.traceparent if fin.traceparent is None else fin.traceparent) or ""
+        reply = await ABANDON_SCRIPT(
+            self._client,
+            [self._keys.results, self._keys.dead, fin.entry.stream],
+            [self._group, fin.entry.entry_id, _RESULT_TYPES[result.state.value].value,
+             result.model_dump_json(exclude_none=True), fin.dead.model_dump_json(exclude_none=True),
+             tp],
+        )  # fmt: skip
+        return bool(reply)
 
     async def drain(self, timeout: float = 15.0) -> None:
         """Wait for the begins and terminal writes under way (at shutdown)."""
@@ -220,13 +246,14 @@ class Outcomes:
                 "entry_id": fin.entry.entry_id, "task_id": result.task_id,
                 "state": result.state.value, "event_type": _RESULT_TYPES[result.state.value].value,
                 "result": result.model_dump_json(exclude_none=True),
-                "finished_at": result.finished_at,
+                "finished_at": result.finished_at, "worker": result.worker,
+                "attempts": result.attempts,
                 "traceparent": (
                     fin.entry.traceparent if fin.traceparent is None else fin.traceparent
                 ) or "",
                 "webhook": fin.webhook.model_dump_json(exclude_none=True) if fin.webhook else "",
                 "dead": fin.dead.model_dump_json(exclude_none=True) if fin.dead else "",
-                "expect": fin.expect_state,
+                "expect": fin.expect_state, "fence": "1" if fin.fenced else "",
             })  # fmt: skip
         replies = await FINISH_MANY_SCRIPT(self._client, b.keys, b.args)
         return [ResponseError(text(r)) if isinstance(r, bytes | str) else int(r) for r in replies]

@@ -24,12 +24,13 @@ webhook URL."""
 
 FINISH_FIELDS: Final = (
     "status", "source", "reply", "idem", "entry_id", "task_id", "state", "event_type", "result",
-    "finished_at", "traceparent", "webhook", "dead", "expect",
+    "finished_at", "worker", "attempts", "traceparent", "webhook", "dead", "expect", "fence",
 )  # fmt: skip
 """A task's terminal write: its status key, source stream, reply stream and idempotency key
 (KEYS indexes), the entry id, task id, terminal state, result event type, result JSON, finish
-time, traceparent ('' none), webhook job JSON ('' none), dead letter JSON ('' none) and the
-state it must be in ('' any)."""
+time, the worker and attempt number of the attempt that wrote it, traceparent ('' none), webhook
+job JSON ('' none), dead letter JSON ('' none), the state it must be in ('' any), and the fence
+('1': the entry is malformed, and may write only a task that no other entry owns)."""
 
 KEY_FIELDS: Final = frozenset({"status", "source", "reply", "idem"})
 
@@ -78,11 +79,19 @@ def _script(body: str) -> str:
 # The terminal write of one task: status, results entry (and the reply_to copy), webhook job,
 # dead letter and XACK, or nothing. A task already terminal gets no second result.
 # finish_one returns 1 written, 0 already terminal (acked only), -1 state not as expected
-# (nothing written).
+# (nothing written), -2 fenced (a malformed entry with another entry's task id: only its own
+# dead letter and XACK).
 _FINISH_ONE_LUA: Final = """
 local function finish_one(a)
-  local st = redis.call('HGET', a.status, 'state')
+  local cur = redis.call('HMGET', a.status, 'state', 'entry_id')
+  local st = cur[1]
   if a.expect ~= '' and st ~= a.expect then return -1 end
+  if a.fence == '1' and cur[2] and cur[2] ~= a.entry_id then
+    if redis.call('XACK', a.source, group, a.entry_id) == 1 and a.dead ~= '' then
+      xadd(KEYS[3], 'task.dead', a.dead, a.traceparent)
+    end
+    return -2
+  end
   if terminal(st) then
     -- dead-letter this entry only if it was still pending (not on a retry of our own write)
     if redis.call('XACK', a.source, group, a.entry_id) == 1 and a.dead ~= '' then
@@ -92,7 +101,7 @@ local function finish_one(a)
   end
   if a.dead ~= '' then xadd(KEYS[3], 'task.dead', a.dead, a.traceparent) end
   set_status(a.status, 'state', a.state, 'result', a.result, 'finished_at', a.finished_at,
-    'task_id', a.task_id)
+    'task_id', a.task_id, 'worker', a.worker, 'attempts', a.attempts)
   redis.call('EXPIRE', a.status, ttl)
   xadd(KEYS[1], a.event_type, a.result, a.traceparent)
   if a.reply then
@@ -169,7 +178,7 @@ return out
 # and isolated (one that fails to write does not stop the others).
 # ARGV: group, ttl_s, n, then per task a JSON object of the FINISH_FIELDS
 # Returns per task: 1 written, 0 already terminal (acked only), -1 state not as expected
-# (nothing written), or "ERR <message>".
+# (nothing written), -2 fenced, or "ERR <message>".
 FINISH_MANY: Final = _script(
     """
 local group, ttl = ARGV[1], ARGV[2]
@@ -186,5 +195,24 @@ return out
 )
 
 
+# The last resort when a task's own keys refuse its terminal write (a key of the wrong type,
+# say): the outcome goes to `results` and the entry to the dead letters, and the entry is
+# acknowledged, touching none of the task's own keys. Written once: only while the entry is
+# still pending (checked first, since a script's writes before an error stay).
+# KEYS: results, dead, source stream. ARGV: group, entry id, event type, result JSON, dead
+# letter JSON, traceparent ('' = none). Returns 1 written, 0 the entry was not pending.
+ABANDON: Final = (
+    _COMMON_LUA
+    + """
+local group, id = ARGV[1], ARGV[2]
+if not redis.call('XPENDING', KEYS[3], group, id, id, 1)[1] then return 0 end
+xadd(KEYS[1], ARGV[3], ARGV[4], ARGV[6])
+xadd(KEYS[2], 'task.dead', ARGV[5], ARGV[6])
+redis.call('XACK', KEYS[3], group, id)
+return 1
+"""
+)
+
 BEGIN_MANY_SCRIPT: Final = LuaScript("begin_many", BEGIN_MANY)
+ABANDON_SCRIPT: Final = LuaScript("abandon", ABANDON)
 FINISH_MANY_SCRIPT: Final = LuaScript("finish_many", FINISH_MANY)

@@ -145,16 +145,18 @@ return id
 # it is > 0 (the aged partition, see dispatch).
 # KEYS: the pool's partition streams in read order (n of them), the wake stream, then one
 #   parked set per model asked for
-# ARGV: group, consumer, parked consumer, count, first_limit, n, rank_ms, aging_ms, then one
-#   count per parked set (a parked score is rank * rank_ms + entry time)
+# ARGV: group, consumer, parked consumer, count, first_limit, n, rank_ms, aging_ms, the size
+#   limit of an entry, the byte budget of the read, then one count per parked set (a parked
+#   score is rank * rank_ms + entry time)
 # A parked member is "<stream> <entry id>"; taking it claims the entry from the parked consumer
 # with JUSTID (the delivery counter is not raised: parking is no delivery). A member whose entry
 # the parked consumer no longer holds (acknowledged by a cancel, trimmed) is dropped.
-# Returns {taken entries as {parked-set number, stream, {id, fields}},
+# Returns {taken entries as {parked-set number, stream, {id, fields}, delivery count},
 #   {{key index, entries}...}, last ids of the partitions and of the wake stream}.
 READ: Final = """
 local group, me, parked, n = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[6])
 local rank_ms, aging = tonumber(ARGV[7]), tonumber(ARGV[8])
+local max_entry, budget = tonumber(ARGV[9]), tonumber(ARGV[10])
 local partitions = {}
 for i = 1, n do partitions[KEYS[i]] = true end
 local t = redis.call('TIME')
@@ -177,7 +179,7 @@ local function next_member(key)
 end
 local taken = {}
 for j = n + 2, #KEYS do
-  local want = tonumber(ARGV[8 + j - n - 1])
+  local want = tonumber(ARGV[10 + j - n - 1])
   while want > 0 do
     local m = next_member(KEYS[j])
     if not m then break end
@@ -189,7 +191,7 @@ for j = n + 2, #KEYS do
       redis.call('XCLAIM', stream, group, me, 0, id, 'JUSTID')
       local r = redis.call('XRANGE', stream, id, id)
       if #r > 0 then
-        table.insert(taken, {j - n - 1, stream, r[1]})
+        table.insert(taken, {j - n - 1, stream, r[1], p[1][4]})
         want = want - 1
       else
         redis.call('XACK', stream, group, id)
@@ -197,17 +199,42 @@ for j = n + 2, #KEYS do
     end
   end
 end
+-- an entry over the size limit leaves Redis as a stub: its type, its size and the task id
+-- found near the start of its data, so that it is dead-lettered by its size unread
+local function checked(entry)
+  local f, size, data, typ = entry[2], 0, '', ''
+  for k = 1, #f, 2 do
+    size = size + #f[k] + #f[k + 1]
+    if f[k] == 'data' then data = f[k + 1] elseif f[k] == 'type' then typ = f[k + 1] end
+  end
+  if size <= max_entry then return entry, size end
+  local id = string.match(string.sub(data, 1, 65536), '"task_id"%s*:%s*"([A-Za-z0-9._:%-]+)"')
+  return {entry[1], {'type', string.sub(typ, 1, 64), '__oversize', tostring(size),
+    '__task_id', id or ''}}, 0
+end
 local left = tonumber(ARGV[4])
 local out = {}
 for i = 1, n do
-  if left <= 0 then break end
-  local c = left
-  if i == 1 and tonumber(ARGV[5]) > 0 and tonumber(ARGV[5]) < c then c = tonumber(ARGV[5]) end
-  local r = redis.call('XREADGROUP', 'GROUP', group, me, 'COUNT', c, 'STREAMS', KEYS[i], '>')
-  if r then
-    table.insert(out, {i, r[1][2]})
+  local limit = left
+  if i == 1 and tonumber(ARGV[5]) > 0 and tonumber(ARGV[5]) < limit then
+    limit = tonumber(ARGV[5])
+  end
+  local got = {}
+  -- in chunks, so that a read stops near its byte budget
+  while limit > 0 and budget > 0 do
+    local r = redis.call('XREADGROUP', 'GROUP', group, me, 'COUNT', math.min(limit, 16),
+      'STREAMS', KEYS[i], '>')
+    if not r then break end
+    for _, entry in ipairs(r[1][2]) do
+      local e, size = checked(entry)
+      table.insert(got, e)
+      budget = budget - size
+    end
+    limit = limit - #r[1][2]
     left = left - #r[1][2]
   end
+  if #got > 0 then table.insert(out, {i, got}) end
+  if left <= 0 or budget <= 0 then break end
 end
 -- the newest id of each stream (and the wake stream), so that a caller that found less than it
 -- asked for can block for what comes next

@@ -1,4 +1,4 @@
-"""Token deltas of a streaming task: ``{ns}:task:<id>:tokens``.
+"""Token deltas of a streaming task: ``{ns}:tokens:<id>``.
 
 Entries: ``type=token.delta`` with ``data={"v":1,"text":...}`` (deltas batched every few ms,
 not one round trip per token), then one ``type=token.end`` with

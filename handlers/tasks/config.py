@@ -29,6 +29,10 @@ class WorkerConfig:
     status_ttl_s: int = 86_400
     max_prompt_bytes: int = 1 << 20
     max_metadata_bytes: int = 16 << 10
+    max_entry_bytes: int = 4 << 20
+    """An entry bigger than this is dead-lettered by its size, never loaded by a read."""
+    read_budget_bytes: int = 16 << 20
+    """A read stops once its entries add up to this many bytes."""
     shutdown_grace_s: float = 30.0
     retry_poll_ms: int = 250
     retry: RetryPolicy = field(default_factory=RetryPolicy)

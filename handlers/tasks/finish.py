@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from handlers.clock import now_ms
 from handlers.metrics import Metrics
@@ -20,6 +22,8 @@ from streams.topology import Backoff
 from streams.tracecontext import current_traceparent
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class Finisher:
@@ -153,18 +157,15 @@ class Finisher:
             entry=p.entry, result=result, reply_to=event.reply_to if event else None,
             idempotency_key=event.idempotency_key if event else None,
             webhook=webhook_job(result, url) if url else None, dead=dead,
+            fenced=event is None,
         )  # fmt: skip
-        # the write runs on its own (a shutdown cannot cut it in half); Redis trouble is retried
-        # until it lands (the entry stays pending meanwhile, so nothing is lost)
-        backoff = Backoff(base=0.05, cap=2.0)
-        while True:
-            try:
-                written = await self._outcomes.finish(fin)
-                break
-            except TRANSIENT_ERRORS as exc:
-                if backoff.failures == 0:
-                    log.warning("terminal write failed, retrying", extra={"error": describe(exc)})
-                await backoff.sleep()
+        # the write runs on its own (a shutdown cannot cut it in half); connection trouble is
+        # retried until it lands (the entry stays pending meanwhile, so nothing is lost)
+        try:
+            written = await _retried(lambda: self._outcomes.finish(fin))
+        except Exception as exc:  # noqa: BLE001 - a refusal: the task's own keys are unusable
+            await self.abandon(p, result.attempts, exc)
+            return
         if event is not None and event.stream:
             with contextlib.suppress(*TRANSIENT_ERRORS):
                 await self._tokens.end(
@@ -175,8 +176,37 @@ class Finisher:
                 "task finished", extra={"state": result.state.value, "attempts": result.attempts}
             )
             self._observe(p, result, dead)
+        elif written == -2:
+            log.warning("malformed entry carries another entry's task id: dead-lettered alone")
         else:
             log.info("task already finished by another attempt")
+
+    async def abandon(self, p: Prepared, attempts: int, exc: BaseException) -> None:
+        """End an entry whose task's own keys refuse to be written (a key of another type, a
+        script error): ``failed`` with ``internal`` on ``results``, dead-lettered, acknowledged,
+        so that it neither holds its slot nor comes back. Nothing else is touched."""
+        message = f"the task's status could not be written: {describe(exc)}"[:500]
+        log.error("task abandoned", extra={"error": describe(exc)})
+        fail = Fail(ErrorCode.INTERNAL, message, dead_letter=True)
+        result = self.result(
+            p, attempts, now_ms(), TaskState.FAILED, finish_reason="error",
+            error=ErrorInfo(code=fail.code, message=message),
+        )  # fmt: skip
+        assert result.error is not None
+        dead = DeadLetter(
+            source_stream=p.entry.stream, entry_id=p.entry.entry_id, task_id=p.task_id,
+            reason=fail.code, message=message, attempts=attempts,
+            fields=p.entry.printable_fields(), errors=[result.error], dead_at=result.finished_at,
+        )  # fmt: skip
+        fin = Finish(entry=p.entry, result=result, dead=dead)
+        try:
+            if await _retried(lambda: self._outcomes.abandon(fin)) and self._metrics is not None:
+                self._metrics.outcome(result.state.value).inc()
+                self._metrics.dead_letters.labels(fail.code.value).inc()
+        except Exception:
+            # results or the dead letters themselves refuse: nothing can be written; the entry
+            # stays pending (and its delivery count ends it once the namespace is repaired)
+            log.exception("abandoning the task failed too")
 
     def _observe(self, p: Prepared, result: TaskResult, dead: DeadLetter | None) -> None:
         if self._metrics is None:
@@ -197,6 +227,18 @@ class Finisher:
                 return scheduled >= 0  # 0: already terminal elsewhere; -1: cancel requested
             except TRANSIENT_ERRORS:
                 await backoff.sleep()
+
+
+async def _retried(call: Callable[[], Awaitable[T]]) -> T:
+    """``call()`` until it does not fail with connection trouble."""
+    backoff = Backoff(base=0.05, cap=2.0)
+    while True:
+        try:
+            return await call()
+        except TRANSIENT_ERRORS as exc:
+            if backoff.failures == 0:
+                log.warning("terminal write failed, retrying", extra={"error": describe(exc)})
+            await backoff.sleep()
 
 
 def _error_info(exc: BaseException) -> ErrorInfo:

@@ -21,6 +21,7 @@ from handlers.tasks.prepare import Prepared, prepare
 from handlers.tasks.run import TaskRunner
 from handlers.tasks.slots import INVALID_MODEL, ModelSlot, SlotBudget
 from providers.registry import ModelRegistry
+from schemas.errors import ErrorCode
 from streams.dispatch import PoolReader
 from streams.entries import Entry
 from streams.errors import TRANSIENT_ERRORS, describe
@@ -109,7 +110,7 @@ class PoolIntake:
         # new entries only for the free slots of real models: the slots of invalid entries are
         # extra, kept for the ones that arrive among the others
         count = sum(n for m, n in free.items() if m != INVALID_MODEL)
-        await self._route_blocked(count, tg)
+        await self._route_blocked(tg)
         if not count:
             await _first(stop.wait(), self._freed.wait(), also=self._blocked)
             # the tasks of one terminal write release their slots in the same tick: let them
@@ -125,15 +126,15 @@ class PoolIntake:
             if read.wake_id is None:
                 return  # there may be more: read again
             self._wake_id, self._must_read = read.wake_id, False
-        await self._idle(self._wake_id, count, stop)
+        await self._idle(self._wake_id, stop)
 
-    async def _idle(self, wake_id: str, count: int, stop: asyncio.Event) -> None:
+    async def _idle(self, wake_id: str, stop: asyncio.Event) -> None:
         """Nothing to read: block in ``XREADGROUP`` for a new entry (it delivers it at once) and
         in ``XREAD`` for an entry parked elsewhere, and stop waiting as well when a slot frees
         for a model with parked entries. Neither blocked read is cut short (a cancelled command
         costs its connection); what they bring is handled on the next pass."""
         if self._blocked is None:
-            self._blocked = asyncio.ensure_future(self._reader.block(count))
+            self._blocked = asyncio.ensure_future(self._reader.block())
         if self._parked is None:
             self._parked = asyncio.ensure_future(self._reader.parked_since(wake_id))
         local = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
@@ -158,27 +159,22 @@ class PoolIntake:
             self._maybe_parked.add(INVALID_MODEL)
             self._must_read = True
 
-    async def _route_blocked(self, count: int, tg: asyncio.TaskGroup) -> None:
+    async def _route_blocked(self, tg: asyncio.TaskGroup) -> None:
         """Route what the blocked read brought, once it is back."""
         blocked = self._blocked
         if blocked is None or not blocked.done():
             return
         self._blocked = None
         entries = blocked.result()  # raises what the read raised
-        if len(entries) >= max(1, count // len(self._reader.streams)):
-            self._must_read = True  # it took all it could: there may be more
         if entries:
+            self._must_read = True  # it takes one entry a partition: there may be more
             await self._route(entries, tg)
 
     async def _route(self, entries: list[Entry], tg: asyncio.TaskGroup) -> None:
         """Start each entry on a free slot of its model, best first; park the rest."""
-        cfg = self._config
         by_model: dict[str, list[Prepared]] = {}
         for entry in entries:
-            p = prepare(
-                entry, keys=self._keys,
-                max_prompt_bytes=cfg.max_prompt_bytes, max_metadata_bytes=cfg.max_metadata_bytes,
-            )  # fmt: skip
+            p = self._prepare(entry)
             model = p.model if p.event and self._registry.get(p.model) else INVALID_MODEL
             by_model.setdefault(model, []).append(p)
         parked: list[tuple[Entry, str]] = []
@@ -194,6 +190,37 @@ class PoolIntake:
             self._maybe_parked.update(model for _, model in parked)
             # on failure the entries stay pending here and are adopted again later
             await self._reader.park(parked)
+
+    def _prepare(self, entry: Entry) -> Prepared:
+        """The entry validated, or refused with a clear reason; never raises, so that one entry
+        cannot fail the others of its read."""
+        cfg = self._config
+        if entry.oversize:
+            message = f"entry: {entry.oversize} bytes, over the limit of {cfg.max_entry_bytes}"
+            return self._refused(entry, ErrorCode.INVALID_EVENT, message)
+        if entry.deliveries > cfg.max_attempts:
+            # delivered again and again without reaching its start: maybe reading it is what
+            # ends the worker, so it is not read again
+            message = (
+                f"delivered {entry.deliveries} times without starting, over the limit of "
+                f"{cfg.max_attempts}"
+            )
+            return self._refused(entry, ErrorCode.MAX_ATTEMPTS, message)
+        try:
+            return prepare(
+                entry, keys=self._keys,
+                max_prompt_bytes=cfg.max_prompt_bytes, max_metadata_bytes=cfg.max_metadata_bytes,
+            )  # fmt: skip
+        except Exception as exc:
+            log.exception("an entry could not be read")
+            return self._refused(entry, ErrorCode.INTERNAL, f"entry unreadable: {describe(exc)}")
+
+    def _refused(self, entry: Entry, code: ErrorCode, message: str) -> Prepared:
+        task_id = entry.task_id_hint()
+        if task_id is None:
+            pool, partition = self._keys.parse_tasks_stream(entry.stream)
+            task_id = self._keys.derived_task_id(pool, partition, entry.entry_id)
+        return Prepared(entry, task_id, None, code, message)
 
     async def reclaim(self, tg: asyncio.TaskGroup) -> None:
         """Take what dead workers left, and this worker's own entries that nothing runs (their

@@ -193,6 +193,9 @@ class TaskRunner:
             # nothing started: the entry stays pending here and is adopted again
             log.warning("begin failed, entry left pending", extra={"error": describe(exc)})
             return None
+        except Exception as exc:  # noqa: BLE001 - a refusal: this entry ends, no other
+            await self._finish.abandon(p, 1, exc)
+            return None
         if reply.verdict in ("done", "duplicate"):
             log.info("entry skipped", extra={"verdict": reply.verdict, "other": reply.other})
             return None

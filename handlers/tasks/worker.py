@@ -85,7 +85,8 @@ class Worker:
         reader = PoolReader(
             client=self._client, keys=self._keys, pool=pool, partitions=cfg.partitions,
             consumer=cfg.consumer, block_ms=cfg.block_ms, aging_ms=cfg.aging_ms,
-            aging_check_ms=cfg.aging_check_ms,
+            aging_check_ms=cfg.aging_check_ms, max_entry_bytes=cfg.max_entry_bytes,
+            read_budget_bytes=cfg.read_budget_bytes,
         )  # fmt: skip
         reclaimer = Reclaimer(
             client=self._client, keys=self._keys, streams=reader.streams, consumer=cfg.consumer

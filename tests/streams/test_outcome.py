@@ -26,10 +26,11 @@ async def _one_entry(client: Redis, keys: Keys, consumer: str) -> Entry:
     return entry
 
 
-def _result(task_id: str, worker: str) -> TaskResult:
+def _result(task_id: str, worker: str, attempts: int = 1) -> TaskResult:
     return TaskResult(
-        task_id=task_id, state=TaskState.COMPLETED, text=worker, finished_at=1, worker=worker
-    )
+        task_id=task_id, state=TaskState.COMPLETED, text=worker, finished_at=1, worker=worker,
+        attempts=attempts,
+    )  # fmt: skip
 
 
 async def test_two_racing_attempts_write_one_result(client: Redis, keys: Keys) -> None:
@@ -47,11 +48,19 @@ async def test_two_racing_attempts_write_one_result(client: Redis, keys: Keys) -
         payload=_result("t1", "a"),
         created_at=1,
     )
-    won = await asyncio.gather(
-        a.finish(Finish(entry=entry, result=_result("t1", "a"), webhook=job, reply_to="svc")),
-        b.finish(Finish(entry=entry, result=_result("t1", "b"), webhook=job, reply_to="svc")),
+    # the first attempt (the frozen worker, say) finishes first: it wins
+    won_a = await a.finish(
+        Finish(entry=entry, result=_result("t1", "a", 1), webhook=job, reply_to="svc")
     )
-    assert sorted(won) == [False, True]
+    won_b = await b.finish(
+        Finish(entry=entry, result=_result("t1", "b", 2), webhook=job, reply_to="svc")
+    )
+    assert (won_a, won_b) == (1, 0)
+    # the status record names the attempt that won, as its one result does
+    status = await client.hmget(keys.task("t1"), ["worker", "attempts"])
+    assert status == [b"a", b"1"]
+    [(_, fields)] = await client.xrange(keys.results)
+    assert (TaskResult.model_validate_json(fields[b"data"]).worker, status[1]) == ("a", b"1")
     assert await client.xlen(keys.results) == 1
     assert await client.xlen(keys.results_for("svc")) == 1
     assert await client.xlen(keys.webhooks) == 1
