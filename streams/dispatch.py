@@ -148,7 +148,8 @@ class PoolReader:
                 block=self.block_ms,
             )  # fmt: skip
         except Exception as exc:
-            if not is_missing_group(exc):
+            # a stream deleted under a blocked read answers UNBLOCKED (Redis 7)
+            if not (is_missing_group(exc) or "UNBLOCKED" in str(exc)):
                 raise
             log.warning("consumer group missing, creating it again", extra={"group": self._group})
             await ensure_groups(self._client, self.streams, self._group)

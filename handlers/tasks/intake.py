@@ -101,7 +101,12 @@ class PoolIntake:
             # what a blocked read was delivered stays pending here; the lease is dropped at
             # shutdown, so another worker takes it at once
             for f in (self._blocked, self._parked):
-                if f is not None and not f.done():
+                if f is None:
+                    continue
+                if f.done():
+                    if not f.cancelled() and f.exception() is not None:
+                        log.debug("a blocked read ended with an error at shutdown")
+                else:
                     f.cancel()
 
     async def _pass(self, stop: asyncio.Event, tg: asyncio.TaskGroup) -> None:
