@@ -57,13 +57,10 @@ class ModelNotFoundError(SopError, LookupError):
 
 
 class IdempotencyConflictError(SopError):
-    """The idempotency key is already bound to a task with a different payload."""
+    """The idempotency key is already bound to a task with a different payload. It does not say
+    which task: a key may be shared by producers that must not learn each other's tasks."""
 
     code = ErrorCode.IDEMPOTENCY_CONFLICT
-
-    def __init__(self, message: str, *, task_id: str) -> None:
-        super().__init__(message)
-        self.task_id = task_id
 
 
 class DuplicateTaskIdError(SopError):

@@ -206,9 +206,8 @@ class Producer:
         verdict, owner = text(reply[0]), text(reply[1])
         if verdict == "conflict":
             raise IdempotencyConflictError(
-                f"idempotency_key {event.idempotency_key!r} is bound to task {owner} "
-                "with a different payload",
-                task_id=owner,
+                f"idempotency_key {event.idempotency_key!r} is already bound to a task with a "
+                "different payload"
             )
         if verdict == "exists":
             raise DuplicateTaskIdError(f"task_id {owner!r} is already in use")
