@@ -7,6 +7,11 @@ hint in seconds (``Retry-After`` / ``retry-after-ms``), when it gave one.
 
 None of these derive from :class:`TimeoutError`: a provider's own timeout is a retryable
 ``timeout`` failure, distinct from the task's deadline running out around the call.
+
+Every message is sanitised as the error is made (``providers/sanitize.py``): it is stored in
+the result, the dead letter and the status record, and logged, so it never carries header
+values, key-shaped tokens, the secrets and request text the raiser names in ``redaction``,
+or more than 500 characters.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import time
 from collections.abc import Mapping
 from typing import ClassVar
 
+from providers.sanitize import NO_REDACTION, Redaction, sanitize
 from schemas.errors import ErrorCode, SopError
 
 # cap on a server's Retry-After hint: a bogus "retry in a year" must not park a task forever
@@ -27,7 +33,9 @@ class ProviderError(SopError):
 
     ``retryable`` tells the policy layer whether another attempt may help (defaults to the
     class's answer); ``retry_after`` is the backend's own hint in seconds; ``status`` the HTTP
-    status when there was one; ``raw_text`` the model output that failed validation.
+    status when there was one; ``raw_text`` the model output that failed validation. The
+    message is sanitised; a raiser whose message quotes the backend passes the request's
+    ``redaction`` (its API key, its texts) so that none of it survives.
     """
 
     code: ErrorCode = ErrorCode.INTERNAL
@@ -42,8 +50,9 @@ class ProviderError(SopError):
         retry_after: float | None = None,
         status: int | None = None,
         raw_text: str | None = None,
+        redaction: Redaction = NO_REDACTION,
     ) -> None:
-        super().__init__(message, code=code)
+        super().__init__(sanitize(message, redaction), code=code)
         self.retryable = self.default_retryable if retryable is None else retryable
         self.retry_after = retry_after
         self.status = status
@@ -149,8 +158,10 @@ def error_for_status(
     *,
     headers: Mapping[str, str] | None = None,
     error_type: str | None = None,
+    redaction: Redaction = NO_REDACTION,
 ) -> ProviderError:
-    """Translate an HTTP error status (and the body's error type/message) into our tree."""
+    """Translate an HTTP error status (and the body's error type/message) into our tree; the
+    message is sanitised with ``redaction``."""
     retry_after = parse_retry_after(headers)
     text = f"HTTP {status}: {message}"
     lowered = f"{error_type or ''} {message}".lower()
@@ -173,4 +184,4 @@ def error_for_status(
         cls = BadRequestError
     else:
         cls = InternalProviderError
-    return cls(text, retry_after=retry_after, status=status)
+    return cls(text, retry_after=retry_after, status=status, redaction=redaction)
