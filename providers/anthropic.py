@@ -26,6 +26,7 @@ from providers.errors import (
     ProviderTimeoutError,
     error_for_status,
 )
+from providers.sanitize import Redaction
 from providers.structured import JsonSchema, as_messages, schema_of
 from schemas.result import FinishReason, Usage
 
@@ -134,13 +135,22 @@ class AnthropicProvider:
                 return await self._complete(body, tool)
             return await self._stream(body, tool, on_delta)
         except anthropic.AnthropicError as exc:
-            raise _translate(exc) from exc
+            raise _translate(exc, self._redaction(request)) from exc
         except httpx2.TimeoutException as exc:
             raise ProviderTimeoutError(f"{self._name}: no reply within the timeout") from exc
         except httpx2.HTTPError as exc:
-            raise InternalProviderError(f"{self._name}: connection failed: {exc!r}") from exc
+            raise InternalProviderError(
+                f"{self._name}: connection failed: {exc!r}", redaction=self._redaction(request)
+            ) from exc
         except ValueError as exc:  # a reply the SDK could not decode
-            raise InternalProviderError(f"{self._name}: malformed reply: {exc}") from exc
+            raise InternalProviderError(
+                f"{self._name}: malformed reply: {exc}", redaction=self._redaction(request)
+            ) from exc
+
+    def _redaction(self, request: GenerationRequest) -> Redaction:
+        """What an error of ``request`` must not repeat: the key, the prompt, the messages."""
+        cfg = self._config
+        return Redaction.for_request(request, key=cfg.api_key, base_url=cfg.base_url)
 
     async def _complete(self, body: dict[str, Any], tool: _Tool | None) -> Generation:
         msg = await self._client.messages.create(**body)
@@ -236,22 +246,25 @@ def _finish(reason: str | None) -> FinishReason:
     return "length" if reason == "max_tokens" else "stop"
 
 
-def _translate(exc: anthropic.AnthropicError) -> ProviderError:
-    """One SDK error -> our tree (the only place the SDK's error classes are named)."""
+def _translate(exc: anthropic.AnthropicError, redaction: Redaction) -> ProviderError:
+    """One SDK error -> our tree (the only place the SDK's error classes are named). The
+    backend's words are sanitised with ``redaction`` (see ``providers/sanitize.py``), which
+    also bounds their length."""
+    r = redaction
     if isinstance(exc, anthropic.APITimeoutError):
         return ProviderTimeoutError("no reply within the timeout")
     if isinstance(exc, anthropic.APIConnectionError):
-        return InternalProviderError(f"connection failed: {exc.message}")
+        return InternalProviderError(f"connection failed: {exc.message}", redaction=r)
     if isinstance(exc, anthropic.APIStatusError):
-        message = exc.api_message or exc.message
         return error_for_status(
             exc.status_code,
-            message[:500],
+            exc.api_message or exc.message,
             headers=dict(exc.response.headers.items()),
             error_type=exc.type,
+            redaction=r,
         )
     if isinstance(exc, anthropic.APIResponseValidationError):
-        return InternalProviderError(f"malformed reply: {exc.message}")
+        return InternalProviderError(f"malformed reply: {exc.message}", redaction=r)
     if isinstance(exc, anthropic.APIError):
-        return InternalProviderError(f"backend error: {exc.message}")
-    return InternalProviderError(f"{type(exc).__name__}: {exc}", retryable=False)
+        return InternalProviderError(f"backend error: {exc.message}", redaction=r)
+    return InternalProviderError(f"{type(exc).__name__}: {exc}", retryable=False, redaction=r)

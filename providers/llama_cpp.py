@@ -37,6 +37,7 @@ from providers.base import Capabilities, DeltaSink, Generation, GenerationReques
 from providers.errors import BadRequestError, ContextLengthError, InternalProviderError
 from providers.gguf_shape import GgufShape, estimate_bytes, read_shape
 from providers.grammar import schema_to_gbnf
+from providers.sanitize import Redaction
 from providers.structured import schema_instruction, schema_of, with_instruction
 from providers.text import TextAssembler
 from schemas.result import FinishReason, Usage
@@ -270,7 +271,11 @@ class LlamaCppProvider:
             try:
                 text = model.formatter(messages=messages).prompt
             except Exception as exc:  # a template's raise_exception(), a Jinja error
-                raise BadRequestError(f"{self._name}: chat template failed: {exc}") from exc
+                # a template's own message may quote the conversation
+                raise BadRequestError(
+                    f"{self._name}: chat template failed: {exc}",
+                    redaction=Redaction.for_request(request, key=None),
+                ) from exc
         # a template that writes the BOS token itself must not get a second one
         add_bos = not (model.bos_text and text.startswith(model.bos_text))
         return list(llm.tokenize(text.encode(), add_bos=add_bos, special=True))

@@ -32,6 +32,7 @@ from providers.errors import (
     error_for_status,
 )
 from providers.grammar import schema_to_gbnf
+from providers.sanitize import Redaction
 from providers.structured import as_messages, schema_of, with_instruction
 from schemas.result import FinishReason, Usage
 
@@ -135,18 +136,27 @@ class OpenAIProvider:
         body = self.build_body(request)
         try:
             if on_delta is None:
-                return await self._complete(body)
+                return await self._complete(body, request)
             return await self._stream(body, on_delta)
         except openai.OpenAIError as exc:
-            raise _translate(exc) from exc
+            raise _translate(exc, self._redaction(request)) from exc
         except httpx2.TimeoutException as exc:
             raise ProviderTimeoutError(f"{self._name}: no reply within the timeout") from exc
         except httpx2.HTTPError as exc:
-            raise InternalProviderError(f"{self._name}: connection failed: {exc!r}") from exc
+            raise InternalProviderError(
+                f"{self._name}: connection failed: {exc!r}", redaction=self._redaction(request)
+            ) from exc
         except ValueError as exc:  # a reply the SDK could not decode (json.JSONDecodeError)
-            raise InternalProviderError(f"{self._name}: malformed reply: {exc}") from exc
+            raise InternalProviderError(
+                f"{self._name}: malformed reply: {exc}", redaction=self._redaction(request)
+            ) from exc
 
-    async def _complete(self, body: dict[str, Any]) -> Generation:
+    def _redaction(self, request: GenerationRequest) -> Redaction:
+        """What an error of ``request`` must not repeat: the key, the prompt, the messages."""
+        cfg = self._config
+        return Redaction.for_request(request, key=cfg.api_key, base_url=cfg.base_url)
+
+    async def _complete(self, body: dict[str, Any], request: GenerationRequest) -> Generation:
         resp = await self._client.chat.completions.create(**body)
         if not isinstance(resp, openai.types.chat.ChatCompletion):  # e.g. an HTML page
             raise InternalProviderError(f"{self._name}: malformed reply: not a chat completion")
@@ -154,7 +164,10 @@ class OpenAIProvider:
             raise InternalProviderError(f"{self._name}: reply has no choices")
         choice = resp.choices[0]
         if choice.message.refusal:
-            raise ContentFilterError(f"{self._name}: refused: {choice.message.refusal}")
+            raise ContentFilterError(
+                f"{self._name}: refused: {choice.message.refusal}",
+                redaction=self._redaction(request),
+            )
         usage = _usage(resp.usage)
         return Generation(
             text=choice.message.content or "",
@@ -205,32 +218,40 @@ def _headers(exc: openai.APIStatusError) -> Mapping[str, str]:
     return dict(exc.response.headers.items())
 
 
-def _translate(exc: openai.OpenAIError) -> ProviderError:
-    """One SDK error -> our tree (the only place the SDK's error classes are named)."""
+def _translate(exc: openai.OpenAIError, redaction: Redaction) -> ProviderError:
+    """One SDK error -> our tree (the only place the SDK's error classes are named). The
+    backend's words are sanitised with ``redaction`` (see ``providers/sanitize.py``)."""
+    r = redaction
     if isinstance(exc, openai.APITimeoutError):
         return ProviderTimeoutError("no reply within the timeout")
     if isinstance(exc, openai.APIConnectionError):
-        return InternalProviderError(f"connection failed: {exc.message}")
+        return InternalProviderError(f"connection failed: {exc.message}", redaction=r)
     if isinstance(exc, openai.APIStatusError):
         kind = " ".join(str(x) for x in (exc.type, exc.code) if x)
         return error_for_status(
-            exc.status_code, _message(exc), headers=_headers(exc), error_type=kind or None
+            exc.status_code,
+            _message(exc),
+            headers=_headers(exc),
+            error_type=kind or None,
+            redaction=r,
         )
     if isinstance(exc, openai.ContentFilterFinishReasonError):
-        return ContentFilterError(str(exc))
+        return ContentFilterError(str(exc), redaction=r)
     if isinstance(exc, openai.APIResponseValidationError):
-        return InternalProviderError(f"malformed reply: {exc.message}")
+        return InternalProviderError(f"malformed reply: {exc.message}", redaction=r)
     if isinstance(exc, openai.APIError):  # e.g. an error event inside a stream
-        return InternalProviderError(f"backend error: {exc.message}")
-    return InternalProviderError(f"{type(exc).__name__}: {exc}", retryable=False)
+        return InternalProviderError(f"backend error: {exc.message}", redaction=r)
+    return InternalProviderError(f"{type(exc).__name__}: {exc}", retryable=False, redaction=r)
 
 
 def _message(exc: openai.APIStatusError) -> str:
+    """The body's error message, else the whole body (never cut here: a cut could halve a
+    secret and hide it from the sanitiser, which bounds the length itself)."""
     body = exc.body
     if isinstance(body, Mapping):
         err = body.get("error", body)
         if isinstance(err, Mapping) and isinstance(err.get("message"), str):
             return str(err["message"])
     if isinstance(body, str) and body:
-        return body[:300]
-    return json.dumps(body)[:300] if body is not None else exc.message
+        return body
+    return json.dumps(body) if body is not None else exc.message

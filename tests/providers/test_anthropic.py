@@ -7,8 +7,9 @@ import time
 from typing import Any
 
 import pytest
+from aiohttp import web
 
-from providers.base import GenerationRequest
+from providers.base import DeltaSink, GenerationRequest
 from providers.configured import ConfiguredProvider
 from providers.errors import ProviderError
 from providers.factory import build_provider
@@ -17,6 +18,7 @@ from schemas.models import ModelSpec
 from schemas.task import ChatMessage, JsonSchemaSpec, ResponseFormat
 from tests.providers.wire import (
     FakeServer,
+    Reply,
     an_error,
     an_events,
     an_message,
@@ -152,6 +154,72 @@ async def test_http_errors_map_to_our_codes(
     assert (err.code, err.retryable, err.status) == (code, retryable, status)
     assert err.retry_after == 2.0
     assert "sk-ant-test" not in err.message
+
+
+# a key no shape rule would recognise, and a prompt a backend might quote back
+PLAIN_KEY = "TopSecretValue-42"
+PRIVATE = 'My card is 4417 1234 5678 9113.\nPlease "summarise" my last statement for me.'
+
+
+def _echoing(shape: str, status: int) -> Reply:
+    """An error that repeats the request's credential header and its prompt."""
+
+    async def reply(request: web.Request) -> web.StreamResponse:
+        # the SDK sends the key as x-api-key or as Authorization: Bearer, by version
+        key = request.headers.get("x-api-key") or request.headers.get("Authorization", "")
+        body = await request.json()
+        prompt = body["messages"][-1]["content"]
+        if shape == "message":
+            text = f"invalid x-api-key: {key} for {prompt}"
+            return web.json_response(an_error("authentication_error", text), status=status)
+        if shape == "body":  # no error message: the SDK shows the whole body as a dict
+            echo = {"request": body, "headers": dict(request.headers)}
+            return web.json_response(echo, status=status)
+        if shape == "stream":
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            event = an_error("overloaded_error", f"overloaded; x-api-key={key}; {prompt}")
+            await resp.write(f"event: error\ndata: {json.dumps(event)}\n\n".encode())
+            await resp.write_eof()
+            return resp
+        text = f"proxy error {status}\n{prompt}\n{request.headers!r}"
+        return web.Response(text=text, status=status, content_type="text/plain")
+
+    return reply
+
+
+@pytest.mark.parametrize(
+    ("shape", "status", "code"),
+    [
+        ("message", 401, ErrorCode.AUTH),
+        ("body", 400, ErrorCode.BAD_REQUEST),
+        ("text", 502, ErrorCode.INTERNAL),
+        ("stream", 200, ErrorCode.OVERLOADED),
+    ],
+)
+async def test_an_error_that_echoes_the_key_and_the_prompt_keeps_neither(
+    server: FakeServer, shape: str, status: int, code: ErrorCode
+) -> None:
+    server.script(_echoing(shape, status))
+    spec = ModelSpec(
+        name="claude",
+        provider="anthropic",
+        model_id="claude-test",
+        base_url=server.url,
+        api_key_env="ECHO_TEST_KEY",
+        timeout_s=5.0,
+    )
+    p = build_provider(spec, env={"ECHO_TEST_KEY": PLAIN_KEY})
+    request = GenerationRequest(
+        model="claude", messages=[ChatMessage(role="user", content=PRIVATE)]
+    )
+    sink: DeltaSink | None = (lambda _: None) if shape == "stream" else None
+    err = await failure(p, request, on_delta=sink)
+    assert any(PLAIN_KEY in v for v in server.seen[0].headers.values())  # it was sent
+    assert err.code == code
+    for leaked in (PLAIN_KEY, "4417", "summarise", "last statement"):
+        assert leaked not in err.message, err.message
+    assert len(err.message) <= 500
 
 
 async def test_prompt_too_long_is_context_length(server: FakeServer) -> None:

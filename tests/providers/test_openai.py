@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
 import pytest
+from aiohttp import web
 
-from providers.base import GenerationRequest
+from providers.base import DeltaSink, GenerationRequest
 from providers.configured import ConfiguredProvider
 from providers.errors import ProviderError
 from providers.factory import ModelConfigError, build_provider
@@ -17,6 +19,7 @@ from schemas.models import ModelSpec
 from schemas.task import ChatMessage, JsonSchemaSpec, ResponseFormat
 from tests.providers.wire import (
     FakeServer,
+    Reply,
     json_reply,
     oa_chunks,
     oa_completion,
@@ -363,6 +366,70 @@ async def test_cancelling_a_stream_stops_the_request(server: FakeServer) -> None
         await task
     await p.aclose()
     assert len(deltas) < 200
+
+
+# a key no shape rule would recognise, and a prompt a backend might quote back
+PLAIN_KEY = "TopSecretValue-42"
+PRIVATE = 'My card is 4417 1234 5678 9113.\nPlease "summarise" my last statement for me.'
+
+
+def _echoing(shape: str, status: int) -> Reply:
+    """An error that repeats the request's Authorization header, its key and its prompt."""
+
+    async def reply(request: web.Request) -> web.StreamResponse:
+        auth = request.headers.get("Authorization", "")
+        body = await request.json()
+        prompt = body["messages"][-1]["content"]
+        if shape == "message":
+            text = f"Refused. Authorization: {auth}; key {auth.removeprefix('Bearer ')}: {prompt}"
+            return web.json_response(oa_error(text), status=status)
+        if shape == "body":  # no error message: the whole body becomes the message
+            echo = {"detail": {"request": body, "headers": dict(request.headers)}}
+            return web.json_response(echo, status=status)
+        if shape == "stream":  # an error event inside a stream
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            event = {"error": {"message": f"stream failed for {auth}: {prompt}"}}
+            await resp.write(f"data: {json.dumps(event)}\n\n".encode())
+            await resp.write_eof()
+            return resp
+        text = f"proxy error {status}\n{prompt}\n{request.headers!r}"
+        return web.Response(text=text, status=status, content_type="text/plain")
+
+    return reply
+
+
+@pytest.mark.parametrize(
+    ("shape", "status", "code"),
+    [
+        ("message", 401, ErrorCode.AUTH),
+        ("body", 400, ErrorCode.BAD_REQUEST),
+        ("text", 502, ErrorCode.INTERNAL),
+        ("stream", 200, ErrorCode.INTERNAL),
+    ],
+)
+async def test_an_error_that_echoes_the_key_and_the_prompt_keeps_neither(
+    server: FakeServer, shape: str, status: int, code: ErrorCode
+) -> None:
+    server.script(_echoing(shape, status))
+    spec = ModelSpec(
+        name="gpt",
+        provider="openai",
+        model_id="gpt-test",
+        base_url=f"{server.url}/v1",
+        api_key_env="ECHO_TEST_KEY",
+        timeout_s=5.0,
+    )
+    p = build_provider(spec, env={"ECHO_TEST_KEY": PLAIN_KEY})
+    messages = [ChatMessage(role="user", content=PRIVATE)]
+    sink: DeltaSink | None = (lambda _: None) if shape == "stream" else None
+    err = await failure(p, GenerationRequest(model="gpt", messages=messages), on_delta=sink)
+    await p.aclose()
+    assert server.seen[0].headers["authorization"] == f"Bearer {PLAIN_KEY}"  # it was sent
+    assert err.code == code
+    for leaked in (PLAIN_KEY, "4417", "summarise", "last statement"):
+        assert leaked not in err.message, err.message
+    assert len(err.message) <= 500
 
 
 def test_a_missing_key_names_the_variable_not_a_value() -> None:
