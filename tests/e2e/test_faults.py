@@ -20,6 +20,7 @@ from streams.keys import Keys
 from streams.producer import Producer, ProducerConfig
 from tests.conftest import RedisServer, free_port, spawn_cli, terminating, wait_for, worker_env
 from tests.harness import results, stream_entries
+from tests.waiting import wait_settled
 
 
 async def _running(client: Redis, keys: Keys, ids: Sequence[str]) -> bool:
@@ -29,6 +30,36 @@ async def _running(client: Redis, keys: Keys, ids: Sequence[str]) -> bool:
 
 async def _exit_code(proc: subprocess.Popen[bytes], timeout: float) -> int:
     return await asyncio.wait_for(asyncio.to_thread(proc.wait), timeout)
+
+
+async def _logged(log: Path, line: str, timeout: float) -> None:
+    """Wait until a process's log holds ``line``."""
+    written = ""
+    try:
+        async with asyncio.timeout(timeout):
+            while line not in (written := await asyncio.to_thread(log.read_text)):
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(
+            f"{log.name} did not log {line!r} within {timeout} s:\n{written}"
+        ) from None
+
+
+async def _readiness_is(
+    http: aiohttp.ClientSession, port: int, status: int, timeout: float
+) -> None:
+    """Wait until the sidecar's readiness probe answers ``status``."""
+    got = None
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                async with http.get(f"http://127.0.0.1:{port}/health/ready") as r:
+                    got = r.status
+                if got == status:
+                    return
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"readiness answered {got}, not {status}, for {timeout} s") from None
 
 
 async def test_sigterm_lets_in_flight_tasks_finish(
@@ -86,7 +117,7 @@ async def test_second_signal_forces_exit(
         task_id = await p.submit("echo", "slow", max_tokens=100)  # 20 s
         await wait_for(lambda: _running(client, keys, [task_id]), 10)
         proc.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.3)
+        await _logged(tmp_path / "w.log", "draining", 10)  # the second signal cuts a drain short
         proc.send_signal(signal.SIGTERM)
         assert await _exit_code(proc, 5) == 130
     # nothing unfinished was acknowledged
@@ -108,10 +139,8 @@ async def test_redis_crash_and_restart_with_aof(tmp_path: Path) -> None:
             await wait_for(lambda: _count_at_least(client, keys, 20), 20)
             before = {r.task_id for r in await results(client, keys)}
             server.kill()
-            await asyncio.sleep(0.5)
             async with aiohttp.ClientSession() as http:
-                async with http.get(f"http://127.0.0.1:{port}/health/ready") as r:
-                    assert r.status == 503
+                await _readiness_is(http, port, 503, 5)
                 server.start()
                 await wait_for(lambda: _count_at_least(client, keys, 200), 60, interval=0.1)
                 async with http.get(f"http://127.0.0.1:{port}/health/ready") as r:
@@ -162,16 +191,26 @@ async def test_chaos_kill_workers_while_2000_tasks_run(
     try:
         while await client.xlen(keys.results) < 2000:
             assert loop.time() - began < 180, "chaos run did not finish"
+            # the fault schedule, not a wait: kills seconds apart, well past a lease (1 s); much
+            # closer, tasks meeting several kills run out of attempts and fail, as they should
             await asyncio.sleep(rng.uniform(1.5, 2.5))
             victim = rng.randrange(3)
             workers[victim].send_signal(signal.SIGKILL)
             workers[victim].wait(5)
             kills += 1
             workers[victim] = spawn_cli(["worker"], env, tmp_path / f"w{victim}-{kills}.log")
-        await asyncio.sleep(1.0)  # room for a wrong extra result to appear before counting
+        # before counting: nothing left to run, then every worker stopped, so that a run still
+        # going (a wrong second run of a reclaimed task) has made its write
+        await wait_settled(client, keys, keys.tasks("default", "normal"))
+        for w in workers:
+            w.send_signal(signal.SIGTERM)
+        codes = [await _exit_code(w, 40) for w in workers]
+        # a worker still starting up when the signal came dies of it, having written nothing
+        assert set(codes) <= {0, -signal.SIGTERM}, codes
     finally:
         for w in workers:
-            w.kill()
+            if w.poll() is None:
+                w.kill()
             w.wait(5)
     final = [
         TaskResult.model_validate_json(e.data or b"")
@@ -189,7 +228,9 @@ async def test_chaos_kill_workers_while_2000_tasks_run(
             f"seconds={loop.time() - began:.1f}"
         )
     assert not missing and not doubled and len(final) == 2000
-    assert all(r.state == TaskState.COMPLETED for r in final)
+    assert all(r.state == TaskState.COMPLETED for r in final), [
+        (r.state, r.attempts, r.error) for r in final if r.state != TaskState.COMPLETED
+    ]
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ from tests.conftest import (
     worker_env,
 )
 from tests.harness import results
+from tests.waiting import wait_settled
 
 
 async def test_sigkill_mid_task_is_finished_once_by_another_worker(
@@ -50,10 +51,13 @@ async def test_sigkill_mid_task_is_finished_once_by_another_worker(
         a.wait(5)
     with terminating(
         spawn_cli(["worker"], {**env, "SOP_WORKER_NAME": "rescuer"}, tmp_path / "b.log")
-    ):
+    ) as b:
         result = await p.wait(task_id, timeout=20)
-        # room for a wrong second result to show up before counting
-        await asyncio.sleep(0.5)
+        # before counting: nothing left to run, then the rescuer stopped, so that a wrong
+        # second run would have made its write
+        await wait_settled(client, keys, keys.tasks("default", "normal"))
+        b.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(asyncio.to_thread(b.wait), 15) == 0
     assert result.state == TaskState.COMPLETED
     assert result.worker == "rescuer"
     assert result.attempts == 2

@@ -134,9 +134,8 @@ async def test_cancel_running_task_stops_between_tokens_and_frees_the_slot(
     provider = ScriptedProvider([" ".join(["tok"] * 200), "next task"], per_token_s=0.02)
     p = producer(client, keys)
     async with running_worker(client, keys, slots=1, registry=registry_with(provider)):
-        long = await p.submit("m", "x")
-        await wait_for(lambda: provider.calls, 5)
-        await asyncio.sleep(0.2)  # let a few tokens out
+        long = await p.submit("m", "x", stream=True)
+        await _tokens_out(client, keys, long, at_least=5)
         loop = asyncio.get_running_loop()
         asked = loop.time()
         assert await p.cancel(long) == CancelOutcome.REQUESTED
@@ -229,6 +228,21 @@ async def test_requeue_a_dead_letter(client: Redis, keys: Keys) -> None:
 
 def _fast_policy() -> RetryPolicy:
     return RetryPolicy(base_s=0.05, max_s=0.1)
+
+
+async def _tokens_out(client: Redis, keys: Keys, task_id: str, *, at_least: int) -> None:
+    """Wait until the task's token stream carries ``at_least`` tokens (one word each here)."""
+    seen = 0
+    try:
+        async with asyncio.timeout(5):
+            while True:
+                deltas = await stream_entries(client, keys.task_tokens(task_id))
+                seen = sum(len(json.loads(e.data or b"{}").get("text", "").split()) for e in deltas)
+                if seen >= at_least:
+                    return
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"{task_id}: {seen} tokens out, not {at_least}, within 5 s") from None
 
 
 async def _no_retries_waiting(client: Redis, keys: Keys) -> bool:
