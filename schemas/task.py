@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime
+import math
+import re
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Final, Literal, NewType
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     ConfigDict,
     Field,
     JsonValue,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
     StringConstraints,
     ValidationError,
     ValidationInfo,
@@ -34,24 +40,79 @@ DEFAULT_MAX_METADATA_BYTES: Final = 16 << 10
 CTX_MAX_PROMPT_BYTES: Final = "max_prompt_bytes"
 CTX_MAX_METADATA_BYTES: Final = "max_metadata_bytes"
 
+# an integer deadline is ms since the epoch; outside these years it is a mistake (seconds, a
+# duration), never a time to expire at
+DEADLINE_MIN_MS: Final = 946_684_800_000  # 2000-01-01T00:00:00Z
+DEADLINE_MAX_MS: Final = 7_258_118_400_000  # 2200-01-01T00:00:00Z
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+# RFC 3339 date-time; the zone is checked after parsing, to say so when it is missing
+_RFC3339 = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:[Zz]|[+-]\d{2}:\d{2})?"
+)
+
 TaskIdStr = Annotated[str, StringConstraints(pattern=TASK_ID_PATTERN)]
 NameStr = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 
 
-class ChatMessage(StrictModel):
+class TaskWireModel(StrictModel):
+    """Base of the task event's models: ``NaN`` and ``Infinity`` are refused (JSON has neither).
+
+    Numbers and booleans are declared ``StrictInt``, ``StrictFloat`` (an integer is a number
+    too) and ``StrictBool``: taken only as their JSON type, never coerced (``"5"`` is no
+    integer, ``true`` no number, ``"yes"`` no boolean); strings, arrays and objects are never
+    coerced anyway. Per field rather than a strict model, so that the SDK's Python values (a
+    tuple for a list, a deadline string) stay valid.
+    """
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+def _finite_json(value: dict[str, JsonValue]) -> dict[str, JsonValue]:
+    """Refuse ``NaN`` and ``Infinity`` anywhere inside a JSON value (the encoder checks at C
+    speed; the walk that names the place runs only when one is there)."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except ValueError:
+        where = _non_finite_at(value)
+        if where is None:
+            raise ValueError("is not a JSON value") from None
+        raise ValueError(f"NaN and Infinity are not JSON numbers (at {where})") from None
+    except RecursionError:
+        raise ValueError("is nested too deeply") from None
+    return value
+
+
+def _non_finite_at(value: JsonValue) -> str | None:
+    """Where the first non-finite number in ``value`` sits, as ``a.0.b``; iterative."""
+    todo: list[tuple[JsonValue, tuple[str | int, ...]]] = [(value, ())]
+    while todo:
+        item, keys = todo.pop()
+        if isinstance(item, dict):
+            todo.extend((v, (*keys, k)) for k, v in item.items())
+        elif isinstance(item, list):
+            todo.extend((v, (*keys, i)) for i, v in enumerate(item))
+        elif isinstance(item, float) and not math.isfinite(item):
+            return ".".join(str(k) for k in keys)
+    return None
+
+
+JsonObject = Annotated[dict[str, JsonValue], AfterValidator(_finite_json)]
+
+
+class ChatMessage(TaskWireModel):
     role: Literal["system", "user", "assistant"]
     content: str
 
 
-class JsonSchemaSpec(StrictModel):
+class JsonSchemaSpec(TaskWireModel):
     name: Annotated[str, StringConstraints(min_length=1, max_length=64)] = "output"
-    schema_: dict[str, JsonValue] = Field(alias="schema")
-    strict: bool = True
+    schema_: JsonObject = Field(alias="schema")
+    strict: StrictBool = True
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True)
 
 
-class ResponseFormat(StrictModel):
+class ResponseFormat(TaskWireModel):
     """Structured-output request: a JSON Schema, any JSON object, plain text or a GBNF grammar."""
 
     type: Literal["text", "json_object", "json_schema", "grammar"]
@@ -71,7 +132,7 @@ def _json_bytes(value: Any) -> int:
     return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
 
 
-class TaskEvent(StrictModel):
+class TaskEvent(TaskWireModel):
     """A task as published on ``{ns}:tasks:<pool>:<priority>`` (entry type ``task.submitted``).
 
     Exactly one of ``prompt`` and ``messages`` is given. ``temperature`` ``0`` is a real value
@@ -85,25 +146,35 @@ class TaskEvent(StrictModel):
     model: Annotated[str, StringConstraints(pattern=MODEL_PATTERN)]
     prompt: str | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)] | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    max_tokens: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    temperature: Annotated[StrictFloat, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[StrictFloat, Field(gt=0.0, le=1.0)] | None = None
+    max_tokens: Annotated[StrictInt, Field(ge=1, le=1_000_000)] | None = None
     stop: (
         Annotated[list[Annotated[str, StringConstraints(min_length=1)]], Field(max_length=16)]
         | None
     ) = None
-    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
+    seed: Annotated[StrictInt, Field(ge=0, le=2**63 - 1)] | None = None
     priority: NameStr | None = None
     pool: NameStr | None = None
     idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = None
     webhook_url: Annotated[str, StringConstraints(max_length=2048)] | None = None
     response_format: ResponseFormat | None = None
-    stream: bool = False
+    stream: StrictBool = False
+    # an RFC 3339 time with a zone, or an integer of ms since the epoch within
+    # DEADLINE_MIN_MS..DEADLINE_MAX_MS: `_deadline_form` lets through only these
     deadline: datetime | None = None
-    timeout_s: Annotated[float, Field(gt=0.0, le=7 * 86400)] | None = None
+    timeout_s: Annotated[StrictFloat, Field(gt=0.0, le=7 * 86400)] | None = None
     reply_to: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_\-]{1,64}$")] | None = None
-    max_attempts: Annotated[int, Field(ge=1, le=100)] | None = None
-    metadata: dict[str, JsonValue] | None = None
+    max_attempts: Annotated[StrictInt, Field(ge=1, le=100)] | None = None
+    metadata: JsonObject | None = None
+
+    @field_validator("v", mode="before")
+    @classmethod
+    def _integer_version(cls, value: Any) -> Any:
+        # Literal[1] alone would take `true` and `1.0` (both equal 1)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("must be the integer 1")
+        return value
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -119,6 +190,25 @@ class TaskEvent(StrictModel):
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an absolute http:// or https:// URL")
         return value
+
+    @field_validator("deadline", mode="before")
+    @classmethod
+    def _deadline_form(cls, value: Any) -> Any:
+        if value is None or isinstance(value, datetime):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            if not DEADLINE_MIN_MS <= value < DEADLINE_MAX_MS:
+                raise ValueError(
+                    f"{value} is not a time in milliseconds since the epoch between the years "
+                    "2000 and 2199; give milliseconds or an RFC 3339 time with a zone"
+                )
+            return _EPOCH + timedelta(milliseconds=value)
+        if isinstance(value, str) and _RFC3339.fullmatch(value):
+            return value
+        raise ValueError(
+            "must be an RFC 3339 time with a zone (e.g. '2026-01-01T00:00:00Z') "
+            "or an integer of milliseconds since the epoch"
+        )
 
     @field_validator("deadline")
     @classmethod
