@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from typing import Final
 
 from pydantic import ValidationError
 
@@ -16,6 +17,13 @@ from streams.entries import Entry
 from streams.keys import Keys
 
 _TASK_ID_RE = re.compile(TASK_ID_PATTERN)
+# a malformed payload's tokens: a whole string, the text between strings, or an unterminated
+# string's opening quote (possessive: no backtracking on hostile input)
+_TOKEN = re.compile(r'"[^"\\]*+(?:\\.[^"\\]*+)*+"|[^"]++|"', re.DOTALL)
+_COLON = re.compile(r"\s*:\s*")
+SCAN_STRINGS: Final = 50_000
+"""How many strings of a payload that is not valid JSON are scanned for its ``task_id``: the
+scan is plain Python, and one hostile entry must not hold the worker for long."""
 
 
 @dataclass(slots=True)
@@ -50,7 +58,8 @@ def prepare(
     max_metadata_bytes: int,
 ) -> Prepared:
     """Validate an entry. Never raises: a bad entry comes back with ``error_code`` set and the
-    best task id available (its own ``task_id`` when readable, else the documented derived id)."""
+    best task id available (its own ``task_id`` when readable, see :func:`readable_task_id`,
+    else the documented derived id)."""
 
     def derived() -> str:
         pool, partition = keys.parse_tasks_stream(entry.stream)
@@ -59,9 +68,10 @@ def prepare(
     def bad(message: str, task_id: str | None = None) -> Prepared:
         return Prepared(entry, task_id or derived(), None, ErrorCode.INVALID_EVENT, message)
 
-    if entry.type != EventType.TASK_SUBMITTED.value:
-        return bad(f"type: expected {EventType.TASK_SUBMITTED.value!r}, got {entry.type!r}")
     data = entry.data
+    if entry.type != EventType.TASK_SUBMITTED.value:
+        found = None if data is None else readable_task_id(data)
+        return bad(f"type: expected {EventType.TASK_SUBMITTED.value!r}, got {entry.type!r}", found)
     if data is None:
         return bad("data: field missing from the entry")
     try:
@@ -69,7 +79,7 @@ def prepare(
             data, max_prompt_bytes=max_prompt_bytes, max_metadata_bytes=max_metadata_bytes
         )
     except ValidationError as exc:
-        return bad(describe_validation_error(exc), _salvage_task_id(data))
+        return bad(describe_validation_error(exc), readable_task_id(data))
     # the stream decides the priority: a plain-XADD producer's `priority` field is informational
     return Prepared(entry, event.task_id or derived(), event)
 
@@ -83,13 +93,74 @@ def generation_request(event: TaskEvent) -> GenerationRequest:
     )  # fmt: skip
 
 
-def _salvage_task_id(data: bytes) -> str | None:
-    """The ``task_id`` of an event that failed validation, if it is readable and well-formed."""
+def readable_task_id(data: bytes) -> str | None:
+    """The ``task_id`` of a payload that cannot run, when one is readable; never raises.
+
+    Readable means: ``data`` (decoded as UTF-8, invalid bytes replaced) is a JSON object, or
+    starts like one, with a top-level ``task_id`` member whose value is a string matching
+    ``TASK_ID_PATTERN``, whatever else is wrong. Of several ``task_id`` members the last
+    well-formed one counts (a JSON parser keeps the last). Valid JSON is parsed; JSON that is
+    not (a syntax error, nesting deeper than the parser goes) is scanned token by token,
+    without recursion, for its first :data:`SCAN_STRINGS` strings.
+    """
+    text = data.decode("utf-8", "replace")
     try:
-        obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError, RecursionError):
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        obj = None
+    if isinstance(obj, dict):
+        found = obj.get("task_id")
+        if isinstance(found, str) and _TASK_ID_RE.fullmatch(found):
+            return found
+    # not JSON, or its last task_id is no id: an earlier one may be
+    return _scan_task_id(text)
+
+
+def _scan_task_id(text: str) -> str | None:
+    """The last well-formed top-level ``task_id`` of a possibly malformed JSON object.
+
+    Nesting is a count of the brackets outside strings, so any depth costs no stack; a
+    top-level member is a key at depth 1 right after ``{`` or ``,``, then ``:``, then a string.
+    """
+    body = text.lstrip(" \t\r\n\ufeff")
+    if not body.startswith("{"):
         return None
-    task_id = obj.get("task_id") if isinstance(obj, dict) else None
-    if isinstance(task_id, str) and _TASK_ID_RE.match(task_id):
-        return task_id
-    return None
+    found = None
+    depth = 0
+    strings = 0
+    key_next = False  # the next string would start a top-level member
+    after_key = False  # the last string was a top-level "task_id" key
+    value_next = False  # ...and a colon followed it
+    for match in _TOKEN.finditer(body):
+        token = match.group()
+        if token[0] != '"':
+            value_next = after_key and _COLON.fullmatch(token) is not None
+            after_key = False
+            depth += token.count("{") + token.count("[") - token.count("}") - token.count("]")
+            key_next = depth == 1 and token.rstrip().endswith(("{", ","))
+            continue
+        if len(token) == 1:
+            break  # an unterminated string runs to the end: nothing after it is readable
+        strings += 1
+        if strings > SCAN_STRINGS:
+            break
+        if value_next:
+            value = _json_string(token, limit=1024)
+            if value is not None and _TASK_ID_RE.fullmatch(value):
+                found = value
+        after_key = key_next and (
+            token == '"task_id"' or ("\\" in token and _json_string(token, 64) == "task_id")
+        )
+        key_next = value_next = False
+    return found
+
+
+def _json_string(token: str, limit: int) -> str | None:
+    """A JSON string token's value (escapes decoded), or ``None`` if malformed or too long."""
+    if len(token) > limit:
+        return None
+    try:
+        value = json.loads(token)
+    except ValueError:
+        return None
+    return value if isinstance(value, str) else None
