@@ -15,6 +15,7 @@ from schemas.task import TASK_ID_PATTERN, TaskEvent, describe_validation_error, 
 from schemas.wire import EventType
 from streams.entries import Entry
 from streams.keys import Keys
+from streams.urlguard import AllowList, WebhookURLRefusedError, check_webhook_url
 
 _TASK_ID_RE = re.compile(TASK_ID_PATTERN)
 # a malformed payload's tokens: a whole string, the text between strings, or an unterminated
@@ -56,10 +57,15 @@ def prepare(
     keys: Keys,
     max_prompt_bytes: int,
     max_metadata_bytes: int,
+    webhook_allow: AllowList | None = None,
 ) -> Prepared:
     """Validate an entry. Never raises: a bad entry comes back with ``error_code`` set and the
     best task id available (its own ``task_id`` when readable, see :func:`readable_task_id`,
-    else the documented derived id)."""
+    else the documented derived id).
+
+    With ``webhook_allow`` (the parsed ``SOP_WEBHOOK_ALLOW``), a ``webhook_url`` that is unsafe
+    on its face is refused here, as the SDK refuses it at submission (no name is resolved: that
+    stays with the delivery); ``None`` leaves the URL to the delivery's guard alone."""
 
     def derived() -> str:
         pool, partition = keys.parse_tasks_stream(entry.stream)
@@ -80,6 +86,11 @@ def prepare(
         )
     except ValidationError as exc:
         return bad(describe_validation_error(exc), readable_task_id(data))
+    if webhook_allow is not None and event.webhook_url is not None:
+        try:
+            check_webhook_url(event.webhook_url, webhook_allow)
+        except WebhookURLRefusedError as exc:
+            return bad(f"webhook_url: {exc}", event.task_id)
     # the stream decides the priority: a plain-XADD producer's `priority` field is informational
     return Prepared(entry, event.task_id or derived(), event)
 

@@ -1,4 +1,4 @@
-"""Preparing a raw task entry: whose id a bad entry answers under.
+"""Preparing a raw task entry: whose id a bad entry answers under, and what is refused at intake.
 
 Pure functions over an :class:`Entry`: no Redis needed.
 """
@@ -6,6 +6,7 @@ Pure functions over an :class:`Entry`: no Redis needed.
 from __future__ import annotations
 
 import json
+import socket
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from handlers.tasks.prepare import SCAN_STRINGS, Prepared, prepare, readable_tas
 from schemas.errors import ErrorCode
 from streams.entries import Entry
 from streams.keys import Keys
+from streams.urlguard import AllowList
 
 KEYS = Keys("sop")
 STREAM = KEYS.tasks("default", "high")
@@ -24,7 +26,9 @@ DERIVED = f"default.high.{ENTRY_ID}"
 SUBMITTED = b"task.submitted"
 
 
-def prepared(data: bytes | None, type_: bytes | None = SUBMITTED) -> Prepared:
+def prepared(
+    data: bytes | None, type_: bytes | None = SUBMITTED, allow: AllowList | None = None
+) -> Prepared:
     fields = {}
     if type_ is not None:
         fields["type"] = type_
@@ -32,7 +36,7 @@ def prepared(data: bytes | None, type_: bytes | None = SUBMITTED) -> Prepared:
         fields["data"] = data
     return prepare(
         Entry(STREAM, ENTRY_ID, fields), keys=KEYS, max_prompt_bytes=1 << 20,
-        max_metadata_bytes=16 << 10,
+        max_metadata_bytes=16 << 10, webhook_allow=allow,
     )  # fmt: skip
 
 
@@ -164,3 +168,56 @@ def test_the_scan_of_malformed_json_is_bounded() -> None:
     early = b'{"task_id":"early","a":[' + b'"",' * SCAN_STRINGS + b"1],"
     assert readable_task_id(late) is None
     assert readable_task_id(early) == "early"
+
+
+# item 8 of issue 24: the SDK's static webhook check, for plain-XADD tasks too
+def event(url: str, task_id: str | None = "hook-1") -> bytes:
+    body = {"model": "echo", "prompt": "x", "webhook_url": url}
+    if task_id is not None:
+        body["task_id"] = task_id
+    return json.dumps(body).encode()
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("http://127.0.0.1:8080/hook", "127.0.0.1 is a loopback address"),
+        ("http://[::1]/hook", "::1 is a loopback address"),
+        ("http://169.254.169.254/latest/meta-data", "a cloud metadata address"),
+        ("http://10.1.2.3/hook", "10.1.2.3 is a private address"),
+        ("http://localhost/hook", "localhost names this host"),
+        ("http://api.localhost/hook", "names this host"),
+        ("http://metadata.google.internal/", "names this host or a metadata service"),
+        ("http://0x7f000001/hook", "a numeric host form"),
+        ("http://[::ffff:127.0.0.1]/hook", "an IPv4-mapped IPv6 address"),
+    ],
+)
+def test_an_unsafe_webhook_url_is_refused_at_intake(url: str, reason: str) -> None:
+    p = prepared(event(url), allow=AllowList())
+    assert (p.task_id, p.error_code, p.event) == ("hook-1", ErrorCode.INVALID_EVENT, None)
+    assert p.error.startswith("webhook_url: webhook URL refused: ")
+    assert reason in p.error
+
+
+def test_a_refused_webhook_task_without_id_gets_the_derived_id() -> None:
+    p = prepared(event("http://localhost/h", task_id=None), allow=AllowList())
+    assert (p.task_id, p.error_code) == (DERIVED, ErrorCode.INVALID_EVENT)
+
+
+def test_public_names_and_the_allow_list_pass_and_no_name_is_resolved(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_dns(*args: object, **kwargs: object) -> object:
+        raise AssertionError("intake must not resolve a webhook host")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(socket, "gethostbyname", no_dns)
+    public = "https://internal-looking.example.com/h"  # may resolve inward: delivery decides
+    assert prepared(event(public), allow=AllowList()).error_code is None
+    allow = AllowList.parse(["127.0.0.1", "hooks.localhost", "10.0.0.0/8"])
+    for url in ("http://127.0.0.1:9/h", "https://hooks.localhost/h", "http://10.1.2.3/h"):
+        p = prepared(event(url), allow=allow)
+        assert (p.error_code, p.task_id) == (None, "hook-1"), p.error
+    assert prepared(event("http://[::1]/h"), allow=allow).error_code == ErrorCode.INVALID_EVENT
+    # a caller that passes no allow-list (None) leaves every URL to the delivery's guard
+    assert prepared(event("http://127.0.0.1/h"), allow=None).error_code is None
