@@ -34,6 +34,7 @@ from streams.keys import Keys
 from streams.models import ModelStore
 from streams.retention import Retention
 from streams.topology import Backoff
+from streams.urlguard import AllowList
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ def build_worker(
         max_prompt_bytes=settings.max_prompt_bytes,
         max_metadata_bytes=settings.max_metadata_bytes,
         max_entry_bytes=settings.max_entry_bytes,
+        webhook_allow=AllowList.parse(settings.webhook_allow),
         shutdown_grace_s=settings.shutdown_grace_s,
         retry_poll_ms=settings.retry_poll_ms,
         retry=RetryPolicy(base_s=settings.retry_base_s, max_s=settings.retry_max_s),

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from handlers.policy import RetryPolicy
 from streams.keys import Keys
 from streams.retention import Retention
+from streams.urlguard import AllowList
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +41,10 @@ class WorkerConfig:
     trim_interval_s: float = 60.0
     trace_content: bool = False
     tokens_ttl_s: int = 3600
+    webhook_allow: AllowList | None = None
+    """Checks a plain-XADD task's ``webhook_url`` at intake against the SSRF rules (no name
+    lookup: that stays at delivery), letting these hosts through; ``None``: no check (the
+    sender still checks at delivery)."""
     unknown_model_grace_s: float = 30.0
     """How long entries parked for a model this worker does not serve (removed since) wait
     before the worker ends them ``model_not_found``."""

@@ -17,7 +17,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from handlers.tasks.config import WorkerConfig
-from handlers.tasks.prepare import Prepared, prepare
+from handlers.tasks.prepare import Prepared, prepare, readable_task_id
 from handlers.tasks.run import TaskRunner
 from handlers.tasks.slots import INVALID_MODEL, ModelSlot, SlotBudget
 from providers.registry import ModelRegistry
@@ -215,13 +215,16 @@ class PoolIntake:
             return prepare(
                 entry, keys=self._keys,
                 max_prompt_bytes=cfg.max_prompt_bytes, max_metadata_bytes=cfg.max_metadata_bytes,
+                webhook_allow=cfg.webhook_allow,
             )  # fmt: skip
         except Exception as exc:
             log.exception("an entry could not be read")
             return self._refused(entry, ErrorCode.INTERNAL, f"entry unreadable: {describe(exc)}")
 
     def _refused(self, entry: Entry, code: ErrorCode, message: str) -> Prepared:
-        task_id = entry.task_id_hint()
+        # an oversized entry came as a stub: its id is the one found near its start; any other
+        # is read by the bounded scan, which never raises
+        task_id = entry.task_id_hint() if entry.oversize else readable_task_id(entry.data or b"")
         if task_id is None:
             pool, partition = self._keys.parse_tasks_stream(entry.stream)
             task_id = self._keys.derived_task_id(pool, partition, entry.entry_id)

@@ -9,6 +9,7 @@ from schemas.errors import ErrorCode
 from schemas.result import DeadLetter, TaskResult, TaskState
 from streams.keys import Keys
 from streams.producer import Producer, ProducerConfig
+from streams.urlguard import AllowList
 from tests.conftest import wait_for
 from tests.fakes import ScriptedProvider
 from tests.harness import results, running_worker, stream_entries, xadd_task
@@ -144,3 +145,24 @@ async def test_an_entry_delivered_too_often_is_dead_lettered_unread(
     assert poison.error.code == ErrorCode.MAX_ATTEMPTS
     assert "delivered 5 times" in poison.error.message
     assert [d.task_id for d in await _dead(client, keys)] == ["poison"]
+
+
+async def test_a_plain_xadd_webhook_to_an_internal_host_is_refused_at_intake(
+    client: Redis, keys: Keys
+) -> None:
+    await xadd_task(
+        client, keys,
+        {"task_id": "hook-in", "model": "echo", "prompt": "a", "webhook_url": "http://10.0.0.7/h"},
+    )  # fmt: skip
+    await xadd_task(
+        client, keys,
+        {"task_id": "hook-ok", "model": "echo", "prompt": "a", "webhook_url": "http://10.0.0.8/h"},
+    )  # fmt: skip
+    async with running_worker(client, keys, webhook_allow=AllowList.parse(["10.0.0.8"])):
+        await _results_for(client, keys, {"hook-in", "hook-ok"})
+    by_id = _by_id(await results(client, keys))
+    [refused] = by_id["hook-in"]
+    assert refused.state == TaskState.FAILED and refused.error is not None
+    assert refused.error.code == ErrorCode.INVALID_EVENT and "10.0.0.7" in refused.error.message
+    assert await client.xlen(keys.webhooks) == 1  # the allowed one only
+    assert by_id["hook-ok"][0].state == TaskState.COMPLETED
