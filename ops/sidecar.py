@@ -1,10 +1,18 @@
-"""The aiohttp sidecar: task status, queue figures and health."""
+"""The aiohttp sidecar: task status, queue figures and health.
+
+Every answer is JSON, errors included (``{"error": <code>, "message": ...}``), and no request
+can make it answer 500: a missing, repeated or malformed ``Authorization`` header (whatever
+its bytes) is a 401, any id that names no task (whatever its characters) a 404, a path it does
+not serve a 404, Redis trouble a 503. A client that goes away mid-stream is an ordinary end.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import hmac
 import json
+import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
@@ -12,13 +20,14 @@ from typing import TYPE_CHECKING, Any, Final
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from handlers.metrics import Metrics
 from ops.asyncapi import asyncapi_document
 from ops.gpu_setup import GpuRuntime
 from ops.openapi import openapi_document
 from ops.settings import Settings
+from schemas.result import StatusRecord
 from schemas.task import TASK_ID_PATTERN
 from streams.errors import TRANSIENT_ERRORS
 from streams.keys import Keys
@@ -29,6 +38,8 @@ from streams.tokens import read_tokens
 if TYPE_CHECKING:
     from handlers.tasks import Worker
 
+log = logging.getLogger(__name__)
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _OPEN_PATHS = frozenset({"/health/live"})
 _TASK_ID_RE = re.compile(TASK_ID_PATTERN)
@@ -37,8 +48,38 @@ _TASK_ID_RE = re.compile(TASK_ID_PATTERN)
 _REDIS_FAILURES: Final[tuple[type[BaseException], ...]] = (*TRANSIENT_ERRORS, RedisError)
 
 
-def _json_error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": code, "message": message}, status=status)
+def _json_error(
+    status: int, code: str, message: str, *, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.json_response({"error": code, "message": message}, status=status, headers=headers)
+
+
+def _unauthorized() -> web.Response:
+    return _json_error(
+        401,
+        "unauthorized",
+        "a valid bearer token is required",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+def _no_such_task() -> web.Response:
+    # the id is not echoed: it may be anything, of any length
+    return _json_error(404, "not_found", "no task with this id (never seen, or expired)")
+
+
+def _bearer_token(request: web.Request) -> bytes | None:
+    """The token of the request's one ``Authorization: Bearer <token>`` header, as the bytes
+    that came over the wire (they need not be UTF-8); ``None`` when the header is missing,
+    repeated or of another form."""
+    values = [v for name, v in request.raw_headers if name.lower() == b"authorization"]
+    if len(values) != 1:
+        return None
+    scheme, space, token = values[0].partition(b" ")
+    token = token.lstrip(b" ")
+    if not space or scheme.lower() != b"bearer" or not token:
+        return None
+    return token
 
 
 class Sidecar:
@@ -57,13 +98,16 @@ class Sidecar:
         self._settings = settings
         self._keys = Keys(settings.namespace)
         self._worker = worker
-        self._token = (
-            settings.sidecar_token.get_secret_value().encode() if settings.sidecar_token else None
+        # digests are compared, so the comparison takes as long whatever the token's length
+        self._token_digest = (
+            hashlib.sha256(settings.sidecar_token.get_secret_value().encode()).digest()
+            if settings.sidecar_token
+            else None
         )
         self.port: int | None = None
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._auth], client_max_size=64 << 10)
+        app = web.Application(middlewares=[self._errors, self._auth], client_max_size=64 << 10)
         app.router.add_get("/v1/tasks/{task_id}", self.task)
         app.router.add_get("/v1/tasks/{task_id}/stream", self.token_stream)
         app.router.add_get("/v1/queue", self.queue)
@@ -76,17 +120,31 @@ class Sidecar:
         return app
 
     @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """aiohttp's own error answers (no such path, method not allowed...) in our JSON."""
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            code = exc.reason.lower().replace(" ", "_")
+            allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+            return _json_error(exc.status, code, exc.reason, headers=allow)
+
+    @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if self._token is not None and request.path not in _OPEN_PATHS:
-            given = request.headers.get("Authorization", "")
-            expected = b"Bearer " + self._token
-            if not hmac.compare_digest(given.encode(), expected):
-                return _json_error(401, "unauthorized", "a valid bearer token is required")
+        if self._token_digest is not None and request.path not in _OPEN_PATHS:
+            token = _bearer_token(request)
+            given = hashlib.sha256(token or b"").digest()
+            if not hmac.compare_digest(given, self._token_digest) or token is None:
+                return _unauthorized()
         return await handler(request)
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Sidecar]:
-        runner = web.AppRunner(self.app(), access_log=None)
+        # a handler is cancelled when its client goes away: a token stream of a task still
+        # queued would otherwise poll Redis for a reader that is gone, holding a connection
+        runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True)
         await runner.setup()
         site = web.TCPSite(runner, self._settings.sidecar_host, self._settings.sidecar_port)
         await site.start()
@@ -98,23 +156,35 @@ class Sidecar:
         finally:
             await runner.cleanup()
 
+    async def _status(self, task_id: str) -> StatusRecord | web.Response:
+        """The status record of ``task_id``, or the answer to give instead: 404 for an id that
+        names no task, whatever its characters (one that cannot be a task id is not looked up;
+        a key of another type under its name is no task either), 503 when Redis fails."""
+        if not _TASK_ID_RE.fullmatch(task_id):
+            return _no_such_task()
+        try:
+            record = await read_status(self._client, self._keys, task_id)
+        except ResponseError as exc:
+            if str(exc).startswith("WRONGTYPE"):
+                return _no_such_task()
+            return _json_error(503, "unavailable", f"redis refused: {type(exc).__name__}")
+        except _REDIS_FAILURES as exc:
+            return _json_error(503, "unavailable", f"redis unreachable: {type(exc).__name__}")
+        return _no_such_task() if record is None else record
+
     async def task(self, request: web.Request) -> web.Response:
-        task_id = request.match_info["task_id"]
-        if not _TASK_ID_RE.match(task_id):
-            return _json_error(400, "invalid_task_id", "task id has an invalid form")
-        record = await read_status(self._client, self._keys, task_id)
-        if record is None:
-            return _json_error(404, "not_found", f"no task {task_id} (never seen, or expired)")
-        return web.json_response(text=record.model_dump_json(exclude_none=True))
+        found = await self._status(request.match_info["task_id"])
+        if isinstance(found, web.Response):
+            return found
+        return web.json_response(text=found.model_dump_json(exclude_none=True))
 
     async def token_stream(self, request: web.Request) -> web.StreamResponse:
         """Server-Sent Events: ``delta`` events (``{"text": ...}``) from the first token, then
         one ``end`` event (``{"state": ..., "finish_reason": ...}``)."""
         task_id = request.match_info["task_id"]
-        if not _TASK_ID_RE.match(task_id):
-            return _json_error(400, "invalid_task_id", "task id has an invalid form")
-        if await read_status(self._client, self._keys, task_id) is None:
-            return _json_error(404, "not_found", f"no task {task_id} (never seen, or expired)")
+        found = await self._status(task_id)
+        if isinstance(found, web.Response):
+            return found
         response = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream",
@@ -122,14 +192,19 @@ class Sidecar:
                 "X-Accel-Buffering": "no",
             }
         )
-        await response.prepare(request)
-        async for event in read_tokens(self._client, self._keys, task_id):
-            if event.kind == "delta":
-                payload = json.dumps({"text": event.text})
-            else:
-                payload = json.dumps({"state": event.state, "finish_reason": event.finish_reason})
-            await response.write(f"event: {event.kind}\ndata: {payload}\n\n".encode())
-        await response.write_eof()
+        try:
+            await response.prepare(request)
+            async for event in read_tokens(self._client, self._keys, task_id):
+                if event.kind == "delta":
+                    payload = json.dumps({"text": event.text})
+                else:
+                    body = {"state": event.state, "finish_reason": event.finish_reason}
+                    payload = json.dumps(body)
+                await response.write(f"event: {event.kind}\ndata: {payload}\n\n".encode())
+            await response.write_eof()
+        except ConnectionResetError:
+            # the reader went away: an ordinary end of a stream, not a server error
+            log.debug("token stream reader disconnected", extra={"task_id": task_id})
         return response
 
     async def queue(self, request: web.Request) -> web.Response:
