@@ -36,6 +36,10 @@ from streams.topology import ensure_groups, is_missing_group
 
 log = logging.getLogger(__name__)
 
+BLOCK_COUNT = 2
+"""Entries a blocked read takes per partition: a partition that gave this many may have more
+(then a read follows), one that gave fewer was drained."""
+
 RANK_MS = 1 << 42
 """A parked entry's score is ``rank * RANK_MS + entry time``: partition first, then age."""
 
@@ -137,14 +141,15 @@ class PoolReader:
         return Read(entries, text(last[-1]), drained)
 
     async def block(self) -> list[Entry]:
-        """New entries, blocking up to ``block_ms`` until one arrives: at most one from each
-        partition that has some (a blocked read is served by the first partition that receives
-        an entry; it cannot be held to a size, so it loads at most one entry per partition,
-        and one over the size limit becomes a stub at once). Cancelling it may leave what it
-        was delivered pending here, to be adopted later (``Reclaimer.orphans``)."""
+        """New entries, blocking up to ``block_ms`` until one arrives: at most
+        :data:`BLOCK_COUNT` from each partition that has some (a blocked read is served by the
+        first partition that receives an entry; it cannot be held to a size, so it loads at
+        most that many entries per partition, and one over the size limit becomes a stub at
+        once). Cancelling it may leave what it was delivered pending here, to be adopted later
+        (``Reclaimer.orphans``)."""
         try:
             reply = await self._client.xreadgroup(
-                self._group, self._consumer, dict.fromkeys(self.streams, ">"), count=1,
+                self._group, self._consumer, dict.fromkeys(self.streams, ">"), count=BLOCK_COUNT,
                 block=self.block_ms,
             )  # fmt: skip
         except Exception as exc:

@@ -11,6 +11,7 @@ entries. A worker holds no task for a model beyond that model's slots: all other
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Coroutine
@@ -22,7 +23,7 @@ from handlers.tasks.run import TaskRunner
 from handlers.tasks.slots import INVALID_MODEL, ModelSlot, SlotBudget
 from providers.registry import ModelRegistry
 from schemas.errors import ErrorCode
-from streams.dispatch import PoolReader
+from streams.dispatch import BLOCK_COUNT, PoolReader
 from streams.entries import Entry
 from streams.errors import TRANSIENT_ERRORS, describe
 from streams.keys import Keys
@@ -171,8 +172,10 @@ class PoolIntake:
             return
         self._blocked = None
         entries = blocked.result()  # raises what the read raised
+        per_stream = collections.Counter(e.stream for e in entries)
+        if per_stream and max(per_stream.values()) >= BLOCK_COUNT:
+            self._must_read = True  # a partition gave all it could: there may be more
         if entries:
-            self._must_read = True  # it takes one entry a partition: there may be more
             await self._route(entries, tg)
 
     async def _route(self, entries: list[Entry], tg: asyncio.TaskGroup) -> None:
