@@ -76,7 +76,7 @@ def _schemas() -> dict[str, _Json]:
         "properties": {
             "error": {
                 "type": "string",
-                "description": "A short code: invalid_task_id, not_found, unauthorized, ...",
+                "description": "A short code: not_found, unauthorized, ...",
             },
             "message": {"type": "string"},
         },
@@ -241,7 +241,6 @@ def _get(
 
 def _paths() -> _Json:
     task_id = {"$ref": "#/components/parameters/TaskId"}
-    bad_id = _error("The task id has an invalid form (`invalid_task_id`).")
     unknown = _error("No such task: never seen, or its record expired (`not_found`).")
     document = {"type": "object", "additionalProperties": True}
     return {
@@ -254,7 +253,6 @@ def _paths() -> _Json:
             "outcome once terminal, and the webhook delivery log. Absent fields are omitted.",
             responses={
                 "200": _json_body(_ref("StatusRecord"), "The status record."),
-                "400": bad_id,
                 "404": unknown,
             },
         ),
@@ -269,7 +267,6 @@ def _paths() -> _Json:
                     "description": "The event stream.",
                     "content": {"text/event-stream": {"schema": {"type": "string"}}},
                 },
-                "400": bad_id,
                 "404": unknown,
             },
         ),

@@ -127,8 +127,10 @@ class PoolIntake:
             self._wake.clear()
             read = await self._reader.read(count, free)
             self._maybe_parked -= read.drained
-            if read.entries:
-                await self._route(read.entries, tg)
+            # what a blocked read brought meanwhile goes into the same choice, best first
+            entries = read.entries + self._blocked_entries()
+            if entries:
+                await self._route(entries, tg)
             if read.wake_id is None:
                 return  # there may be more: read again
             self._wake_id, self._must_read = read.wake_id, False
@@ -139,6 +141,9 @@ class PoolIntake:
         in ``XREAD`` for an entry parked elsewhere, and stop waiting as well when a slot frees
         for a model with parked entries. Neither blocked read is cut short (a cancelled command
         costs its connection); what they bring is handled on the next pass."""
+        if self._wake.is_set():
+            self._must_read = True  # a slot freed for a model with parked entries: read now
+            return
         if self._blocked is None:
             self._blocked = asyncio.ensure_future(self._reader.block())
         if self._parked is None:
@@ -167,16 +172,21 @@ class PoolIntake:
 
     async def _route_blocked(self, tg: asyncio.TaskGroup) -> None:
         """Route what the blocked read brought, once it is back."""
+        entries = self._blocked_entries()
+        if entries:
+            await self._route(entries, tg)
+
+    def _blocked_entries(self) -> list[Entry]:
+        """What the blocked read brought, once it is back (then a new one may start)."""
         blocked = self._blocked
         if blocked is None or not blocked.done():
-            return
+            return []
         self._blocked = None
         entries = blocked.result()  # raises what the read raised
         per_stream = collections.Counter(e.stream for e in entries)
         if per_stream and max(per_stream.values()) >= BLOCK_COUNT:
             self._must_read = True  # a partition gave all it could: there may be more
-        if entries:
-            await self._route(entries, tg)
+        return entries
 
     async def _route(self, entries: list[Entry], tg: asyncio.TaskGroup) -> None:
         """Start each entry on a free slot of its model, best first; park the rest."""

@@ -57,8 +57,14 @@ class Spans:
         self, tracer: Tracer, operation: str, provider: str, request: GenerationRequest
     ) -> Iterator[Span]:
         attributes = genai_request_attributes(operation, provider, request, self._content)
+        # no recorded exception: its chain reaches the SDK's own error, whose raw body may echo
+        # the key or the prompt; the span gets the sanitised message only
         with tracer.start_as_current_span(
-            f"{operation} {request.model}", kind=SpanKind.CLIENT, attributes=attributes
+            f"{operation} {request.model}",
+            kind=SpanKind.CLIENT,
+            attributes=attributes,
+            record_exception=False,
+            set_status_on_exception=False,
         ) as span:
             try:
                 yield span

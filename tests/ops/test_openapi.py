@@ -133,7 +133,7 @@ async def test_answers_match_the_document(sidecar: Sidecar, client: Redis, keys:
         queue = await _check(http, base, "/v1/queue", "/v1/queue", 200)
         assert all(row["group"] for row in queue["partitions"])
         await _check(http, base, "/v1/tasks/nope", "/v1/tasks/{task_id}", 404)
-        await _check(http, base, "/v1/tasks/bad%20id", "/v1/tasks/{task_id}", 400)
+        await _check(http, base, "/v1/tasks/bad%20id", "/v1/tasks/{task_id}", 404)
         await _check(http, base, "/health/live", "/health/live", 200)
         async with http.get(f"{base}/metrics") as r:
             assert r.status == 200 and r.content_type == "text/plain"

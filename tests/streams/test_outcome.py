@@ -14,6 +14,7 @@ from streams.keys import TASK_GROUP, Keys
 from streams.leases import Lease, Reclaimer
 from streams.outcome import Finish, Outcomes, Start
 from streams.topology import ensure_groups
+from tests.harness import stream_entries
 
 
 async def _one_entry(client: Redis, keys: Keys, consumer: str) -> Entry:
@@ -59,8 +60,8 @@ async def test_two_racing_attempts_write_one_result(client: Redis, keys: Keys) -
     # the status record names the attempt that won, as its one result does
     status = await client.hmget(keys.task("t1"), ["worker", "attempts"])
     assert status == [b"a", b"1"]
-    [(_, fields)] = await client.xrange(keys.results)
-    assert (TaskResult.model_validate_json(fields[b"data"]).worker, status[1]) == ("a", b"1")
+    [written] = await stream_entries(client, keys.results)
+    assert (TaskResult.model_validate_json(written.data or b"").worker, status[1]) == ("a", b"1")
     assert await client.xlen(keys.results) == 1
     assert await client.xlen(keys.results_for("svc")) == 1
     assert await client.xlen(keys.webhooks) == 1
