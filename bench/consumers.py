@@ -20,7 +20,8 @@ SYSTEMS = ("sop", "sop-256", "loop")
 def known_system(name: str) -> bool:
     """One of :data:`SYSTEMS`, or ``sop@PATH`` where PATH is a checkout of this project."""
     if name.startswith("sop@"):
-        return (Path(name.removeprefix("sop@")) / "ops" / "cli.py").is_file()
+        ops = Path(name.removeprefix("sop@")) / "ops"
+        return (ops / "cli.py").is_file() or (ops / "cli" / "__main__.py").is_file()
     return name in SYSTEMS
 
 
