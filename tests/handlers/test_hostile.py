@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 from redis.asyncio import Redis
 
+from handlers.tasks import intake
+from handlers.tasks.prepare import Prepared
+from handlers.tasks.prepare import prepare as prepare_entry
 from providers.registry import ModelRegistry
 from schemas.errors import ErrorCode
 from schemas.result import DeadLetter, TaskResult, TaskState
+from streams.entries import Entry
 from streams.keys import Keys
 from streams.producer import Producer, ProducerConfig
 from streams.urlguard import AllowList
@@ -166,3 +173,28 @@ async def test_a_plain_xadd_webhook_to_an_internal_host_is_refused_at_intake(
     assert refused.error.code == ErrorCode.INVALID_EVENT and "10.0.0.7" in refused.error.message
     assert await client.xlen(keys.webhooks) == 1  # the allowed one only
     assert by_id["hook-ok"][0].state == TaskState.COMPLETED
+
+
+async def test_an_entry_that_cannot_be_read_ends_alone(
+    client: Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading one entry raises (MemoryError, say): that entry ends ``internal``, the others of
+    its read run."""
+    real = prepare_entry
+
+    def prepare(entry: Entry, **kw: Any) -> Prepared:
+        if b"explode" in (entry.data or b""):
+            raise MemoryError("out of memory reading it")
+        return real(entry, **kw)
+
+    monkeypatch.setattr(intake, "prepare", prepare)
+    await xadd_task(client, keys, {"task_id": "boom", "model": "echo", "prompt": "explode"})
+    p = Producer(ProducerConfig(namespace=keys.namespace), client=client)
+    good = [await p.submit("echo", f"good {i}", max_tokens=2) for i in range(5)]
+    async with running_worker(client, keys):
+        await _results_for(client, keys, {"boom", *good})
+    by_id = _by_id(await results(client, keys))
+    [boom] = by_id["boom"]
+    assert boom.state == TaskState.FAILED and boom.error is not None
+    assert boom.error.code == ErrorCode.INTERNAL and "MemoryError" in boom.error.message
+    assert all(by_id[t][0].state == TaskState.COMPLETED for t in good)

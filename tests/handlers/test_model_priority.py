@@ -111,3 +111,24 @@ async def test_two_workers_both_busy_until_the_queue_is_empty(
 async def _workers_up(client: Redis, keys: Keys, n: int) -> bool:
     names = [k async for k in client.scan_iter(match=keys.worker("*"))]
     return len(names) >= n
+
+
+async def test_parked_entries_of_a_removed_model_end_model_not_found(
+    client: Redis, keys: Keys
+) -> None:
+    one = ScriptedProvider(["a b c d e f g h i j"], per_token_s=0.05, slots=1)
+    registry = _registry(one)
+    p = Producer(ProducerConfig(namespace=keys.namespace), client=client)
+    async with running_worker(
+        client, keys, registry=registry, slots=None, unknown_model_grace_s=0.2
+    ):
+        first = await p.submit("one", "first")
+        await wait_for(lambda: len(one.calls) == 1, 5)
+        waiting = [await p.submit("one", f"waiting {i}") for i in range(3)]
+        await wait_for(lambda: _parked_all(client, keys, 3), 5)
+        registry.unregister("one")  # removed while its entries wait for it
+        ended = [await p.wait(t, timeout=10) for t in waiting]
+        assert (await p.wait(first, timeout=10)).state == TaskState.COMPLETED
+    assert all(r.state == TaskState.FAILED for r in ended)
+    assert {r.error.code.value for r in ended if r.error} == {"model_not_found"}
+    assert await _parked(client, keys, "one") == 0
