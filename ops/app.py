@@ -18,7 +18,7 @@ from handlers.metrics import Metrics
 from handlers.policy import RetryPolicy
 from handlers.tasks import Worker, WorkerConfig
 from handlers.tasks.gpu import GpuGate
-from ops.connect import redis_client_for, target_for
+from ops.connect import redis_client_for, target_for, wait_for_redis
 from ops.embedded import embedded_redis
 from ops.gpu_setup import build_gpu_runtime
 from ops.settings import Settings
@@ -161,6 +161,11 @@ async def serve(
         stack.enter_context(tracing(settings))
         client = redis_client_for(settings)
         stack.push_async_callback(client.aclose)
+        # a process started while Redis is away waits for it (a crash loop would not help)
+        if not await wait_for_redis(
+            client, stop=stop, timeout_s=settings.startup_timeout_s, target=target
+        ):
+            return
         gpus = await build_gpu_runtime(settings, client)
         metrics = Metrics()
         models = await stack.enter_async_context(model_registry(settings, client))

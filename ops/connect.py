@@ -19,6 +19,10 @@ Every mode gets the same timeouts: a socket timeout above the longest blocking r
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol, cast
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -27,8 +31,12 @@ from pydantic import SecretStr
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.exceptions import AuthenticationError
 
 from ops.settings import redact_url
+from schemas.errors import BrokerUnavailableError
+from streams.errors import TRANSIENT_ERRORS, describe
+from streams.topology import Backoff
 
 MAX_CONNECTIONS: Final = 64
 POOL_TIMEOUT_S: Final = 20.0
@@ -203,3 +211,54 @@ def redis_client_for(settings: ConnectSettings) -> Redis:
     if target.mode == "cluster":
         return cluster_client(target.url)
     return redis_client(target.url)
+
+
+_log = logging.getLogger(__name__)
+_STILL_WAITING_EVERY_S: Final = 10.0
+
+
+async def wait_for_redis(
+    client: Redis, *, stop: asyncio.Event, timeout_s: float, target: str
+) -> bool:
+    """Wait until Redis answers a PING, retrying with a bounded backoff (one warning when the
+    wait starts, one line every 10 s while it lasts, one when it ends). ``False`` when ``stop``
+    came first. Raises :class:`BrokerUnavailableError` once ``timeout_s`` (0: never) has passed,
+    and lets an authentication failure through at once: waiting cannot fix a wrong password."""
+    started = time.monotonic()
+    next_note = started + _STILL_WAITING_EVERY_S
+    backoff = Backoff(base=0.1, cap=2.0)
+    while not stop.is_set():
+        try:
+            async with asyncio.timeout(5):
+                await client.ping()
+            if backoff.failures:
+                waited = round(time.monotonic() - started, 1)
+                _log.info("redis reachable, starting", extra={"redis": target, "waited_s": waited})
+            return True
+        except AuthenticationError:
+            raise
+        except TRANSIENT_ERRORS as exc:
+            now = time.monotonic()
+            if backoff.failures == 0:
+                _log.warning(
+                    "redis unreachable at start, waiting",
+                    extra={"redis": target, "error": describe(exc)},
+                )
+            elif now >= next_note:
+                next_note = now + _STILL_WAITING_EVERY_S
+                _log.warning(
+                    "still waiting for redis",
+                    extra={
+                        "redis": target,
+                        "error": describe(exc),
+                        "waited_s": round(now - started),
+                    },
+                )
+            if timeout_s and now - started >= timeout_s:
+                raise BrokerUnavailableError(
+                    f"Redis at {target} did not answer for {timeout_s:g} s "
+                    f"(SOP_STARTUP_TIMEOUT_S); last error: {describe(exc)}"
+                ) from exc
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=backoff.next_delay())
+    return False

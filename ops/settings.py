@@ -63,6 +63,11 @@ class Settings(BaseSettings):
     models_file: Path | None = Field(
         default=None, description="TOML file of model specs (see docs/providers.md)."
     )
+    startup_timeout_s: float = Field(
+        default=300.0,
+        ge=0,
+        description="How long a process waits for Redis at start before it exits with an error (0: forever); it retries meanwhile.",
+    )
     models_poll_s: float = Field(
         default=5.0,
         gt=0,
