@@ -79,6 +79,7 @@ class Worker:
             metrics=metrics, trace_content=config.trace_content, gpu=gpu,
         )  # fmt: skip
         self._intakes = [self._intake(pool) for pool in config.pools]
+        self._started = False
 
     def _intake(self, pool: str) -> PoolIntake:
         cfg = self._config
@@ -109,14 +110,21 @@ class Worker:
         return len(self._runner.inflight)
 
     @property
+    def started(self) -> bool:
+        """It joined its group and took its lease (it stays started through Redis trouble)."""
+        return self._started
+
+    @property
     def ready(self) -> bool:
-        return bool(self._intakes) and all(i.ready for i in self._intakes)
+        """Started, and every pool's last read reached Redis."""
+        return self._started and all(i.ready for i in self._intakes)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set, then drain: in-flight tasks get ``shutdown_grace_s`` to
         finish; the rest are cancelled unacknowledged, left pending for another worker."""
         if not await self._lease.join(self._streams, TASK_GROUP, stop):
             return
+        self._started = True
         log.info("worker started", extra={"consumer": self.consumer})
         cfg = self._config
         lease_stop = asyncio.Event()
@@ -140,6 +148,7 @@ class Worker:
                 lease_stop.set()
                 await lease_task
         finally:
+            self._started = False
             for intake in self._intakes:
                 intake.ready = False
             await self._lease.leave()

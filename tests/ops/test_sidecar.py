@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import signal
+import time
 import uuid
 from collections.abc import AsyncIterator
 from urllib.parse import quote
@@ -313,3 +315,46 @@ async def _quiet(client: Redis, name: str) -> bool:
 @contextlib.asynccontextmanager
 async def _nothing() -> AsyncIterator[None]:
     yield
+
+
+async def test_ready_tells_a_frozen_redis_and_a_stuck_worker_apart_within_250_ms(
+    private_redis: RedisServer, namespace: str
+) -> None:
+    """A frozen (not killed) Redis: /health/ready says so within about 250 ms, and names the
+    worker as started but unable to reach Redis, never "not started"."""
+    client = Redis.from_url(private_redis.url, socket_timeout=2, socket_connect_timeout=1)
+    keys = Keys(namespace)
+    try:
+        async with running_worker(client, keys, block_ms=200) as worker:
+            side = Sidecar(
+                client=client, settings=_settings(private_redis.url, namespace), worker=worker
+            )
+            async with side.running(), aiohttp.ClientSession() as http:
+                base = f"http://127.0.0.1:{side.port}"
+                async with http.get(f"{base}/health/ready") as r:
+                    assert r.status == 200, await r.text()
+                assert private_redis.proc is not None
+                private_redis.proc.send_signal(signal.SIGSTOP)  # frozen, not dead
+                try:
+                    started = time.monotonic()
+                    async with http.get(f"{base}/health/ready") as r:
+                        body = await r.json()
+                    took = time.monotonic() - started
+                    assert r.status == 503
+                    assert any("did not answer within 250 ms" in p for p in body["problems"])
+                    assert took < 0.5, took
+                    await wait_for(lambda: not worker.ready, 10)
+                    async with http.get(f"{base}/health/ready") as r:
+                        problems = (await r.json())["problems"]
+                    assert "worker not started" not in problems
+                    assert "worker cannot reach redis" in problems
+                finally:
+                    private_redis.proc.send_signal(signal.SIGCONT)
+
+                async def ready_again() -> bool:
+                    async with http.get(f"{base}/health/ready") as r:
+                        return r.status == 200
+
+                await wait_for(ready_again, 20)
+    finally:
+        await client.aclose()
