@@ -30,6 +30,7 @@ from providers.loader import ModelLoader
 from providers.registry import ModelRegistry
 from providers.specs import load_specs_file, merge_specs
 from schemas.models import ModelSpec
+from streams.errors import INCIDENTS
 from streams.keys import Keys
 from streams.models import ModelStore
 from streams.retention import Retention
@@ -158,6 +159,7 @@ async def serve(
         )
         target = target_for(settings).describe()  # no password in it
         log.info("connecting", extra={"redis": target, "namespace": settings.namespace})
+        INCIDENTS.target = target
         stack.enter_context(tracing(settings))
         client = redis_client_for(settings)
         stack.push_async_callback(client.aclose)

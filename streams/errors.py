@@ -8,6 +8,8 @@ cannot help: the caller ends the work it concerns instead.
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Final
 
 from redis.exceptions import (
@@ -41,3 +43,40 @@ def describe(exc: BaseException) -> str:
     """The exception's class and message for a log line (redis-py 8's ``repr`` drops it)."""
     message = str(exc)
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+_log = logging.getLogger(__name__)
+
+
+class RedisIncidents:
+    """Connection trouble, logged once per incident for the whole process: one warning when the
+    first loop or task meets it (with the cause, whose message names the address), one line
+    with its duration when a call goes through again. Every loop and task reports here instead
+    of logging on its own, so an outage is two lines, not one per task in flight."""
+
+    def __init__(self) -> None:
+        self._since: float | None = None
+        self.target = ""
+        """The server's address for the log (no password), set by the composition root."""
+
+    @property
+    def ongoing(self) -> bool:
+        return self._since is not None
+
+    def trouble(self, exc: BaseException, where: str) -> None:
+        if self._since is None:
+            self._since = time.monotonic()
+            _log.warning(
+                "redis unreachable",
+                extra={"redis": self.target, "error": describe(exc), "where": where},
+            )
+
+    def recovered(self) -> None:
+        if self._since is not None:
+            down = round(time.monotonic() - self._since, 1)
+            self._since = None
+            _log.info("redis reachable again", extra={"redis": self.target, "down_s": down})
+
+
+INCIDENTS: Final = RedisIncidents()
+"""This process's one record of Redis trouble."""

@@ -17,7 +17,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from streams.entries import Entry, text
-from streams.errors import TRANSIENT_ERRORS, describe
+from streams.errors import INCIDENTS, TRANSIENT_ERRORS, describe
 from streams.keys import PARKED_CONSUMER, TASK_GROUP, Keys
 from streams.topology import Backoff, ensure_groups
 
@@ -49,10 +49,10 @@ class Lease:
                 async with asyncio.timeout(self._ttl_ms / 3000):
                     await self.renew()
                 backoff.reset()
+                INCIDENTS.recovered()
                 delay = self._ttl_ms / 3000
             except TRANSIENT_ERRORS as exc:
-                if backoff.failures == 0:
-                    log.warning("lease renewal failed", extra={"error": describe(exc)})
+                INCIDENTS.trouble(exc, "lease renewal")
                 delay = backoff.next_delay()
             except Exception:
                 # the lease loop's guard: a refusal is logged with its traceback, then retried

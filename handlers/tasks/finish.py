@@ -15,7 +15,7 @@ from handlers.policy import Fail, RetryPolicy
 from handlers.tasks.prepare import Prepared
 from schemas.errors import ErrorCode, SopError
 from schemas.result import DeadLetter, ErrorInfo, FinishReason, TaskResult, TaskState, Usage
-from streams.errors import TRANSIENT_ERRORS, describe
+from streams.errors import INCIDENTS, TRANSIENT_ERRORS, describe
 from streams.outcome import Finish, Outcomes, webhook_job
 from streams.tokens import TokenStreams
 from streams.topology import Backoff
@@ -234,11 +234,13 @@ async def _retried(call: Callable[[], Awaitable[T]]) -> T:
     backoff = Backoff(base=0.05, cap=2.0)
     while True:
         try:
-            return await call()
+            reply = await call()
         except TRANSIENT_ERRORS as exc:
-            if backoff.failures == 0:
-                log.warning("terminal write failed, retrying", extra={"error": describe(exc)})
+            INCIDENTS.trouble(exc, "terminal write")
             await backoff.sleep()
+        else:
+            INCIDENTS.recovered()
+            return reply
 
 
 def _error_info(exc: BaseException) -> ErrorInfo:

@@ -25,7 +25,7 @@ from providers.registry import ModelRegistry
 from schemas.errors import ErrorCode
 from streams.dispatch import BLOCK_COUNT, PoolReader
 from streams.entries import Entry
-from streams.errors import TRANSIENT_ERRORS, describe
+from streams.errors import INCIDENTS, TRANSIENT_ERRORS, describe
 from streams.keys import Keys
 from streams.leases import Reclaimer
 from streams.topology import Backoff
@@ -83,13 +83,11 @@ class PoolIntake:
             while not stop.is_set():
                 try:
                     await self._pass(stop, tg)
-                    if backoff.failures:
-                        log.info("redis reachable again")
+                    INCIDENTS.recovered()
                     self.ready = True
                     backoff.reset()
                 except TRANSIENT_ERRORS as exc:
-                    if backoff.failures == 0:
-                        log.warning("redis unavailable, retrying", extra={"error": describe(exc)})
+                    INCIDENTS.trouble(exc, "read")
                     self.ready = False
                     self._must_read = True
                     await backoff.sleep(stop)
@@ -146,8 +144,10 @@ class PoolIntake:
             return
         if self._blocked is None:
             self._blocked = asyncio.ensure_future(self._reader.block())
+            self._blocked.add_done_callback(_seen)
         if self._parked is None:
             self._parked = asyncio.ensure_future(self._reader.parked_since(wake_id))
+            self._parked.add_done_callback(_seen)
         local = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
         try:
             waits: set[asyncio.Future[Any]] = {self._blocked, self._parked, *local}
@@ -288,3 +288,10 @@ async def _first(*waits: Coroutine[Any, Any, Any], also: asyncio.Future[Any] | N
     finally:
         for f in futures:
             f.cancel()
+
+
+def _seen(future: asyncio.Future[Any]) -> None:
+    """Mark a blocked read's error as seen: one that ends after the intake stopped (a cut
+    redis-py read can finish with a connection error) has no reader left."""
+    if not future.cancelled():
+        future.exception()

@@ -28,7 +28,7 @@ from providers.base import DeltaSink, Generation
 from providers.registry import ModelBinding, ModelRegistry
 from schemas.errors import ErrorCode, ModelNotFoundError, SopError
 from schemas.result import ErrorInfo, TaskState
-from streams.errors import TRANSIENT_ERRORS, describe
+from streams.errors import INCIDENTS, TRANSIENT_ERRORS
 from streams.outcome import BeginReply, Outcomes, Start
 from streams.tokens import TokenStreams, TokenWriter
 
@@ -191,7 +191,7 @@ class TaskRunner:
             [reply] = await self._outcomes.begin([start], now_ms())
         except TRANSIENT_ERRORS as exc:
             # nothing started: the entry stays pending here and is adopted again
-            log.warning("begin failed, entry left pending", extra={"error": describe(exc)})
+            INCIDENTS.trouble(exc, "begin")
             return None
         except Exception as exc:  # noqa: BLE001 - a refusal: this entry ends, no other
             await self._finish.abandon(p, 1, exc)

@@ -16,10 +16,11 @@ from schemas.errors import BacklogFullError, ErrorCode
 from schemas.result import DeadLetter, TaskState
 from streams.control import CancelOutcome
 from streams.dead import all_dead, requeue
+from streams.errors import INCIDENTS
 from streams.keys import Keys
 from streams.producer import Producer, ProducerConfig
 from streams.status import read_status
-from tests.conftest import wait_for
+from tests.conftest import RedisServer, wait_for
 from tests.fakes import ScriptedProvider
 from tests.harness import results, running_worker, stream_entries, wait_results, xadd_task
 
@@ -257,3 +258,34 @@ async def _nothing_pending(client: Redis, keys: Keys) -> bool:
 
 async def _state_is(client: Redis, keys: Keys, task_id: str, state: TaskState) -> bool:
     return bool(await client.hget(keys.task(task_id), "state") == state.value.encode())
+
+
+async def test_an_outage_is_two_log_lines_however_many_tasks_are_in_flight(
+    private_redis: RedisServer, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis goes away with 8 tasks in flight: one warning with the cause (which names the
+    address), one line with the outage's length when it is back, and every task ends once."""
+    INCIDENTS.recovered()  # no incident left open by another test of this process
+    INCIDENTS.target = private_redis.url  # as the composition root sets it
+    client = Redis.from_url(private_redis.url, socket_timeout=2, socket_connect_timeout=1)
+    keys = Keys(namespace)
+    p = Producer(ProducerConfig(namespace=namespace), client=client)
+    try:
+        async with running_worker(client, keys, tokens_per_s=20, slots=8) as worker:
+            ids = [await p.submit("echo", f"task {i}", max_tokens=10) for i in range(8)]
+            await wait_for(lambda: worker.inflight == 8, 5)
+            with caplog.at_level("INFO"):
+                private_redis.kill()  # with AOF off this loses the tasks' records...
+                await wait_for(lambda: INCIDENTS.ongoing, 10)
+                private_redis.start()
+                await wait_for(lambda: not INCIDENTS.ongoing, 20)
+                await wait_for(lambda: worker.inflight == 0, 20)
+        warnings = [r for r in caplog.records if r.getMessage() == "redis unreachable"]
+        assert len(warnings) == 1
+        assert warnings[0].__dict__["redis"] == private_redis.url
+        assert "Connection" in warnings[0].__dict__["error"]  # the cause, with its message
+        back = [r for r in caplog.records if r.getMessage() == "redis reachable again"]
+        assert len(back) == 1 and back[0].__dict__["down_s"] > 0
+        assert len(ids) == 8  # ...so only the log is checked here; test_faults covers outcomes
+    finally:
+        await client.aclose()
