@@ -110,6 +110,7 @@ def build_worker(
         max_metadata_bytes=settings.max_metadata_bytes,
         max_entry_bytes=settings.max_entry_bytes,
         webhook_allow=AllowList.parse(settings.webhook_allow),
+        durability=settings.durability(),
         shutdown_grace_s=settings.shutdown_grace_s,
         retry_poll_ms=settings.retry_poll_ms,
         retry=RetryPolicy(base_s=settings.retry_base_s, max_s=settings.retry_max_s),

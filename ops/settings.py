@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from schemas.task import NAME_PATTERN
+from streams.durability import Durability
 from streams.keys import DEFAULT_PARTITIONS
 from streams.producer import ProducerConfig
 
@@ -62,6 +63,14 @@ class Settings(BaseSettings):
     pool: str = Field(default="default", description="Pool the SDK and CLI submit to.")
     models_file: Path | None = Field(
         default=None, description="TOML file of model specs (see docs/providers.md)."
+    )
+    durability_replicas: int = Field(
+        default=0,
+        ge=0,
+        description="Replicas that must hold a submission (the SDK's submit) and a batch of outcomes (before its slots are freed); 0: the master's acknowledgement. Needs +wait in the ACL.",
+    )
+    durability_timeout_ms: int = Field(
+        default=1000, ge=1, description="How long to wait for those replicas."
     )
     startup_timeout_s: float = Field(
         default=300.0,
@@ -311,7 +320,11 @@ class Settings(BaseSettings):
             max_backlog=self.max_backlog,
             webhook_allow=self.webhook_allow,
             status_ttl_s=self.status_ttl_s,
+            durability=self.durability(),
         )
+
+    def durability(self) -> Durability:
+        return Durability(replicas=self.durability_replicas, timeout_ms=self.durability_timeout_ms)
 
 
 def redact_url(url: str) -> str:

@@ -88,3 +88,13 @@ class BrokerUnavailableError(BrokerError):
     """Redis could not be reached in time (refused or reset connections, a timeout, a failover
     under way): passing trouble, worth trying again after a pause. The redis-py error is kept
     as ``__cause__``."""
+
+
+class NotReplicatedError(BrokerUnavailableError):
+    """A submission reached the master but fewer replicas than asked for
+    (``SOP_DURABILITY_REPLICAS``) acknowledged it in time: a failover now could lose it. Submit
+    it again with the same ``idempotency_key`` to be sure it exists once."""
+
+    def __init__(self, message: str, *, task_id: str) -> None:
+        super().__init__(message)
+        self.task_id = task_id

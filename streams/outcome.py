@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from redis.exceptions import ResponseError
 
 from schemas.result import DeadLetter, ErrorInfo, TaskResult, WebhookJob
 from schemas.wire import EventType
+from streams.durability import Durability
 from streams.entries import Entry, text
 from streams.keys import TASK_GROUP, Keys
 from streams.outcome_scripts import (
@@ -32,6 +34,8 @@ from streams.outcome_scripts import (
     KEY_FIELDS,
 )
 from streams.scripts import RETRY_SCRIPT, EncodableT
+
+log = logging.getLogger(__name__)
 
 Verdict = Literal["run", "done", "duplicate", "conflict", "exhausted", "cancelled"]
 
@@ -147,8 +151,12 @@ class Outcomes:
         max_attempts: int,
         group: str = TASK_GROUP,
         write_timeout_s: float = 15.0,
+        durability: Durability | None = None,
     ) -> None:
+        """With ``durability``, each batch of terminal writes waits for that many replicas
+        before its callers go on (and free their slots)."""
         self._client = client
+        self._durability = durability or Durability()
         self._keys = keys
         self._worker = worker
         self._ttl = status_ttl_s
@@ -255,7 +263,14 @@ class Outcomes:
                 "dead": fin.dead.model_dump_json(exclude_none=True) if fin.dead else "",
                 "expect": fin.expect_state, "fence": "1" if fin.fenced else "",
             })  # fmt: skip
-        replies = await FINISH_MANY_SCRIPT(self._client, b.keys, b.args)
+        replies, acked = await self._durability.call(
+            self._client, FINISH_MANY_SCRIPT, b.keys, b.args
+        )
+        if acked is not None and acked < self._durability.replicas:
+            log.warning(
+                "outcomes written to the master, not yet to enough replicas",
+                extra={"acked": acked, "wanted": self._durability.replicas, "count": len(batch)},
+            )
         return [ResponseError(text(r)) if isinstance(r, bytes | str) else int(r) for r in replies]
 
 

@@ -16,7 +16,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, Self
 
 from opentelemetry import trace
@@ -32,6 +32,7 @@ from schemas.errors import (
     DuplicateTaskIdError,
     IdempotencyConflictError,
     InvalidTaskError,
+    NotReplicatedError,
     SopError,
     WaitTimeoutError,
 )
@@ -48,6 +49,7 @@ from schemas.task import (
 from schemas.wire import EventType
 from streams.cancellation import raise_if_cancelled
 from streams.control import CancelOutcome, cancel_task
+from streams.durability import Durability
 from streams.entries import entries_from_range, entries_from_read, text
 from streams.errors import TRANSIENT_ERRORS, describe
 from streams.keys import DEFAULT_PARTITIONS, DEFAULT_POOL, Keys
@@ -73,6 +75,9 @@ class ProducerConfig:
     """Refuse submissions while a partition holds this many unfinished entries (0: no limit)."""
     status_ttl_s: int = 86_400
     socket_timeout_s: float = 30.0
+    durability: Durability = field(default_factory=Durability)
+    """Replicas that must hold a submission before ``submit`` returns (see
+    docs/reliability.md); 0: the master's acknowledgement."""
 
 
 class HasProducerConfig(Protocol):
@@ -187,8 +192,10 @@ class Producer:
         keys = [stream, self.keys.task(task_id)]
         if event.idempotency_key is not None:
             keys.append(self.keys.idem(event.idempotency_key))
-        reply = await SUBMIT_SCRIPT(
+        durability = self._config.durability
+        reply, acked = await durability.call(
             self._client,
+            SUBMIT_SCRIPT,
             keys,
             [
                 task_id,
@@ -215,6 +222,13 @@ class Producer:
             raise BacklogFullError(
                 f"partition {stream} holds {owner} unfinished tasks, at the limit of "
                 f"{self._config.max_backlog}: try again later"
+            )
+        if acked is not None and acked < durability.replicas:
+            raise NotReplicatedError(
+                f"task {owner} is on the master, but {acked} of {durability.replicas} replicas "
+                f"acknowledged it within {durability.timeout_ms} ms: a failover now could lose "
+                "it (submit again with the same idempotency_key to be sure)",
+                task_id=owner,
             )
         return TaskId(owner)
 

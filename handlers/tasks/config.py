@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from handlers.policy import RetryPolicy
+from streams.durability import Durability
 from streams.keys import Keys
 from streams.retention import Retention
 from streams.urlguard import AllowList
@@ -41,6 +42,8 @@ class WorkerConfig:
     trim_interval_s: float = 60.0
     trace_content: bool = False
     tokens_ttl_s: int = 3600
+    durability: Durability = field(default_factory=Durability)
+    """Replicas each batch of terminal writes waits for before its slots are freed."""
     webhook_allow: AllowList | None = None
     """Checks a plain-XADD task's ``webhook_url`` at intake against the SSRF rules (no name
     lookup: that stays at delivery), letting these hosts through; ``None``: no check (the

@@ -67,6 +67,7 @@ class Worker:
         self._outcomes = Outcomes(
             client=client, keys=keys, worker=config.consumer,
             status_ttl_s=config.status_ttl_s, max_attempts=config.max_attempts,
+            durability=config.durability,
         )  # fmt: skip
         tokens = TokenStreams(client=client, keys=keys, ttl_s=config.tokens_ttl_s)
         finisher = Finisher(
