@@ -61,19 +61,20 @@ async def test_echo_flows_at_full_slots_beside_a_busy_one_slot_model(
 ) -> None:
     one = ScriptedProvider([" ".join(["t"] * 100)], per_token_s=0.1, slots=1)  # 10 s each
     p = Producer(ProducerConfig(namespace=keys.namespace), client=client)
-    async with running_worker(
-        client, keys, registry=_registry(one), slots=None, shutdown_grace_s=0.2
-    ):
-        for i in range(6):
-            await p.submit("one", f"slow {i}")
+    async with running_worker(client, keys, registry=_registry(one), slots=None):
+        slow = [await p.submit("one", f"slow {i}") for i in range(6)]
         await wait_for(lambda: len(one.calls) == 1, 5)
         started = time.monotonic()
         echoes = [await p.submit("echo", f"quick {i}", max_tokens=4) for i in range(300)]
         done = [await p.wait(t, timeout=10) for t in echoes]
         elapsed = time.monotonic() - started
         assert len(one.calls) == 1  # the one-slot model is still on its first task
+        for t in slow:  # end them (the running one between tokens), so nothing is cut at stop
+            await p.cancel(t)
+        ended = [await p.wait(t, timeout=10) for t in slow]
     assert all(r.state == TaskState.COMPLETED for r in done)
     assert elapsed < 6.0, elapsed  # not held up by the five tasks waiting for "one"
+    assert {r.state for r in ended} == {TaskState.CANCELLED}
 
 
 async def test_two_workers_both_busy_until_the_queue_is_empty(
