@@ -34,11 +34,6 @@ TRANSIENT_ERRORS: Final[tuple[type[BaseException], ...]] = (
 """Exceptions that mean "Redis is not reachable right now": retry with backoff."""
 
 
-def is_transient(exc: BaseException) -> bool:
-    """True when ``exc`` is passing connection trouble rather than an answer to the command."""
-    return isinstance(exc, TRANSIENT_ERRORS)
-
-
 def describe(exc: BaseException) -> str:
     """The exception's class and message for a log line (redis-py 8's ``repr`` drops it)."""
     message = str(exc)

@@ -121,7 +121,12 @@ class Finisher:
         due = now_ms() + int(decision.delay_s * 1000)
         if self._metrics is not None:
             self._metrics.retries.labels(error.code.value).inc()
-        if await self._schedule_retry(p, due, error):
+        try:
+            scheduled = await self._schedule_retry(p, due, error)
+        except Exception as exc:  # noqa: BLE001 - a refusal: the task's own keys are unusable
+            await self.abandon(p, attempts, exc)
+            return
+        if scheduled:
             log.info(
                 "retry scheduled",
                 extra={"attempts": attempts, "delay_s": round(decision.delay_s, 3),
@@ -217,16 +222,11 @@ class Finisher:
             self._metrics.dead_letters.labels(dead.reason.value).inc()
 
     async def _schedule_retry(self, p: Prepared, due: int, error: ErrorInfo) -> bool:
-        backoff = Backoff(base=0.05, cap=2.0)
-        while True:
-            try:
-                async with asyncio.timeout(15):
-                    scheduled = await self._outcomes.retry(
-                        p.entry, p.task_id, due_ms=due, error=error
-                    )
-                return scheduled >= 0  # 0: already terminal elsewhere; -1: cancel requested
-            except TRANSIENT_ERRORS:
-                await backoff.sleep()
+        async def once() -> int:
+            async with asyncio.timeout(15):
+                return await self._outcomes.retry(p.entry, p.task_id, due_ms=due, error=error)
+
+        return await _retried(once) >= 0  # 0: already terminal elsewhere; -1: cancel requested
 
 
 async def _retried(call: Callable[[], Awaitable[T]]) -> T:

@@ -97,15 +97,13 @@ class PoolIntake:
                     self._must_read = True
                     await backoff.sleep(stop)
         finally:
-            # what a blocked read was delivered stays pending here; the lease is dropped at
-            # shutdown, so another worker takes it at once
-            for f in (self._blocked, self._parked):
-                if f is None:
-                    continue
-                if f.done():
-                    if not f.cancelled() and f.exception() is not None:
-                        log.debug("a blocked read ended with an error at shutdown")
-                else:
+            # the blocked reads end within block_ms: let them (a cut redis-py command costs its
+            # connection); what they were delivered stays pending here, and the lease is dropped
+            # at shutdown, so another worker takes it at once
+            reads = [f for f in (self._blocked, self._parked) if f is not None and not f.done()]
+            if reads:
+                _, late = await asyncio.wait(reads, timeout=self._reader.block_ms / 1000 + 1)
+                for f in late:
                     f.cancel()
 
     async def _pass(self, stop: asyncio.Event, tg: asyncio.TaskGroup) -> None:

@@ -68,9 +68,6 @@ class SlotBudget:
             free = min(free, cap - self._pools[pool])
         return max(0, free)
 
-    def running(self, pool: str | None = None) -> int:
-        return self._pools[pool] if pool is not None else sum(self._pools.values())
-
     def take(self, pool: str, model: str) -> ModelSlot | None:
         """A slot for a task of ``model`` in ``pool``, or ``None`` when none is free."""
         if self.free(pool, model) <= 0:

@@ -132,8 +132,8 @@ class Worker:
         try:
             async with asyncio.TaskGroup() as tg:
                 lease_task = tg.create_task(self._lease.run(lease_stop))
-                side = [tg.create_task(intake.run(stop, tg)) for intake in self._intakes]
-                side += [
+                intakes = [tg.create_task(intake.run(stop, tg)) for intake in self._intakes]
+                side = [
                     tg.create_task(self._periodic(stop, cfg.reclaim_interval_ms / 1000, _each(
                         [functools.partial(i.reclaim, tg) for i in self._intakes]
                     ))),
@@ -142,6 +142,10 @@ class Worker:
                     tg.create_task(self._control(stop)),
                 ]  # fmt: skip
                 await stop.wait()
+                # the intakes end on their own once stopped (their blocked reads are not cut)
+                _, late = await asyncio.wait(intakes, timeout=cfg.block_ms / 1000 + 2)
+                for task in late:
+                    task.cancel()
                 await self._runner.drain(cfg.shutdown_grace_s)
                 await self._outcomes.drain()
                 for task in side:

@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 from handlers.tasks import intake
 from handlers.tasks.prepare import Prepared
 from handlers.tasks.prepare import prepare as prepare_entry
+from providers.errors import ProviderError
 from providers.registry import ModelRegistry
 from schemas.errors import ErrorCode
 from schemas.result import DeadLetter, TaskResult, TaskState
@@ -198,3 +199,20 @@ async def test_an_entry_that_cannot_be_read_ends_alone(
     assert boom.state == TaskState.FAILED and boom.error is not None
     assert boom.error.code == ErrorCode.INTERNAL and "MemoryError" in boom.error.message
     assert all(by_id[t][0].state == TaskState.COMPLETED for t in good)
+
+
+async def test_a_retry_that_redis_refuses_ends_only_its_task(client: Redis, keys: Keys) -> None:
+    """The retry schedule's key is not a sorted set: the failed attempt cannot be parked for a
+    retry, so the task ends ``internal`` once, dead-lettered, and its slot is freed."""
+    await client.set(keys.tasks_delayed, "not a sorted set")
+    flaky = ScriptedProvider([ProviderError("busy", code=ErrorCode.OVERLOADED, retryable=True)])
+    registry = ModelRegistry()
+    registry.register("flaky", flaky)
+    p = Producer(ProducerConfig(namespace=keys.namespace), client=client)
+    async with running_worker(client, keys, registry=registry) as worker:
+        task_id = await p.submit("flaky", "x")
+        result = await p.wait(task_id, timeout=10)
+        await wait_for(lambda: worker.inflight == 0, 5)
+    assert result.state == TaskState.FAILED and result.error is not None
+    assert result.error.code == ErrorCode.INTERNAL and "WRONGTYPE" in result.error.message
+    assert [d.task_id for d in await _dead(client, keys)] == [task_id]
