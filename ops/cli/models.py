@@ -1,5 +1,5 @@
 """``sop-llm models add|list|show|remove|check``: register, list and remove models at run time,
-check a models file.
+check a models file (and the GGUF file of each of its ``llama_cpp`` models).
 
 Runtime models live in the ``{ns}:models`` hash; workers pick changes up through
 :class:`streams.models.ModelStore`.
@@ -8,8 +8,10 @@ Runtime models live in the ``{ns}:models`` hash; workers pick changes up through
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
+from pathlib import Path
 from typing import Any, get_args
 
 from pydantic import ValidationError
@@ -17,6 +19,7 @@ from pydantic import ValidationError
 from ops.connect import redis_client_for
 from ops.settings import Settings
 from providers.factory import ModelConfigError
+from providers.gguf_shape import GgufError, read_shape
 from providers.specs import load_specs_file
 from schemas.models import (
     ALL_OVERRIDABLE,
@@ -44,6 +47,7 @@ _FIELDS = (
     ("path", str),
     ("n_gpu_layers", int),
     ("n_threads", int),
+    ("n_batch", int),
     ("chat_template", str),
 )
 _DEFAULTS = (("temperature", float), ("top_p", float), ("max_tokens", int), ("seed", int))
@@ -66,6 +70,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         a.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help="default")
     a.add_argument("--stop", action="append", help="default stop sequence (repeatable)")
     a.add_argument(
+        "--chat-template-file",
+        type=Path,
+        help="llama_cpp: read the chat template (Jinja) from this file, instead of --chat-template",
+    )
+    a.add_argument(
         "--overridable",
         help=f"comma-separated parameters a task may set (default: {','.join(ALL_OVERRIDABLE)})",
     )
@@ -74,7 +83,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     s.add_argument("name")
     r = sub.add_parser("remove", help="forget a runtime model")
     r.add_argument("name")
-    c = sub.add_parser("check", help="validate a TOML models file (no Redis needed)")
+    c = sub.add_parser(
+        "check",
+        help="validate a TOML models file and each llama_cpp model's GGUF file (no Redis needed)",
+    )
     c.add_argument("file")
 
 
@@ -95,6 +107,13 @@ def spec_from_args(args: argparse.Namespace) -> ModelSpec:
         value = getattr(args, name)
         if value is not None:
             doc[name] = value
+    if args.chat_template_file is not None:
+        if args.chat_template is not None:
+            raise ValueError("give --chat-template or --chat-template-file, not both")
+        try:
+            doc["chat_template"] = args.chat_template_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read --chat-template-file: {exc}") from exc
     defaults = dict(doc.get("defaults") or {})
     for name, _ in _DEFAULTS:
         value = getattr(args, name)
@@ -110,6 +129,22 @@ def spec_from_args(args: argparse.Namespace) -> ModelSpec:
         return ModelSpec.model_validate(doc)
     except ValidationError as exc:
         raise ValueError(describe_spec_error(exc)) from exc
+
+
+async def check_files(specs: list[ModelSpec]) -> list[str]:
+    """One line per ``llama_cpp`` model whose GGUF file is missing, unreadable, not GGUF, or
+    lacks the header fields a worker reads to admit it (empty: every file is usable)."""
+    problems: list[str] = []
+    for spec in specs:
+        if spec.provider != "llama_cpp" or spec.path is None:
+            continue
+        try:
+            await asyncio.to_thread(read_shape, spec.path)
+        except OSError as exc:
+            problems.append(f"models.{spec.name}: cannot read {spec.path}: {exc.strerror or exc}")
+        except GgufError as exc:  # its message names the file and the problem
+            problems.append(f"models.{spec.name}: {exc}")
+    return problems
 
 
 def _out(doc: Any) -> None:
@@ -129,6 +164,11 @@ async def run_command(settings: Settings, args: argparse.Namespace) -> int:
             specs = load_specs_file(args.file)
         except ModelConfigError as exc:
             return _err(str(exc))
+        problems = await check_files(specs)
+        for problem in problems:
+            _err(problem)
+        if problems:
+            return 1
         for declared in specs:
             _out(json.loads(declared.to_wire()))
         return 0
