@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from opentelemetry import trace
 from prometheus_client import start_http_server
@@ -42,11 +42,14 @@ log = logging.getLogger(__name__)
 
 @contextlib.asynccontextmanager
 async def model_registry(
-    settings: Settings, client: Redis | None = None
+    settings: Settings,
+    client: Redis | None = None,
+    on_retire: Callable[[str], None] | None = None,
 ) -> AsyncIterator[tuple[ModelRegistry, ModelLoader, list[ModelSpec]]]:
     """The models this process serves: the built-in ``echo``, the ``SOP_MODELS_FILE`` specs
     (a bad file fails start-up) and, with a client, those registered at run time in Redis
-    (runtime specs win over the file's). Providers are closed on exit."""
+    (runtime specs win over the file's). Providers are closed on exit; ``on_retire`` hears of
+    each one closed at run time."""
     registry = ModelRegistry()
     registry.register(
         "echo", EchoProvider(tokens_per_s=settings.echo_tokens_per_s, slots=settings.echo_slots)
@@ -54,7 +57,7 @@ async def model_registry(
     file_specs = load_specs_file(settings.models_file) if settings.models_file else []
     async with ModelLoader(
         registry=registry, env=os.environ, pools=settings.pools,
-        echo_tokens_per_s=settings.echo_tokens_per_s,
+        echo_tokens_per_s=settings.echo_tokens_per_s, on_retire=on_retire,
     ) as loader:  # fmt: skip
         await loader.apply(file_specs, strict=True)
         if client is not None:
@@ -71,8 +74,10 @@ async def watch_models(
     loader: ModelLoader,
     file_specs: list[ModelSpec],
     stop: asyncio.Event,
+    worker: Worker | None = None,
 ) -> None:
-    """Apply model specs registered at run time (`sop-llm models add|remove`) without a restart."""
+    """Apply model specs registered at run time (`sop-llm models add|remove`) without a restart;
+    the ``worker`` is told each version it took."""
     store = ModelStore(client=client, keys=Keys(settings.namespace))
     backoff = Backoff(base=0.5, cap=30.0)
     while not stop.is_set():
@@ -81,6 +86,8 @@ async def watch_models(
                 report = await loader.apply(merge_specs(file_specs, list(snapshot.specs)))
                 if report.changed:
                     log.info("models changed", extra={"report": str(report)})
+                if worker is not None:
+                    await worker.models_changed(snapshot.version)
                 backoff.reset()
         except (RedisError, OSError, TimeoutError) as exc:
             if backoff.failures == 0:
@@ -164,14 +171,21 @@ async def serve(
         stack.enter_context(tracing(settings))
         client = redis_client_for(settings)
         stack.push_async_callback(client.aclose)
+        metrics = Metrics()
+        side = None
+        if sidecar:
+            # probes are answered from the start: live, and not ready while Redis is away
+            side = Sidecar(client=client, settings=settings, metrics=metrics, with_worker=worker)
+            await stack.enter_async_context(side.running())
         # a process started while Redis is away waits for it (a crash loop would not help)
         if not await wait_for_redis(
             client, stop=stop, timeout_s=settings.startup_timeout_s, target=target
         ):
             return
         gpus = await build_gpu_runtime(settings, client)
-        metrics = Metrics()
-        models = await stack.enter_async_context(model_registry(settings, client))
+        # a model removed or replaced at run time no longer counts as loaded on its device
+        forget = gpus.admission.forget if gpus.admission is not None else None
+        models = await stack.enter_async_context(model_registry(settings, client, forget))
         registry, loader, file_specs = models
         the_worker = None
         if worker:
@@ -198,14 +212,11 @@ async def serve(
         async with asyncio.TaskGroup() as tg:
             tg.create_task(gpus.run(stop))  # VRAM sampling and idle-model unloading
             if worker:
-                tg.create_task(watch_models(settings, client, loader, file_specs, stop))
+                tg.create_task(watch_models(settings, client, loader, file_specs, stop, the_worker))
             if sender is not None:
                 tg.create_task(sender.run(stop))
-            if sidecar:
-                side = Sidecar(
-                    client=client, settings=settings, worker=the_worker, metrics=metrics, gpu=gpus
-                )
-                await stack.enter_async_context(side.running())
+            if side is not None:
+                side.attach(worker=the_worker, gpu=gpus)
             if the_worker is not None:
                 tg.create_task(the_worker.run(stop))
             await stop.wait()

@@ -13,8 +13,10 @@ The choice follows the settings, nothing else:
   ignored), e.g. ``redis://:secret@sentinel/0``.
 * Otherwise the **one server** of ``SOP_REDIS_URL``.
 
-Every mode gets the same timeouts: a socket timeout above the longest blocking read (15 s),
-5 s to connect and a health check on links idle for 15 s.
+Every mode gets the same timeouts, sized so that a frozen or vanished server is noticed within
+seconds: a socket timeout 4 s above the longest blocking read the process makes (6 s with the
+defaults: sop-llm's own blocking reads wait at most ``SOP_BLOCK_MS`` or 2 s), TCP keepalive
+probes on idle links, 5 s to connect and a health check on links idle for 15 s.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol, cast
@@ -40,16 +43,41 @@ from streams.topology import Backoff
 
 MAX_CONNECTIONS: Final = 64
 POOL_TIMEOUT_S: Final = 20.0
-SOCKET_TIMEOUT_S: Final = 15.0
+LONGEST_CLIENT_BLOCK_S: Final = 2.0
+"""The longest blocking read of the SDK, the sidecar and the CLI (they loop on shorter reads)."""
+READ_MARGIN_S: Final = 4.0
+"""A reply may come this long after a blocking read's end before the link counts as dead."""
+SOCKET_TIMEOUT_S: Final = LONGEST_CLIENT_BLOCK_S + READ_MARGIN_S
 CONNECT_TIMEOUT_S: Final = 5.0
 HEALTH_CHECK_S: Final = 15
 
 _CLUSTER_SCHEMES: Final = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
-_TIMEOUTS: Final[dict[str, Any]] = {
-    "socket_timeout": SOCKET_TIMEOUT_S,
-    "socket_connect_timeout": CONNECT_TIMEOUT_S,
-    "health_check_interval": HEALTH_CHECK_S,
+# an idle link to a host that vanished is found dead after about 5 + 3 * 2 s
+_KEEPALIVE: Final[dict[int, int]] = {
+    option: value
+    for name, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 3))
+    if (option := getattr(socket, name, None)) is not None
 }
+
+
+def _timeouts(socket_timeout_s: float) -> dict[str, Any]:
+    return {
+        "socket_timeout": socket_timeout_s,
+        "socket_connect_timeout": CONNECT_TIMEOUT_S,
+        "socket_keepalive": True,
+        "socket_keepalive_options": _KEEPALIVE,
+        "health_check_interval": HEALTH_CHECK_S,
+    }
+
+
+def socket_timeout_for(settings: object) -> float:
+    """The socket timeout for a process with these settings: :data:`READ_MARGIN_S` above its
+    longest wait on Redis (the worker's ``block_ms``, the replicas' wait, the clients' reads)."""
+    block_s = int(getattr(settings, "block_ms", 0)) / 1000
+    replicas = int(getattr(settings, "durability_replicas", 0))
+    wait_s = int(getattr(settings, "durability_timeout_ms", 0)) / 1000 if replicas else 0.0
+    return max(LONGEST_CLIENT_BLOCK_S, block_s, wait_s) + READ_MARGIN_S
+
 
 Mode = Literal["single", "sentinel", "cluster"]
 
@@ -128,16 +156,21 @@ def target_for(settings: ConnectSettings) -> Target:
     return Target("cluster" if cluster else "single", url)
 
 
-def redis_client(url: str, *, max_connections: int = MAX_CONNECTIONS) -> Redis:
+def redis_client(
+    url: str,
+    *,
+    max_connections: int = MAX_CONNECTIONS,
+    socket_timeout_s: float = SOCKET_TIMEOUT_S,
+) -> Redis:
     """One server. The pool makes callers wait for a free connection (up to 20 s) instead of
     failing when a burst needs more than ``max_connections``."""
     pool = BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=POOL_TIMEOUT_S, **_TIMEOUTS
+        url, max_connections=max_connections, timeout=POOL_TIMEOUT_S, **_timeouts(socket_timeout_s)
     )
     return Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
 
 
-def cluster_client(url: str) -> Redis:
+def cluster_client(url: str, *, socket_timeout_s: float = SOCKET_TIMEOUT_S) -> Redis:
     """A Redis Cluster client, typed as :class:`Redis` for the code that takes one.
 
     ``RedisCluster`` is not a ``Redis`` subclass but offers the same commands, pipelines
@@ -145,7 +178,27 @@ def cluster_client(url: str) -> Redis:
     namespace's hash tag gives) and ``aclose()``; everything sop-llm calls on a client works
     on it (tests/ops/test_connect.py runs a worker on a real cluster). Its connections are not
     capped per node: redis-py's cluster pool fails instead of waiting when a cap is reached."""
-    return cast(Redis, RedisCluster.from_url(url, **_TIMEOUTS))
+    return cast(Redis, RedisCluster.from_url(url, **_timeouts(socket_timeout_s)))
+
+
+class _SerialSentinel(Sentinel):
+    """redis-py's ``Sentinel`` with its master lookups taken one at a time. Its lookup moves the
+    sentinel that answered to the front of the list with an ``await`` between reading the list
+    and writing it, so lookups racing through a failover could leave one sentinel in the list
+    twice and drop another (no longer asked, and never closed)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call, unused-ignore]
+        self._lookup = asyncio.Lock()
+        self._every = list(self.sentinels)
+
+    async def discover_master(self, service_name: str) -> Any:
+        async with self._lookup:
+            return await super().discover_master(service_name)  # type: ignore[no-untyped-call, unused-ignore]
+
+    async def aclose(self) -> None:
+        self.sentinels = list(self._every)  # every one, whatever order lookups left
+        await super().aclose()
 
 
 class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
@@ -165,6 +218,7 @@ def sentinel_client(
     url: str | None = None,
     *,
     max_connections: int = MAX_CONNECTIONS,
+    socket_timeout_s: float = SOCKET_TIMEOUT_S,
 ) -> Redis:
     """The current master of ``master`` as the sentinels report it; connections follow a
     failover. ``url`` lends user name, password, database and TLS (``rediss``)."""
@@ -181,7 +235,7 @@ def sentinel_client(
         if parts.scheme.lower() == "rediss":
             kwargs["ssl"] = True
     # the sentinels themselves get the timeouts but no credentials (Sentinel ACLs: not used)
-    sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]  # unannotated before 8.2
+    sentinel = _SerialSentinel(
         list(sentinels),
         sentinel_kwargs={
             "socket_timeout": CONNECT_TIMEOUT_S,
@@ -193,7 +247,7 @@ def sentinel_client(
         connection_pool_class=_BlockingSentinelPool,
         max_connections=max_connections,
         timeout=POOL_TIMEOUT_S,
-        **_TIMEOUTS,
+        **_timeouts(socket_timeout_s),
         **kwargs,
     )
     return cast(Redis, client)
@@ -205,12 +259,15 @@ def redis_client_for(settings: ConnectSettings) -> Redis:
 
     Raises :class:`ValueError` when the settings are contradictory or name no server."""
     target = target_for(settings)
+    timeout_s = socket_timeout_for(settings)
     if target.mode == "sentinel":
-        return sentinel_client(target.sentinels, target.master, target.url)
+        return sentinel_client(
+            target.sentinels, target.master, target.url, socket_timeout_s=timeout_s
+        )
     assert target.url is not None
     if target.mode == "cluster":
-        return cluster_client(target.url)
-    return redis_client(target.url)
+        return cluster_client(target.url, socket_timeout_s=timeout_s)
+    return redis_client(target.url, socket_timeout_s=timeout_s)
 
 
 _log = logging.getLogger(__name__)

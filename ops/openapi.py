@@ -150,8 +150,9 @@ def _schemas() -> dict[str, _Json]:
             "problems": {
                 "type": "array",
                 "items": {"type": "string"},
-                "description": "why it is not ready (Redis unreachable, a consumer group "
-                "missing, the worker not started)",
+                "description": "why it is not ready (Redis unreachable or too slow, a "
+                "consumer group missing, the worker not started, unable to reach Redis or "
+                "stalled on a call)",
             },
         },
         "required": ["status"],

@@ -94,8 +94,13 @@ class Sidecar:
         worker: Worker | None = None,
         metrics: Metrics | None = None,
         gpu: GpuRuntime | None = None,
+        with_worker: bool | None = None,
     ) -> None:
+        """``with_worker``: this process runs a worker (default: one is given); when it is to
+        come later (:meth:`attach`, once Redis answered at start-up), readiness says "worker
+        not started" meanwhile."""
         self._metrics = metrics or Metrics()
+        self._with_worker = worker is not None if with_worker is None else with_worker
         self._gpu = gpu
         self._client = client
         self._settings = settings
@@ -108,6 +113,13 @@ class Sidecar:
             else None
         )
         self.port: int | None = None
+
+    def attach(self, *, worker: Worker | None = None, gpu: GpuRuntime | None = None) -> None:
+        """The parts built once Redis answered: the sidecar answers probes before them."""
+        if worker is not None:
+            self._worker = worker
+        if gpu is not None:
+            self._gpu = gpu
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._errors, self._auth], client_max_size=64 << 10)
@@ -254,7 +266,8 @@ class Sidecar:
     async def ready(self, request: web.Request) -> web.Response:
         """200 or 503 with the reasons, within about 250 ms whatever Redis does (a probe that
         times out says nothing): ``redis unreachable: <cause>``, ``redis did not answer within
-        250 ms``, ``worker not started``, ``worker cannot reach redis``, a missing group."""
+        250 ms``, ``worker not started``, ``worker cannot reach redis``, ``worker stalled: <the
+        call that waits>``, a missing group."""
         problems = []
         try:
             async with asyncio.timeout(READY_TIMEOUT_S):
@@ -265,11 +278,17 @@ class Sidecar:
             problems.append(f"redis did not answer within {int(READY_TIMEOUT_S * 1000)} ms")
         except _REDIS_FAILURES as exc:
             problems.append(f"redis unreachable: {describe(exc)}")
-        if self._worker is not None:
-            if not self._worker.started:
+        worker = self._worker
+        if worker is None:
+            if self._with_worker:
                 problems.append("worker not started")
-            elif not self._worker.ready:
+        elif not worker.started:
+            problems.append("worker not started")
+        else:
+            if not worker.ready:
                 problems.append("worker cannot reach redis")
+            if (stall := worker.stalled()) is not None:
+                problems.append(f"worker stalled: {stall}")
         if problems:
             return web.json_response({"status": "not_ready", "problems": problems}, status=503)
         return web.json_response({"status": "ready"})

@@ -35,10 +35,23 @@ class Lease:
         self._client = client
         self._key = keys.worker(consumer)
         self._ttl_ms = ttl_ms
-        self._info = json.dumps(info)
+        self._fields = dict(info)
+        self._info = json.dumps(self._fields)
+        self._held = False
 
     async def renew(self) -> None:
         await self._client.set(self._key, self._info, px=self._ttl_ms)
+        self._held = True
+
+    async def update(self, **fields: object) -> None:
+        """Change what the lease says about the worker; held leases say it at once (best
+        effort: the renewal loop says it at the latest a third of the TTL later)."""
+        self._fields.update({k: str(v) for k, v in fields.items()})
+        self._info = json.dumps(self._fields)
+        if self._held:
+            with contextlib.suppress(*TRANSIENT_ERRORS):
+                async with asyncio.timeout(2):
+                    await self.renew()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Renew every third of the TTL until ``stop`` is set. Every failure is retried: a
@@ -62,6 +75,7 @@ class Lease:
                 await asyncio.wait_for(stop.wait(), timeout=delay)
 
     async def release(self) -> None:
+        self._held = False
         await self._client.delete(self._key)
 
     async def join(self, streams: Sequence[str], group: str, stop: asyncio.Event) -> bool:

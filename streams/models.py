@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Final
@@ -73,6 +75,15 @@ class ModelStore:
             raw = await self._client.hget(self._key, name)
         return None if raw is None else ModelSpec.model_validate_json(raw)
 
+    async def registered(self, names: set[str]) -> set[str]:
+        """Those of ``names`` that have a spec here (valid or not), in one command."""
+        if not names:
+            return set()
+        ordered = sorted(names)
+        async with asyncio.timeout(self._timeout_s):
+            raw = await self._client.hmget(self._key, ordered)
+        return {name for name, value in zip(ordered, raw, strict=True) if value is not None}
+
     async def version(self) -> int:
         async with asyncio.timeout(self._timeout_s):
             raw = await self._client.hget(self._key, VERSION_FIELD)
@@ -115,3 +126,92 @@ class ModelStore:
                 yield snap
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=interval_s)
+
+
+@dataclass(frozen=True, slots=True)
+class Pickup:
+    """Where the live workers of a pool stand with one model after a change to the store."""
+
+    serving: tuple[str, ...] = ()
+    """Workers that serve the model now."""
+    pending: tuple[str, ...] = ()
+    """Workers that have not taken the store's version yet."""
+    refused: tuple[str, ...] = ()
+    """Workers that took the version but do not serve the model (its load failed: their log
+    says why)."""
+
+    @property
+    def settled(self) -> bool:
+        return not self.pending
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerModels:
+    """What a live worker's lease says of its models."""
+
+    consumer: str
+    pools: tuple[str, ...]
+    models: tuple[str, ...]
+    version: int
+    """The model store's version it took last (-1: none yet)."""
+
+
+async def worker_models(client: Redis, keys: Keys) -> list[WorkerModels]:
+    """The live workers of the namespace and the models each serves (file and run time), from
+    their leases."""
+    out = []
+    prefix = keys.worker("")
+    async for key in client.scan_iter(match=keys.worker("*"), count=500):
+        raw = await client.get(key)
+        if raw is None:
+            continue  # expired meanwhile
+        try:
+            info = json.loads(raw)
+            pools = tuple(p for p in str(info.get("pools", "")).split(",") if p)
+            models = tuple(m for m in str(info.get("models", "")).split(",") if m)
+            version = int(info.get("version", -1))
+        except (ValueError, AttributeError):
+            continue  # not a lease this version of sop-llm wrote
+        out.append(WorkerModels(_text(key)[len(prefix) :], pools, models, version))
+    return sorted(out, key=lambda w: w.consumer)
+
+
+async def pickup(client: Redis, keys: Keys, name: str, pool: str, version: int) -> Pickup:
+    """Where the live workers of ``pool`` stand with model ``name`` as of store ``version``."""
+    serving, pending, refused = [], [], []
+    for w in await worker_models(client, keys):
+        if pool not in w.pools:
+            continue
+        if w.version < version:
+            pending.append(w.consumer)
+        elif name in w.models:
+            serving.append(w.consumer)
+        else:
+            refused.append(w.consumer)
+    return Pickup(tuple(serving), tuple(pending), tuple(refused))
+
+
+async def wait_pickup(
+    client: Redis,
+    keys: Keys,
+    name: str,
+    pool: str,
+    version: int,
+    *,
+    timeout_s: float,
+    interval_s: float = 0.2,
+) -> Pickup:
+    """Wait until every live worker of ``pool`` took store ``version`` (a model added is then
+    loaded or refused, a model removed is gone). Raises :class:`TimeoutError` naming the
+    workers still behind after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = await pickup(client, keys, name, pool, version)
+        if state.settled:
+            return state
+        if time.monotonic() >= deadline:
+            raise TimeoutError(
+                f"workers of pool {pool!r} have not taken the change within {timeout_s:g} s: "
+                + ", ".join(state.pending)
+            )
+        await asyncio.sleep(interval_s)

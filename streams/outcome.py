@@ -22,6 +22,7 @@ from redis.exceptions import ResponseError
 
 from schemas.result import DeadLetter, ErrorInfo, TaskResult, WebhookJob
 from schemas.wire import EventType
+from streams.clock import CallClock
 from streams.durability import Durability
 from streams.entries import Entry, text
 from streams.keys import TASK_GROUP, Keys
@@ -97,10 +98,17 @@ class _Coalesced(Generic[T]):
     its own: cancelling a caller never cuts it in half (the caller just stops waiting)."""
 
     def __init__(
-        self, send: Callable[[list[T]], Awaitable[list[Any]]], *, timeout_s: float
+        self,
+        send: Callable[[list[T]], Awaitable[list[Any]]],
+        *,
+        timeout_s: float,
+        clock: CallClock,
+        what: str,
     ) -> None:
         self._send = send
         self._timeout_s = timeout_s
+        self._clock = clock
+        self._what = what
         self._queue: list[tuple[T, asyncio.Future[Any]]] = []
         self.writes: set[asyncio.Future[None]] = set()
 
@@ -118,7 +126,8 @@ class _Coalesced(Generic[T]):
         batch, self._queue = self._queue, []
         try:
             async with asyncio.timeout(self._timeout_s):
-                replies = await self._send([item for item, _ in batch])
+                with self._clock.timing(self._what):
+                    replies = await self._send([item for item, _ in batch])
         except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 - handed to the callers
             # nothing of the batch is known to be written: every caller may try again (a cut
             # call counts as connection trouble; anything else is the callers' to judge)
@@ -162,8 +171,14 @@ class Outcomes:
         self._ttl = status_ttl_s
         self._max_attempts = max_attempts
         self._group = group
-        self._begin = _Coalesced(self._begin_many, timeout_s=write_timeout_s)
-        self._finish = _Coalesced(self._finish_many, timeout_s=write_timeout_s)
+        self.clock = CallClock()
+        """The begins and terminal writes out now (a stalled worker's tell)."""
+        self._begin = _Coalesced(
+            self._begin_many, timeout_s=write_timeout_s, clock=self.clock, what="begin"
+        )
+        self._finish = _Coalesced(
+            self._finish_many, timeout_s=write_timeout_s, clock=self.clock, what="terminal write"
+        )
 
     async def begin(self, starts: Sequence[Start], now_ms: int) -> list[BeginReply]:
         """Mark entries running. Verdicts: ``run``; ``done`` (already terminal, acked);

@@ -274,7 +274,7 @@ class Producer:
         needle = json.dumps(task_id).encode()
         while (left := deadline - time.monotonic()) > 0:
             reply = await self._client.xread(
-                {self.keys.results: last}, count=500, block=max(1, int(min(left, 5.0) * 1000))
+                {self.keys.results: last}, count=500, block=max(1, int(min(left, 2.0) * 1000))
             )
             raise_if_cancelled()
             for entry in entries_from_read(reply):
@@ -293,9 +293,10 @@ class Producer:
         group: str | None = None,
         consumer: str = "sdk",
         start: str = "$",
-        block_ms: int = 5000,
+        block_ms: int = 2000,
     ) -> AsyncGenerator[TaskResult, None]:
-        """Results as they arrive, forever.
+        """Results as they arrive, forever. Each blocking read waits up to ``block_ms``: keep it
+        below the client's socket timeout (sop-llm's clients time out 4 s after 2 s reads).
 
         With ``group``, read through that consumer group (created on first use, from the start of
         the stream): at least once. A result is acknowledged when the loop asks for the next one;

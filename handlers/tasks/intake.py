@@ -23,11 +23,13 @@ from handlers.tasks.run import TaskRunner
 from handlers.tasks.slots import INVALID_MODEL, ModelSlot, SlotBudget
 from providers.registry import ModelRegistry
 from schemas.errors import ErrorCode
+from streams.clock import CallClock
 from streams.dispatch import BLOCK_COUNT, PoolReader
 from streams.entries import Entry
 from streams.errors import INCIDENTS, TRANSIENT_ERRORS, describe
 from streams.keys import Keys
 from streams.leases import Reclaimer
+from streams.models import ModelStore
 from streams.topology import Backoff
 
 log = logging.getLogger(__name__)
@@ -43,9 +45,12 @@ class PoolIntake:
         budget: SlotBudget,
         runner: TaskRunner,
         registry: ModelRegistry,
+        store: ModelStore,
         config: WorkerConfig,
     ) -> None:
+        """``store``: the models registered at run time, for entries of a model not loaded yet."""
         self.pool = reader.pool
+        self._store = store
         self._keys = keys
         self._reader = reader
         self._reclaimer = reclaimer
@@ -63,7 +68,14 @@ class PoolIntake:
         self._wake_id: str | None = None
         self._must_read = True
         self.ready = False
+        self.clock = CallClock()
+        """The pool's Redis reads out now (a stalled worker's tell)."""
         budget.listen(self._released)
+
+    def models_changed(self) -> None:
+        """The registry changed: a model just loaded may have parked entries waiting for it."""
+        self._maybe_parked.update(self._registry.names())
+        self._wake.set()
 
     def _released(self, slot: ModelSlot) -> None:
         self._freed.set()
@@ -121,7 +133,8 @@ class PoolIntake:
             return
         if self._must_read or self._wake_id is None:
             self._wake.clear()
-            read = await self._reader.read(count, free)
+            read = await self.clock.timed("read", self._reader.read(count, free))
+            self.ready = True  # it reached Redis (not only once the pass is over)
             self._maybe_parked -= read.drained
             # what a blocked read brought meanwhile goes into the same choice, best first
             entries = read.entries + self._blocked_entries()
@@ -141,10 +154,14 @@ class PoolIntake:
             self._must_read = True  # a slot freed for a model with parked entries: read now
             return
         if self._blocked is None:
-            self._blocked = asyncio.ensure_future(self._reader.block())
+            self._blocked = asyncio.ensure_future(
+                self.clock.timed("blocking read", self._reader.block())
+            )
             self._blocked.add_done_callback(_seen)
         if self._parked is None:
-            self._parked = asyncio.ensure_future(self._reader.parked_since(wake_id))
+            self._parked = asyncio.ensure_future(
+                self.clock.timed("blocking read", self._reader.parked_since(wake_id))
+            )
             self._parked.add_done_callback(_seen)
         local = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
         try:
@@ -186,13 +203,22 @@ class PoolIntake:
             self._must_read = True  # a partition gave all it could: there may be more
         return entries
 
-    async def _route(self, entries: list[Entry], tg: asyncio.TaskGroup) -> None:
-        """Start each entry on a free slot of its model, best first; park the rest."""
+    async def _route(
+        self, entries: list[Entry], tg: asyncio.TaskGroup, *, wait_for_models: bool = True
+    ) -> None:
+        """Start each entry on a free slot of its model, best first; park the rest. An entry
+        whose model is registered but not loaded here yet is parked too (it has no slot), and
+        waits for this worker or another to load it, up to ``unknown_model_grace_s``."""
+        prepared = [self._prepare(entry) for entry in entries]
+        coming: set[str] = set()
+        if wait_for_models:
+            unknown = {p.model for p in prepared if p.event and not self._registry.get(p.model)}
+            if unknown:
+                coming = await self.clock.timed("read", self._store.registered(unknown))
         by_model: dict[str, list[Prepared]] = {}
-        for entry in entries:
-            p = self._prepare(entry)
-            model = p.model if p.event and self._registry.get(p.model) else INVALID_MODEL
-            by_model.setdefault(model, []).append(p)
+        for p in prepared:
+            known = p.event is not None and (p.model in coming or self._registry.get(p.model))
+            by_model.setdefault(p.model if known else INVALID_MODEL, []).append(p)
         parked: list[tuple[Entry, str]] = []
         for model, ps in by_model.items():
             ps.sort(key=lambda p: self._reader.score(p.entry))
@@ -205,7 +231,7 @@ class PoolIntake:
         if parked:
             self._maybe_parked.update(model for _, model in parked)
             # on failure the entries stay pending here and are adopted again later
-            await self._reader.park(parked)
+            await self.clock.timed("park", self._reader.park(parked))
 
     def _prepare(self, entry: Entry) -> Prepared:
         """The entry validated, or refused with a clear reason; never raises, so that one entry
@@ -267,12 +293,12 @@ class PoolIntake:
             if now - since >= self._config.unknown_model_grace_s
         }
         if due:
-            read = await self._reader.read(0, due)
+            read = await self.clock.timed("read", self._reader.read(0, due))
             log.warning(
                 "parked entries of a model no longer served",
                 extra={"models": sorted(due), "count": len(read.entries)},
             )
-            await self._route(read.entries, tg)
+            await self._route(read.entries, tg, wait_for_models=False)
 
 
 async def _first(*waits: Coroutine[Any, Any, Any], also: asyncio.Future[Any] | None = None) -> None:

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Final
 
 from opentelemetry.trace import Tracer
 
@@ -31,6 +32,7 @@ from streams.dispatch import PoolReader
 from streams.errors import TRANSIENT_ERRORS, describe
 from streams.keys import TASK_GROUP, Keys
 from streams.leases import Lease, Reclaimer
+from streams.models import ModelStore
 from streams.outcome import Outcomes
 from streams.retention import trim_if_due
 from streams.retry import move_due
@@ -38,6 +40,9 @@ from streams.tokens import TokenStreams
 from streams.topology import Backoff
 
 log = logging.getLogger(__name__)
+
+STALL_AFTER_S: Final = 2.0
+"""A Redis call out this long past its own wait makes the worker "stalled" for readiness."""
 
 
 class Worker:
@@ -62,7 +67,7 @@ class Worker:
         )
         self._lease = Lease(
             client=client, keys=keys, consumer=config.consumer, ttl_ms=config.lease_ttl_ms,
-            info={"pools": ",".join(config.pools)},
+            info={"pools": ",".join(config.pools), "models": ",".join(sorted(registry.names()))},
         )  # fmt: skip
         self._outcomes = Outcomes(
             client=client, keys=keys, worker=config.consumer,
@@ -79,6 +84,7 @@ class Worker:
             consumer=config.consumer, max_attempts=config.max_attempts, tracer=tracer,
             metrics=metrics, trace_content=config.trace_content, gpu=gpu,
         )  # fmt: skip
+        self._store = ModelStore(client=client, keys=keys)
         self._intakes = [self._intake(pool) for pool in config.pools]
         self._started = False
 
@@ -95,7 +101,7 @@ class Worker:
         )
         return PoolIntake(
             keys=self._keys, reader=reader, reclaimer=reclaimer, budget=self.budget,
-            runner=self._runner, registry=self._registry, config=cfg,
+            runner=self._runner, registry=self._registry, store=self._store, config=cfg,
         )  # fmt: skip
 
     def _capacity(self, model: str) -> int:
@@ -119,6 +125,32 @@ class Worker:
     def ready(self) -> bool:
         """Started, and every pool's last read reached Redis."""
         return self._started and all(i.ready for i in self._intakes)
+
+    async def models_changed(self, version: int) -> None:
+        """The registry took the model store's ``version``: parked entries of a model just
+        loaded start, and the lease says which models this worker serves now (what
+        ``sop-llm models add --wait`` waits for)."""
+        for intake in self._intakes:
+            intake.models_changed()
+        await self._lease.update(models=",".join(sorted(self._registry.names())), version=version)
+
+    def stalled(self) -> str | None:
+        """Why the worker counts as stalled, or ``None``: a Redis call of its own (a read, a
+        begin, a terminal write) has been out longer than its bound (the blocking read's time,
+        the replicas' wait, then ``STALL_AFTER_S``). A worker busy with its models holds no
+        call, so it never counts as stalled for that."""
+        if not self._started:
+            return None
+        cfg = self._config
+        durable = cfg.durability
+        wait_s = durable.timeout_ms / 1000 if durable.replicas > 0 else 0.0
+        bound = cfg.block_ms / 1000 + wait_s + STALL_AFTER_S
+        calls = [self._outcomes.clock.oldest(), *(i.clock.oldest() for i in self._intakes)]
+        out = [call for call in calls if call is not None]
+        if not out:
+            return None
+        what, age = max(out, key=lambda call: call[1])
+        return f"a {what} has waited {age:.1f} s on redis" if age > bound else None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set, then drain: in-flight tasks get ``shutdown_grace_s`` to

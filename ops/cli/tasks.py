@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import sys
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,6 +18,7 @@ from schemas.result import TaskState
 from streams.cancellation import raise_if_cancelled
 from streams.control import cancel_task
 from streams.entries import entries_from_read
+from streams.errors import TRANSIENT_ERRORS
 from streams.keys import Keys
 from streams.producer import Producer
 
@@ -87,9 +90,37 @@ async def _submit(settings: Settings, args: argparse.Namespace) -> int:
         task_id = await p.submit(model, prompt, **fields)
         print(task_id)
         if args.wait:
-            result = await p.wait(task_id, timeout=args.wait)
+            watch = asyncio.ensure_future(_watch_holder(p, task_id))
+            try:
+                result = await p.wait(task_id, timeout=args.wait)
+            finally:
+                watch.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watch
             print(result.model_dump_json(exclude_none=True, indent=2))
     return 0
+
+
+async def _watch_holder(p: Producer, task_id: str, every_s: float = 2.0) -> None:
+    """While ``submit --wait`` waits: say once (on stderr) when the task is running on a worker
+    whose lease has lapsed (it died, or lost Redis), so the wait is not a silent time-out."""
+    keys, said = p.keys, False
+    while not said:
+        await asyncio.sleep(every_s)
+        with contextlib.suppress(*TRANSIENT_ERRORS):
+            record = await p.status(task_id)
+            worker = record.worker if record is not None else None
+            if record is None or record.state != TaskState.RUNNING or not worker:
+                continue
+            if not await p.client.exists(keys.worker(worker)):
+                print(
+                    f"task {task_id} is held by worker {worker}, whose lease has lapsed (it "
+                    "died, or cannot reach Redis): a live worker of its pool takes it over "
+                    "when it reclaims; see that worker's log for why it stopped",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                said = True
 
 
 async def _status(settings: Settings, args: argparse.Namespace) -> int:
@@ -108,13 +139,20 @@ async def _tail(settings: Settings, args: argparse.Namespace) -> int:
     stream = named.get(args.stream, args.stream)
     client = redis_client_for(settings)
     seen, last = 0, args.start
+    quiet_since = time.monotonic()
     try:
         while True:
-            block = int(args.timeout * 1000) if args.timeout else 5000
-            reply = await client.xread({stream: last}, count=100, block=block)
+            # short blocking reads, below the client's socket timeout, up to --timeout of quiet
+            wait_s = 2.0
+            if args.timeout:
+                wait_s = min(wait_s, args.timeout - (time.monotonic() - quiet_since))
+                if wait_s <= 0:
+                    return 0
+            reply = await client.xread({stream: last}, count=100, block=max(1, int(wait_s * 1000)))
             raise_if_cancelled()
-            if not reply and args.timeout:
-                return 0
+            if not reply:
+                continue
+            quiet_since = time.monotonic()
             for entry in entries_from_read(reply):
                 last = entry.entry_id
                 doc: dict[str, Any] = {"id": last}

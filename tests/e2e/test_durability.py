@@ -44,8 +44,10 @@ def replica(private_redis: RedisServer, tmp_path: Path) -> Iterator[subprocess.P
 
 
 async def _replica_linked(master: Redis) -> bool:
+    """The replica finished its first sync (before that, WAIT does not count it)."""
     info = await master.info("replication")
-    return int(info.get("connected_slaves", 0)) >= 1 and "slave0" in info
+    replica = info.get("slave0")
+    return isinstance(replica, dict) and replica.get("state") == "online"
 
 
 async def test_a_submission_counts_once_a_replica_holds_it(

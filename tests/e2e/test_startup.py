@@ -7,11 +7,12 @@ import signal
 import time
 from pathlib import Path
 
+import aiohttp
 from redis.asyncio import Redis
 
 from schemas.result import TaskState
 from streams.producer import Producer, ProducerConfig
-from tests.conftest import RedisServer, spawn_cli, terminating, wait_for, worker_env
+from tests.conftest import RedisServer, free_port, spawn_cli, terminating, wait_for, worker_env
 
 OUTAGE_S = 12
 
@@ -19,12 +20,23 @@ OUTAGE_S = 12
 async def test_a_worker_started_during_an_outage_serves_once_redis_is_back(
     tmp_path: Path,
 ) -> None:
+    """Meanwhile its sidecar answers: live, and not ready with the reasons."""
     server = RedisServer(tmp_path / "redis")  # not started yet: Redis is down
     log = tmp_path / "w.log"
-    env = worker_env(server.url, "startup", block_ms=200, startup_timeout_s=60)
-    with terminating(spawn_cli(["worker"], env, log)) as proc:
+    port = free_port()
+    env = worker_env(server.url, "startup", block_ms=200, startup_timeout_s=60, sidecar_port=port)
+    base = f"http://127.0.0.1:{port}"
+    with terminating(spawn_cli(["up"], env, log)) as proc:
         await wait_for(lambda: "redis unreachable at start, waiting" in _text(log), 15)
         began = time.monotonic()
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{base}/health/live") as r:
+                assert r.status == 200
+            async with http.get(f"{base}/health/ready") as r:
+                assert r.status == 503
+                problems = (await r.json())["problems"]
+            assert "worker not started" in problems, problems
+            assert any(p.startswith("redis unreachable: ") for p in problems), problems
         # the outage goes on (a fault schedule, not a wait for the worker)
         await asyncio.sleep(max(0.0, OUTAGE_S - (time.monotonic() - began)))
         assert proc.poll() is None, _text(log)  # still there, waiting: no crash loop
@@ -38,6 +50,8 @@ async def test_a_worker_started_during_an_outage_serves_once_redis_is_back(
             assert result.state == TaskState.COMPLETED
             assert proc.poll() is None  # the same process, never restarted
             assert "redis reachable, starting" in _text(log)
+            async with aiohttp.ClientSession() as http, http.get(f"{base}/health/ready") as r:
+                assert r.status == 200, await r.text()
             proc.send_signal(signal.SIGTERM)
             assert await asyncio.to_thread(proc.wait, 15) == 0
             await client.aclose()

@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -26,7 +27,15 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.retry import Retry
 
-from ops.connect import Target, parse_sentinels, redis_client_for, target_for
+from ops.connect import (
+    Target,
+    parse_sentinels,
+    redis_client_for,
+    sentinel_client,
+    socket_timeout_for,
+    target_for,
+)
+from ops.settings import Settings
 from providers.base import ProviderError
 from providers.registry import ModelRegistry
 from schemas.errors import ErrorCode, IdempotencyConflictError
@@ -122,10 +131,24 @@ async def test_one_server_client_keeps_the_blocking_pool() -> None:
         pool = client.connection_pool
         assert isinstance(pool, BlockingConnectionPool)
         assert pool.max_connections == 64 and pool.timeout == 20
-        assert pool.connection_kwargs["socket_timeout"] == 15
+        assert pool.connection_kwargs["socket_timeout"] == 6  # a frozen server shows in seconds
+        assert pool.connection_kwargs["socket_keepalive"] is True
         assert pool.connection_kwargs["socket_connect_timeout"] == 5
         assert pool.connection_kwargs["health_check_interval"] == 15
         assert await client.ping()
+    finally:
+        await client.aclose()
+
+
+async def test_the_socket_timeout_sits_above_the_longest_wait() -> None:
+    """4 s above the longest blocking read or replicas' wait, never below the clients' 2 s."""
+    assert socket_timeout_for(settings(SHARED_REDIS_URL)) == 6
+    assert socket_timeout_for(Settings(block_ms=9000)) == 13
+    assert socket_timeout_for(Settings(durability_replicas=1, durability_timeout_ms=5000)) == 9
+    assert socket_timeout_for(Settings(durability_replicas=0, durability_timeout_ms=5000)) == 6
+    client = redis_client_for(Settings(redis_url=SecretStr(SHARED_REDIS_URL), block_ms=9000))
+    try:
+        assert client.connection_pool.connection_kwargs["socket_timeout"] == 13
     finally:
         await client.aclose()
 
@@ -405,3 +428,41 @@ async def test_worker_through_sentinel(sentinel_setup: FakeSettings) -> None:
             assert (await asyncio.wait_for(p.wait(task_id, timeout=10), 15)).text == "via sentinel"
     finally:
         await client.aclose()
+
+
+class _FakeSentinelNode:
+    """Answers ``SENTINEL MASTERS`` after a pause; the first one named knows no master."""
+
+    def __init__(self, name: str, knows: bool) -> None:
+        self.name, self.knows, self.closed = name, knows, False
+
+    async def sentinel_masters(self) -> dict[str, dict[str, Any]]:
+        await asyncio.sleep(0.001)
+        if not self.knows:
+            return {}
+        state = {"ip": "127.0.0.1", "port": 1, "is_master": True, "is_sdown": False,
+                 "is_odown": False, "num-other-sentinels": 2}  # fmt: skip
+        return {"m": state}
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_concurrent_master_lookups_keep_every_sentinel() -> None:
+    """Lookups racing through a failover leave the sentinel list a permutation of the
+    configured one, and closing the client closes every sentinel."""
+    client = sentinel_client((("127.0.0.1", 1), ("127.0.0.1", 2), ("127.0.0.1", 3)), "m")
+    manager = client.connection_pool.sentinel_manager  # type: ignore[attr-defined]
+    for old in manager.sentinels:
+        await old.aclose()
+    nodes = [
+        _FakeSentinelNode("a", False),
+        _FakeSentinelNode("b", True),
+        _FakeSentinelNode("c", True),
+    ]
+    manager.sentinels = list(nodes)
+    manager._every = list(nodes)
+    await asyncio.gather(*(manager.discover_master("m") for _ in range(20)))
+    assert sorted(n.name for n in manager.sentinels) == ["a", "b", "c"]
+    await client.aclose()
+    assert all(n.closed for n in nodes)

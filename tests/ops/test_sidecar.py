@@ -358,3 +358,51 @@ async def test_ready_tells_a_frozen_redis_and_a_stuck_worker_apart_within_250_ms
                 await wait_for(ready_again, 20)
     finally:
         await client.aclose()
+
+
+async def test_ready_names_a_stalled_worker_before_its_socket_timeout_and_recovers_at_once(
+    private_redis: RedisServer, namespace: str
+) -> None:
+    """A frozen Redis with a long socket timeout (15 s): the worker's blocked read does not come
+    back, and /health/ready names the stalled worker within 3 s; once Redis resumes, it is
+    ready again within 1 s."""
+    client = Redis.from_url(private_redis.url, socket_timeout=15, socket_connect_timeout=1)
+    keys = Keys(namespace)
+    try:
+        async with running_worker(client, keys, block_ms=200) as worker:
+            side = Sidecar(
+                client=client, settings=_settings(private_redis.url, namespace), worker=worker
+            )
+            async with side.running(), aiohttp.ClientSession() as http:
+                base = f"http://127.0.0.1:{side.port}"
+
+                async def problems() -> list[str]:
+                    async with http.get(f"{base}/health/ready") as r:
+                        return [] if r.status == 200 else list((await r.json())["problems"])
+
+                await wait_for(lambda: worker.ready, 10)
+                assert await problems() == []
+                assert private_redis.proc is not None
+                private_redis.proc.send_signal(signal.SIGSTOP)
+                try:
+                    frozen = time.monotonic()
+
+                    async def stalled() -> str | None:
+                        found = [p for p in await problems() if p.startswith("worker stalled: ")]
+                        return found[0] if found else None
+
+                    reason = await wait_for(stalled, 3)
+                    assert time.monotonic() - frozen < 3.0
+                    assert "has waited" in reason and "on redis" in reason, reason
+                finally:
+                    private_redis.proc.send_signal(signal.SIGCONT)
+                resumed = time.monotonic()
+
+                async def ready() -> bool:
+                    return await problems() == []
+
+                await wait_for(ready, 5)
+                assert time.monotonic() - resumed < 1.0
+                assert worker.stalled() is None
+    finally:
+        await client.aclose()
