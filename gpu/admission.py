@@ -189,6 +189,11 @@ class Admission:
             if self._models.get(model) is entry:
                 self._models.move_to_end(model)
 
+    def forget(self, model: str) -> None:
+        """``model``'s provider was retired and closed (a model removed or replaced at run
+        time): it holds no memory any more, and a new one loads afresh."""
+        self._models.pop(model, None)
+
     async def unload_idle(self) -> list[str]:
         """Unload the models unused for ``idle_unload_s``; returns their names."""
         if self._config.idle_unload_s <= 0:

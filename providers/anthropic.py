@@ -132,8 +132,11 @@ class AnthropicProvider:
         body, tool = self.build_body(request)
         try:
             if on_delta is None:
-                return await self._complete(body, tool)
-            return await self._stream(body, tool, on_delta)
+                gen = await self._complete(body, tool)
+            else:
+                gen = await self._stream(body, tool, on_delta)
+            request.spent.add(gen.usage)  # the backend reports usage only at the end
+            return gen
         except anthropic.AnthropicError as exc:
             raise _translate(exc, self._redaction(request)) from exc
         except httpx2.TimeoutException as exc:

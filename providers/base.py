@@ -35,6 +35,29 @@ class Capabilities:
 
 
 @dataclass(slots=True)
+class Spent:
+    """Tokens a request has used so far, counted by the provider as it goes (prompt tokens once
+    evaluated, each token produced), so that a generation cut short (cancelled, past its
+    deadline, failed) still reports what it used. A repair attempt adds to the same count."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    def add(self, usage: Usage) -> None:
+        """Count a whole call's usage (a provider that learns it only at the end)."""
+        self.input_tokens += usage.input_tokens
+        self.output_tokens += usage.output_tokens
+
+    def usage(self, *, at_least_output: int = 0) -> Usage | None:
+        """As a :class:`Usage`; ``None`` when nothing was counted. ``at_least_output``: the
+        deltas seen, for a provider that does not count as it goes."""
+        output = max(self.output_tokens, at_least_output)
+        if not (self.input_tokens or output):
+            return None
+        return Usage(input_tokens=self.input_tokens, output_tokens=output)
+
+
+@dataclass(slots=True)
 class GenerationRequest:
     """What a provider is asked; ``None`` parameters mean "the model's default"."""
 
@@ -47,6 +70,8 @@ class GenerationRequest:
     stop: Sequence[str] = ()
     seed: int | None = None
     response_format: ResponseFormat | None = None
+    spent: Spent = field(default_factory=Spent)
+    """Shared by copies (``dataclasses.replace``): a repair attempt counts into it too."""
 
     def words_source(self) -> str:
         if self.prompt is not None:

@@ -42,6 +42,8 @@ class EchoProvider:
         self, request: GenerationRequest, *, on_delta: DeltaSink | None = None
     ) -> Generation:
         words, tokens = _tokens(request)
+        spent = request.spent
+        spent.input_tokens += len(words)
         if self._tokens_per_s > 0 or on_delta is not None:
             start = time.monotonic()
             for i, token in enumerate(tokens):
@@ -49,8 +51,11 @@ class EchoProvider:
                     # pace against the start time so per-token sleep overhead does not add up
                     delay = start + (i + 1) / self._tokens_per_s - time.monotonic()
                     await asyncio.sleep(max(0.0, delay))
+                spent.output_tokens += 1
                 if on_delta is not None:
                     on_delta(token if i == 0 else " " + token)
+        else:
+            spent.output_tokens += len(tokens)
         return _generation(words, tokens)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -51,7 +51,10 @@ class ModelLoader:
         echo_tokens_per_s: float = 0.0,
         load_timeout_s: float = 600.0,
         retire_timeout_s: float = 300.0,
+        on_retire: Callable[[str], None] | None = None,
     ) -> None:
+        """``on_retire(name)``: called once a removed or replaced model's provider is closed."""
+        self._on_retire = on_retire
         self._registry = registry
         self._env = env
         self._pools = None if pools is None else frozenset(pools)
@@ -137,6 +140,8 @@ class ModelLoader:
         except TimeoutError:
             log.warning("closing a model with tasks still running", extra={"model": binding.name})
         await _close(binding.provider)
+        if self._on_retire is not None:
+            self._on_retire(binding.name)
 
     async def close(self) -> None:
         """Unregister and close every provider this loader built."""

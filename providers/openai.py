@@ -136,8 +136,11 @@ class OpenAIProvider:
         body = self.build_body(request)
         try:
             if on_delta is None:
-                return await self._complete(body, request)
-            return await self._stream(body, on_delta)
+                gen = await self._complete(body, request)
+            else:
+                gen = await self._stream(body, on_delta)
+            request.spent.add(gen.usage)  # the backend reports usage only at the end
+            return gen
         except openai.OpenAIError as exc:
             raise _translate(exc, self._redaction(request)) from exc
         except httpx2.TimeoutException as exc:

@@ -90,12 +90,14 @@ class Finisher:
         earlier: tuple[ErrorInfo, ...] = (),
         *,
         text: str | None = None,
+        usage: Usage | None = None,
     ) -> None:
         """End the task ``failed`` (dead-lettered when ``fail`` says so)."""
         error = ErrorInfo(code=fail.code, message=fail.message)
         result = self.result(
-            p, attempts, started, TaskState.FAILED, finish_reason="error", error=error, text=text
-        )
+            p, attempts, started, TaskState.FAILED, finish_reason="error", error=error, text=text,
+            usage=usage,
+        )  # fmt: skip
         await self.write(p, result, earlier, fail)
 
     async def attempt_failed(
@@ -106,8 +108,11 @@ class Finisher:
         limit: int,
         exc: Exception,
         earlier: tuple[ErrorInfo, ...],
+        *,
+        usage: Usage | None = None,
     ) -> None:
-        """The policy decides: the task ends ``failed`` (maybe dead-lettered), or is retried."""
+        """The policy decides: the task ends ``failed`` (maybe dead-lettered), or is retried.
+        ``usage``: what the failed attempt used, reported when it is the last."""
         if not isinstance(exc, SopError):
             # a provider bug must not take the worker down: logged, then treated as retryable
             log.exception("provider raised an unexpected error")
@@ -115,7 +120,7 @@ class Finisher:
         if isinstance(decision, Fail):
             # a schema_invalid answer keeps the model's raw output for the caller to inspect
             raw = getattr(exc, "raw_text", None)
-            await self.fail(p, attempts, started, decision, earlier, text=raw)
+            await self.fail(p, attempts, started, decision, earlier, text=raw, usage=usage)
             return
         error = _error_info(exc)
         due = now_ms() + int(decision.delay_s * 1000)

@@ -24,10 +24,10 @@ from handlers.tasks.gpu import GpuGate
 from handlers.tasks.prepare import Prepared, generation_request
 from handlers.tasks.slots import ModelSlot
 from handlers.tasks.spans import Spans
-from providers.base import DeltaSink, Generation
+from providers.base import DeltaSink, Generation, GenerationRequest
 from providers.registry import ModelBinding, ModelRegistry
 from schemas.errors import ErrorCode, ModelNotFoundError, SopError
-from schemas.result import ErrorInfo, TaskState
+from schemas.result import ErrorInfo, TaskState, Usage
 from streams.errors import INCIDENTS, TRANSIENT_ERRORS
 from streams.outcome import BeginReply, Outcomes, Start
 from streams.tokens import TokenStreams, TokenWriter
@@ -251,23 +251,30 @@ class TaskRunner:
     ) -> None:
         started = now_ms()
         parts: list[str] = []
+        assert p.event is not None
+        request = generation_request(p.event)
         try:
-            gen = await self._generate(p, binding, parts, deadline)
+            gen = await self._generate(p, binding, request, parts, deadline)
         except _Cancelled:
             await self._finish.end(
                 p, attempts, started, TaskState.CANCELLED, earlier, finish_reason="cancelled",
-                text="".join(parts),
+                text="".join(parts), usage=_spent(request, parts),
             )  # fmt: skip
         except TimeoutError as exc:
             if isinstance(exc, SopError):  # a provider's own timeout: a failed attempt
-                await self._finish.attempt_failed(p, attempts, started, limit, exc, earlier)
+                await self._finish.attempt_failed(
+                    p, attempts, started, limit, exc, earlier, usage=_spent(request, parts)
+                )
                 return
             await self._finish.end(
                 p, attempts, started, TaskState.EXPIRED, earlier, finish_reason="deadline",
-                text="".join(parts),
+                text="".join(parts), usage=_spent(request, parts),
             )  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - the policy decides; unexpected ones are logged there
-            await self._finish.attempt_failed(p, attempts, started, limit, exc, earlier)
+            usage = getattr(exc, "usage", None) or _spent(request, parts)
+            await self._finish.attempt_failed(
+                p, attempts, started, limit, exc, earlier, usage=usage
+            )
         else:
             await self._finish.end(
                 p, attempts, started, TaskState.COMPLETED, earlier, text=gen.text,
@@ -275,11 +282,15 @@ class TaskRunner:
             )  # fmt: skip
 
     async def _generate(
-        self, p: Prepared, binding: ModelBinding, parts: list[str], deadline: int | None
+        self,
+        p: Prepared,
+        binding: ModelBinding,
+        request: GenerationRequest,
+        parts: list[str],
+        deadline: int | None,
     ) -> Generation:
         event = p.event
         assert event is not None
-        request = generation_request(event)
         timeout = None if deadline is None else max(0.0, (deadline - now_ms()) / 1000)
         operation = "chat" if event.messages is not None else "text_completion"
         with self._spans.call(operation, binding.provider.name, request) as span:
@@ -331,6 +342,11 @@ def _not_found(registry: ModelRegistry, name: str) -> Exception:
     except ModelNotFoundError as exc:
         return exc
     return ModelNotFoundError(f"model: {name!r} was not registered when the task was read")
+
+
+def _spent(request: GenerationRequest, parts: list[str]) -> Usage | None:
+    """What a generation cut short used: the provider's count, or at least its deltas."""
+    return request.spent.usage(at_least_output=len(parts))
 
 
 def _sink(parts: list[str], tokens: TokenWriter | None) -> DeltaSink:

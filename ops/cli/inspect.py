@@ -1,8 +1,8 @@
 """`sop-llm inspect`: one screen on the state of a namespace (or ``--json``).
 
 Partitions (length, lag, pending, oldest pending age), the consumers of every group with the
-state of their lease, dead letters, waiting retries, webhooks and the registered models. Reading
-only.
+state of their lease, dead letters, waiting retries, webhooks, and the models (registered at
+run time or declared in a worker's file) with the live workers serving each. Reading only.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from ops.sidecar import queue_figures
 from schemas.result import DeadLetter
 from streams.entries import entries_from_range, text
 from streams.keys import WEBHOOK_GROUP, Keys
-from streams.models import VERSION_FIELD
+from streams.models import VERSION_FIELD, worker_models
 
 BUILTIN_MODELS = ("echo",)
 _NEWEST_DEAD = 3
@@ -115,6 +115,10 @@ async def collect(client: Redis, keys: Keys, settings: Settings) -> dict[str, An
     now = int(time.time() * 1000)
     streams = [row["stream"] for row in partitions]
     registered = {text(n) for n in model_names} - {VERSION_FIELD}
+    served: dict[str, list[str]] = {}
+    for w in await worker_models(client, keys):  # the file's models and run time's, live
+        for model in w.models:
+            served.setdefault(model, []).append(w.consumer)
     return {
         "namespace": keys.namespace,
         "at_ms": now,
@@ -127,7 +131,8 @@ async def collect(client: Redis, keys: Keys, settings: Settings) -> dict[str, An
         },
         "webhooks": await _webhooks(client, keys),
         "results": {"length": int(results_len)},
-        "models": sorted(registered | set(BUILTIN_MODELS)),
+        "models": sorted(registered | set(served) | set(BUILTIN_MODELS)),
+        "served": {m: served[m] for m in sorted(served)},
     }
 
 
@@ -189,7 +194,16 @@ def render(report: dict[str, Any]) -> str:
     lines.append(f"webhooks       length {hooks['length']}  pending {hooks['pending']}  "
                  f"delayed {hooks['delayed']}  dead {hooks['dead']}")  # fmt: skip
     lines.append(f"results        length {report['results']['length']}")
-    lines.append(f"models         {', '.join(report['models'])}")
+    served = report["served"]
+    lines.append(
+        "models         "
+        + ", ".join(
+            f"{m} ({len(served[m])} worker{'s' if len(served[m]) != 1 else ''})"
+            if m in served
+            else f"{m} (no live worker)"
+            for m in report["models"]
+        )
+    )
     return "\n".join(lines)
 
 

@@ -179,3 +179,18 @@ async def test_a_failed_load_leaves_nothing_loaded() -> None:
         async with adm.use("a", need_bytes=GIB):
             pytest.fail("the body must not run")
     assert adm.loaded() == []
+
+
+async def test_a_retired_model_is_forgotten_and_loads_afresh() -> None:
+    gpu = FakeGpu(total=[10 * GIB], sizes={"a": 4 * GIB})
+    adm = admission(gpu)
+    async with adm.use("a", need_bytes=4 * GIB):
+        pass
+    assert [m.model for m in adm.loaded()] == ["a"]
+    del gpu.loaded["a"]  # its provider was closed, which freed its memory
+    adm.forget("a")  # then the loader tells admission: nothing held, nothing to list
+    assert adm.loaded() == []
+    adm.forget("never-loaded")  # nothing to do
+    async with adm.use("a", need_bytes=4 * GIB):
+        pass
+    assert gpu.events == ["load a 0", "load a 0"]

@@ -14,8 +14,9 @@ from redis.asyncio import Redis
 
 from ops.cli import inspect
 from ops.settings import Settings
+from providers.echo import EchoProvider
 from streams.keys import TASK_GROUP, Keys
-from tests.harness import running_worker, wait_results, xadd_task
+from tests.harness import echo_registry, running_worker, wait_results, xadd_task
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -69,6 +70,7 @@ async def test_inspect_shows_consumers_with_lease_state(
     [newest] = report["dead"]["newest"]
     assert newest["task_id"] == "bad" and newest["reason"] == "model_not_found"
     assert report["models"] == ["echo", "qwen"]
+    assert report["served"] == {"echo": ["w-live"]}  # from the live worker's lease
     assert report["results"] == {"length": 1}
     assert report["webhooks"] == {"length": 0, "pending": 0, "lag": None, "delayed": 0, "dead": 0}
 
@@ -81,7 +83,7 @@ async def test_inspect_shows_consumers_with_lease_state(
     assert all(line[end - 1].isdigit() and line[end] == " " for line in table[1:])
     assert any(line.startswith("other/normal") for line in screen)
     assert "model_not_found" in "\n".join(screen)
-    assert screen[-1] == "models         echo, qwen"
+    assert screen[-1] == "models         echo (1 worker), qwen (no live worker)"
 
     # the worker released its lease when it stopped
     await client.zadd(keys.tasks_delayed, {"retry-member": int(time.time() * 1000) + 60_000})
@@ -107,3 +109,17 @@ def test_ages_read_well() -> None:
     assert [inspect.age(v) for v in (None, 850, 12_340, 245_000, 7_380_000, 273_600_000)] == [
         "-", "850ms", "12.3s", "4m05s", "2h03m", "3d04h",
     ]  # fmt: skip
+
+
+async def test_inspect_lists_the_models_workers_serve_from_their_files(
+    client: Redis, keys: Keys, redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model declared in a worker's models file is in no Redis registry: the live worker's
+    lease names it, so `inspect` shows it with the worker that serves it."""
+    settings = Settings(redis_url=SecretStr(redis_url), namespace=keys.namespace)
+    registry = echo_registry()
+    registry.register("from-file", EchoProvider())
+    async with running_worker(client, keys, registry=registry, consumer="w-file"):
+        report = await inspect_json(settings, capsys)
+    assert report["models"] == ["echo", "from-file"]
+    assert report["served"] == {"echo": ["w-file"], "from-file": ["w-file"]}

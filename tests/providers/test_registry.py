@@ -172,3 +172,19 @@ async def test_a_replaced_provider_closes_after_its_tasks(server: FakeServer) ->
         with pytest.raises(ProviderError) as info:
             await old.provider.generate(GenerationRequest(model="gpt", prompt="hi"))
         assert info.value.code == "internal" and info.value.retryable
+
+
+async def test_a_removed_model_is_forgotten_once_closed(server: FakeServer) -> None:
+    """What lets GPU admission (and ``/v1/gpu``) drop a model removed at run time."""
+    url = f"{server.url}/v1"
+    retired: list[str] = []
+    registry = ModelRegistry()
+    async with ModelLoader(
+        registry=registry, env=ENV, retire_timeout_s=5, on_retire=retired.append
+    ) as loader:
+        await loader.apply([spec(base_url=url)])
+        assert retired == []
+        await loader.apply([spec(base_url=url, concurrency=3)])  # replaced: the old one closes
+        assert retired == ["gpt"]
+        report = await loader.apply([])
+        assert report.removed == ["gpt"] and retired == ["gpt", "gpt"]
