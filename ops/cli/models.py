@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 from pathlib import Path
 from typing import Any, get_args
 
 from pydantic import ValidationError
+from redis.asyncio import Redis
 
 from ops.connect import redis_client_for
 from ops.settings import Settings
@@ -29,7 +31,7 @@ from schemas.models import (
     describe_spec_error,
 )
 from streams.keys import Keys
-from streams.models import ModelStore
+from streams.models import ModelStore, wait_pickup
 
 # flag -> spec field, for the fields a flag sets directly
 _FIELDS = (
@@ -78,11 +80,23 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--overridable",
         help=f"comma-separated parameters a task may set (default: {','.join(ALL_OVERRIDABLE)})",
     )
+    a.add_argument(
+        "--wait",
+        type=float,
+        metavar="SECONDS",
+        help="return once every live worker of the model's pool has loaded it (or refused it)",
+    )
     sub.add_parser("list", help="list runtime models (JSON lines)")
     s = sub.add_parser("show", help="print one runtime model's spec")
     s.add_argument("name")
     r = sub.add_parser("remove", help="forget a runtime model")
     r.add_argument("name")
+    r.add_argument(
+        "--wait",
+        type=float,
+        metavar="SECONDS",
+        help="return once every live worker of the model's pool has dropped it",
+    )
     c = sub.add_parser(
         "check",
         help="validate a TOML models file and each llama_cpp model's GGUF file (no Redis needed)",
@@ -183,8 +197,10 @@ async def run_command(settings: Settings, args: argparse.Namespace) -> int:
     try:
         if spec is not None:
             version = await store.put(spec)
-            _out({"added": spec.name, "version": version})
-            return 0
+            if not args.wait:
+                _out({"added": spec.name, "version": version})
+                return 0
+            return await _await_pickup(client, settings, spec, version, args.wait, added=True)
         if command == "list":
             snap = await store.snapshot()
             for s in snap.specs:
@@ -204,11 +220,47 @@ async def run_command(settings: Settings, args: argparse.Namespace) -> int:
             _out(found.model_dump(mode="json"))
             return 0
         if command == "remove":
+            with contextlib.suppress(ValidationError):
+                spec = await store.get(args.name)  # its pool, for --wait
             if not await store.remove(args.name):
                 return _err(f"model {args.name!r} is not registered at run time")
-            _out({"removed": args.name})
-            return 0
+            if not args.wait or spec is None:
+                _out({"removed": args.name})
+                return 0
+            version = await store.version()
+            return await _await_pickup(client, settings, spec, version, args.wait, added=False)
         sys.stderr.write(f"sop-llm: unknown models command {command!r}\n")
         return 2
     finally:
         await client.aclose()
+
+
+async def _await_pickup(
+    client: Redis, settings: Settings, spec: ModelSpec, version: int, wait_s: float, *, added: bool
+) -> int:
+    """Wait for the live workers of ``spec``'s pool to take store ``version``; 1 when some did
+    not in time, or (``added``) took it but could not load the model."""
+    keys = Keys(settings.namespace)
+    try:
+        state = await wait_pickup(client, keys, spec.name, spec.pool, version, timeout_s=wait_s)
+    except TimeoutError as exc:
+        return _err(str(exc))
+    doc: dict[str, Any] = {"added" if added else "removed": spec.name, "version": version}
+    doc.update(serving=list(state.serving), refused=list(state.refused))
+    _out(doc)
+    if not (state.serving or state.refused):
+        sys.stderr.write(
+            f"sop-llm: no live worker serves pool {spec.pool!r}: "
+            f"{'the model loads' if added else 'nothing serves it'} when one starts\n"
+        )
+        return 0
+    if added and state.refused:
+        return _err(
+            f"model {spec.name!r} did not load on {', '.join(state.refused)} (see their logs)"
+        )
+    if not added and state.serving:
+        return _err(
+            f"model {spec.name!r} is still served by {', '.join(state.serving)} "
+            "(declared in their models file?)"
+        )
+    return 0
