@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
@@ -65,6 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sop-llm: invalid settings: {exc}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level, settings.log_format)
+    # a crash in native code (llama.cpp, a SIGILL from a CPU-specific build, a SIGSEGV) leaves
+    # the Python stacks on stderr instead of a process gone without a line
+    faulthandler.enable()
     try:
         return runner(args.handler(settings, args))
     except SopError as exc:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import subprocess
 import sys
 import traceback
+from pathlib import Path
 
 import pytest
 
 from ops.cli import build_parser, main, runner
-from tests.conftest import ROOT, worker_env
+from tests.conftest import ROOT, spawn_cli, terminating, wait_for, worker_env
 
 # one invocation of every command, with the arguments it requires
 INVOCATIONS = {
@@ -90,3 +92,18 @@ def test_the_composition_root_imports_no_cli_module() -> None:
         check=True,
     )  # fmt: skip
     assert done.stdout == "[]\n"
+
+
+async def test_a_worker_killed_by_a_native_crash_leaves_its_stacks_in_the_log(
+    redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    """What a SIGSEGV or SIGILL in llama.cpp looks like: the process dies, but not silently."""
+    log = tmp_path / "w.log"
+    with terminating(spawn_cli(["worker"], worker_env(redis_url, namespace), log)) as proc:
+        await wait_for(lambda: "worker started" in log.read_text(), 30)
+        proc.send_signal(signal.SIGSEGV)
+        code = await asyncio.to_thread(proc.wait, 20)
+    assert code == -signal.SIGSEGV
+    text = log.read_text()
+    assert "Fatal Python error: Segmentation fault" in text
+    assert "most recent call first" in text  # the stacks of its threads
