@@ -165,7 +165,9 @@ class Producer:
 
         Raises :class:`InvalidTaskError` (bad field, unknown partition),
         :class:`IdempotencyConflictError` (key bound to another payload) and
-        :class:`DuplicateTaskIdError` (``task_id`` already in use).
+        :class:`DuplicateTaskIdError` (``task_id`` already in use by another payload; the same
+        payload under the same ``task_id`` again is accepted once, so a resend after a lost reply
+        is safe).
         """
         event = model if isinstance(model, TaskEvent) else self.build(model, prompt, **fields)
         if event.webhook_url is not None:
@@ -227,7 +229,7 @@ class Producer:
             raise NotReplicatedError(
                 f"task {owner} is on the master, but {acked} of {durability.replicas} replicas "
                 f"acknowledged it within {durability.timeout_ms} ms: a failover now could lose "
-                "it (submit again with the same idempotency_key to be sure)",
+                "it (submit it again, with the same task_id or idempotency_key, to be sure)",
                 task_id=owner,
             )
         return TaskId(owner)

@@ -37,7 +37,11 @@ if #KEYS >= 3 then
     return {'conflict', tid}
   end
 end
-if redis.call('EXISTS', KEYS[2]) == 1 then return {'exists', ARGV[1]} end
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  -- the same task id and payload again (a resend after a lost reply): accepted, once
+  if redis.call('HGET', KEYS[2], 'payload_hash') == ARGV[2] then return {'duplicate', ARGV[1]} end
+  return {'exists', ARGV[1]}
+end
 local limit = tonumber(ARGV[10])
 if limit > 0 and redis.call('EXISTS', KEYS[1]) == 1 then
   -- backlog: entries not yet delivered (lag, Redis 7) plus delivered but unfinished ones
@@ -59,7 +63,7 @@ if ARGV[7] ~= '' then table.insert(fields, 'traceparent'); table.insert(fields, 
 local id = redis.call('XADD', KEYS[1], '*', unpack(fields))
 redis.call('HSET', KEYS[2], 'state', 'queued', 'task_id', ARGV[1], 'model', ARGV[5],
   'stream', KEYS[1], 'entry_id', id, 'created_at', ARGV[6], 'attempts', 0,
-  'reply_to', ARGV[8], 'webhook_url', ARGV[9])
+  'reply_to', ARGV[8], 'webhook_url', ARGV[9], 'payload_hash', ARGV[2])
 if #KEYS >= 3 then
   -- no TTL yet: like the status record, the key's lifetime starts at the terminal state
   redis.call('SET', KEYS[3], ARGV[2] .. ' ' .. ARGV[1])

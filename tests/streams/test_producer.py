@@ -66,10 +66,14 @@ async def test_same_key_other_payload_is_refused(producer: Producer) -> None:
     assert first not in str(info.value)  # the key is bound; to which task is not said
 
 
-async def test_task_id_reuse_is_refused(producer: Producer) -> None:
-    await producer.submit("echo", "one", task_id="fixed-1")
+async def test_task_id_reuse_is_refused(producer: Producer, client: Redis, keys: Keys) -> None:
+    """Another payload under a used task id is refused; the same payload again (a resend after
+    a reply lost to a failover or a timeout) is accepted once, not published twice."""
+    assert await producer.submit("echo", "one", task_id="fixed-1") == "fixed-1"
     with pytest.raises(DuplicateTaskIdError):
-        await producer.submit("echo", "one", task_id="fixed-1")
+        await producer.submit("echo", "two", task_id="fixed-1")
+    assert await producer.submit("echo", "one", task_id="fixed-1") == "fixed-1"
+    assert await client.xlen(keys.tasks("default", "normal")) == 1
 
 
 async def test_bad_input_is_refused_before_publishing(
