@@ -299,9 +299,12 @@ class TaskRunner:
             assert task is not None
             running = self._generating[p.task_id] = _Generating(task)
             t0 = asyncio.get_running_loop().time()
+            # a task that does not stream is one plain request (a remote backend's cheapest
+            # call, usage in its reply); cut short, it keeps no partial text, only its usage
+            sink = _sink(parts, tokens) if event.stream else None
             async with asyncio.timeout(timeout), tokens or contextlib.nullcontext():
                 try:
-                    result = await binding.provider.generate(request, on_delta=_sink(parts, tokens))
+                    result = await binding.provider.generate(request, on_delta=sink)
                 except asyncio.CancelledError:
                     # a cancel on request (not a shutdown, not the deadline) ends the task
                     if running.cancelled and task.uncancel() == 0:

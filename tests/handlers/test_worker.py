@@ -199,17 +199,28 @@ async def test_deadline_past_expires_without_running(client: Redis, keys: Keys) 
                 "prompt": "a b c",
                 "max_tokens": 100,
                 "timeout_s": 0.3,
+                "stream": True,
             },
         )
-        slow = (await wait_results(client, keys, 2))[1]
+        await xadd_task(
+            client,
+            keys,
+            {"task_id": "plain", "model": "echo", "prompt": "a b c", "max_tokens": 100,
+             "timeout_s": 0.3},
+        )  # fmt: skip
+        by_id = {r.task_id: r for r in await wait_results(client, keys, 3)}
+        slow, plain = by_id["slow"], by_id["plain"]
     assert (
         result.state == TaskState.EXPIRED
         and result.finish_reason == "deadline"
         and result.text == ""
     )
     assert slow.state == TaskState.EXPIRED and slow.finish_reason == "deadline"
-    # stopped at the deadline, keeping what was generated so far
+    # a streaming task stopped at the deadline keeps what was generated so far
     assert slow.text and 1 <= len(slow.text.split()) < 100
+    # one that does not stream was one plain request: no partial text, but its usage
+    assert plain.state == TaskState.EXPIRED and plain.text == ""
+    assert plain.usage is not None and 1 <= plain.usage.output_tokens < 100
 
 
 async def test_metadata_and_timings_pass_through(client: Redis, keys: Keys) -> None:
