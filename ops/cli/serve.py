@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 
 from ops.app import serve
 from ops.settings import Settings
+from ops.supervise import supervise
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -17,11 +19,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "up", help="worker + sidecar in one process (embedded Redis when none is configured)"
     )
     up.set_defaults(handler=_up)
-    subparsers.add_parser("worker", help="run a worker").set_defaults(handler=_worker)
+    w = subparsers.add_parser("worker", help="run a worker")
+    w.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N worker processes, kept running (past one core's worth of SDK work)",
+    )
+    w.set_defaults(handler=_worker)
     subparsers.add_parser("sidecar", help="run the HTTP sidecar").set_defaults(handler=_sidecar)
 
 
-def _install_signals(stop: asyncio.Event) -> None:
+def _install_signals(stop: asyncio.Event, children: set[int] | None = None) -> None:
     loop = asyncio.get_running_loop()
     hits = {"n": 0}
 
@@ -29,6 +39,9 @@ def _install_signals(stop: asyncio.Event) -> None:
         hits["n"] += 1
         if hits["n"] > 1:
             # a second signal forces the exit: nothing unfinished is acked, so nothing is lost
+            for pid in children or ():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)  # their second signal: they exit at once too
             os._exit(130)
         stop.set()
 
@@ -48,7 +61,13 @@ async def _up(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _worker(settings: Settings, args: argparse.Namespace) -> int:
-    return await _serve(settings, worker=True, sidecar=False, embedded=False)
+    if args.processes < 1:
+        raise ValueError("--processes: at least 1")
+    if args.processes == 1:
+        return await _serve(settings, worker=True, sidecar=False, embedded=False)
+    stop, children = asyncio.Event(), set[int]()
+    _install_signals(stop, children)
+    return await supervise(args.processes, stop, children)
 
 
 async def _sidecar(settings: Settings, args: argparse.Namespace) -> int:
