@@ -7,7 +7,8 @@ import json
 import math
 import re
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Final, Literal, NewType
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Final, Literal, NewType, TypedDict
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -279,3 +280,27 @@ def parse_task_event(
             CTX_MAX_METADATA_BYTES: max_metadata_bytes,
         },
     )
+
+
+class TaskFields(TypedDict, total=False):
+    """The keyword arguments of ``Producer.submit`` besides the model and the prompt: the
+    :class:`TaskEvent` fields, typed for callers (the event validates their values)."""
+
+    task_id: str
+    messages: Sequence[ChatMessage | Mapping[str, str]]
+    temperature: float
+    top_p: float
+    max_tokens: int
+    stop: Sequence[str]
+    seed: int
+    priority: str
+    pool: str
+    idempotency_key: str
+    webhook_url: str
+    response_format: ResponseFormat | Mapping[str, Any]
+    stream: bool
+    deadline: datetime | int | str
+    timeout_s: float
+    reply_to: str
+    max_attempts: int
+    metadata: Mapping[str, Any]

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Self
+from typing import Any, Protocol, Self, Unpack
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Tracer
@@ -43,6 +43,7 @@ from schemas.task import (
     DEFAULT_MAX_METADATA_BYTES,
     DEFAULT_MAX_PROMPT_BYTES,
     TaskEvent,
+    TaskFields,
     TaskId,
     describe_validation_error,
 )
@@ -52,7 +53,7 @@ from streams.control import CancelOutcome, cancel_task
 from streams.durability import Durability
 from streams.entries import entries_from_range, entries_from_read, text
 from streams.errors import TRANSIENT_ERRORS, describe
-from streams.keys import DEFAULT_PARTITIONS, DEFAULT_POOL, Keys
+from streams.keys import DEFAULT_NAMESPACE, DEFAULT_PARTITIONS, DEFAULT_POOL, Keys
 from streams.scripts import SUBMIT_SCRIPT
 from streams.status import read_status
 from streams.tokens import read_tokens
@@ -141,7 +142,22 @@ class Producer:
             with _broker_errors():
                 await self._client.aclose()
 
-    def build(self, model: str, prompt: str | None = None, **fields: Any) -> TaskEvent:
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        pool: str = DEFAULT_POOL,
+        **config: Any,
+    ) -> Self:
+        """A producer for the Redis at ``url`` (``redis://``, ``rediss://``, ``unix://``);
+        ``config``: other :class:`ProducerConfig` fields (``partitions``, ``durability``...)."""
+        return cls(ProducerConfig(redis_url=url, namespace=namespace, pool=pool, **config))
+
+    def build(
+        self, model: str, prompt: str | None = None, **fields: Unpack[TaskFields]
+    ) -> TaskEvent:
         """Validate a task as :meth:`submit` would. Raises :class:`InvalidTaskError`."""
         try:
             return TaskEvent.model_validate(
@@ -155,7 +171,7 @@ class Producer:
             raise InvalidTaskError(describe_validation_error(exc)) from exc
 
     async def submit(
-        self, model: str | TaskEvent, prompt: str | None = None, **fields: Any
+        self, model: str | TaskEvent, prompt: str | None = None, **fields: Unpack[TaskFields]
     ) -> TaskId:
         """Publish a task and return its id.
 
