@@ -11,6 +11,13 @@ produced. Cancelling ``generate`` (a cancelled task, a deadline) sets a
 ``generate`` returns only after the thread has stopped, so the model is idle again when the
 caller releases its GPU slot.
 
+Chat tasks are rendered with the model's chat template (``providers/llama_chat.py``: the
+spec's ``chat_template``, else the file's; neither: a chat task is a ``bad_request``), and
+generation stops at the template's end-of-turn tokens. A prompt is evaluated in chunks at
+fixed offsets and only whole chunks of the previous prompt are reused from the KV cache
+(:meth:`LlamaCppProvider._prefill`), so a seed or temperature 0 gives the same text whatever
+task ran before.
+
 Structured output: a JSON Schema becomes a GBNF grammar (``providers/grammar.py``) checked
 once by llama.cpp's parser and cached per schema hash; the schema is also shown to the model
 in the prompt, and the output is validated (``providers/structured.py``). A raw GBNF grammar
@@ -26,18 +33,17 @@ import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import llama_cpp
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import LlamaGrammar
 
 from providers.base import Capabilities, DeltaSink, Generation, GenerationRequest
 from providers.errors import BadRequestError, ContextLengthError, InternalProviderError
 from providers.gguf_shape import GgufShape, estimate_bytes, read_shape
 from providers.grammar import schema_to_gbnf
-from providers.sanitize import Redaction
+from providers.llama_chat import ChatFormat, chat_format, render_chat, unmatchable_token
 from providers.structured import schema_instruction, schema_of, with_instruction
 from providers.text import TextAssembler
 from schemas.result import FinishReason, Usage
@@ -45,6 +51,8 @@ from schemas.result import FinishReason, Usage
 # llama.cpp's "pick a random seed" value; a task's seed is folded into 32 bits below it
 _RANDOM_SEED = 0xFFFFFFFF
 _GRAMMAR_CACHE = 128
+# prompts are evaluated in chunks of this many tokens at fixed offsets (see _prefill)
+_CHUNK = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +74,7 @@ class _Job:
     top_p: float
     seed: int
     grammar: LlamaGrammar | None
+    stop_ids: frozenset[int]
 
 
 @dataclass(slots=True)
@@ -73,8 +82,9 @@ class _Model:
     """A loaded model and what is derived from it."""
 
     llm: llama_cpp.Llama
-    bos_text: str
-    formatter: Jinja2ChatFormatter | None
+    chat: ChatFormat
+    # the prompt tokens whose KV the cache holds from whole chunks (see _prefill)
+    chunked: list[int] = field(default_factory=list)
 
 
 class LlamaCppProvider:
@@ -161,19 +171,7 @@ class LlamaCppProvider:
             raise InternalProviderError(
                 f"{self._name}: cannot load {options.path}: {exc}", retryable=False
             ) from exc
-        template = options.chat_template or llm.metadata.get("tokenizer.chat_template")
-        eos, bos = llm.token_eos(), llm.token_bos()
-        bos_text = llm._model.token_get_text(bos) if bos >= 0 else ""
-        formatter = (
-            Jinja2ChatFormatter(
-                template=template,
-                eos_token=llm._model.token_get_text(eos) if eos >= 0 else "",
-                bos_token=bos_text,
-            )
-            if template
-            else None
-        )
-        return _Model(llm=llm, bos_text=bos_text, formatter=formatter)
+        return _Model(llm=llm, chat=chat_format(llm, options.chat_template))
 
     async def generate(
         self, request: GenerationRequest, *, on_delta: DeltaSink | None = None
@@ -222,7 +220,7 @@ class LlamaCppProvider:
     ) -> Generation:
         job = self._prepare(request)
         try:
-            return self._decode(model.llm, job, cancel, sink)
+            return self._decode(model, job, cancel, sink)
         except RuntimeError as exc:  # llama_decode failed (KV cache full, ...)
             raise InternalProviderError(f"{self._name}: llama.cpp failed: {exc}") from exc
 
@@ -253,31 +251,21 @@ class LlamaCppProvider:
         return _Job(
             tokens=tokens,
             max_tokens=min(request.max_tokens or room, room),
-            stop=tuple(request.stop),
+            stop=(*request.stop, *(model.chat.stop_texts if request.messages else ())),
             temperature=0.8 if request.temperature is None else request.temperature,
             top_p=0.95 if request.top_p is None else request.top_p,
             seed=seed,
             grammar=grammar,
+            stop_ids=model.chat.stop_ids,
         )
 
     def _tokens(self, model: _Model, request: GenerationRequest) -> list[int]:
         llm = model.llm
         if request.messages is None:
             return list(llm.tokenize((request.prompt or "").encode(), add_bos=True))
-        messages: list[Any] = [{"role": m.role, "content": m.content} for m in request.messages]
-        if model.formatter is None:
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
-        else:
-            try:
-                text = model.formatter(messages=messages).prompt
-            except Exception as exc:  # a template's raise_exception(), a Jinja error
-                # a template's own message may quote the conversation
-                raise BadRequestError(
-                    f"{self._name}: chat template failed: {exc}",
-                    redaction=Redaction.for_request(request, key=None),
-                ) from exc
+        text = render_chat(model.chat, self._name, request)
         # a template that writes the BOS token itself must not get a second one
-        add_bos = not (model.bos_text and text.startswith(model.bos_text))
+        add_bos = not (model.chat.bos_text and text.startswith(model.chat.bos_text))
         return list(llm.tokenize(text.encode(), add_bos=add_bos, special=True))
 
     def _grammar(self, llm: llama_cpp.Llama, gbnf: str) -> LlamaGrammar:
@@ -291,6 +279,13 @@ class LlamaCppProvider:
         if not checked:
             raise BadRequestError(f"{self._name}: the GBNF grammar does not parse")
         llama_cpp.llama_sampler_free(checked)
+        token = unmatchable_token(llm, gbnf)
+        if token is not None:
+            raise BadRequestError(
+                f"{self._name}: the GBNF grammar names {token}, a token no output can match "
+                "(an end-of-generation token is not named: the output ends where the grammar "
+                "is complete)"
+            )
         grammar = LlamaGrammar.from_string(gbnf, verbose=False)
         self._grammars[key] = grammar
         if len(self._grammars) > _GRAMMAR_CACHE:
@@ -299,13 +294,14 @@ class LlamaCppProvider:
 
     def _decode(
         self,
-        llm: llama_cpp.Llama,
+        model: _Model,
         job: _Job,
         cancel: threading.Event,
         sink: Callable[[str], None] | None,
     ) -> Generation:
+        llm = model.llm
         llm.set_seed(job.seed)
-        self._prefill(llm, job.tokens, cancel)
+        self._prefill(model, job.tokens, cancel)
         text = TextAssembler(job.stop, sink)
         finish: FinishReason = "length"
         produced = 0
@@ -321,7 +317,7 @@ class LlamaCppProvider:
                 if cancel.is_set():
                     finish = "cancelled"
                     break
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                if token in job.stop_ids or llama_cpp.llama_vocab_is_eog(vocab, token):
                     finish = "stop"
                     break
                 produced += 1
@@ -346,17 +342,34 @@ class LlamaCppProvider:
                 return buf.raw[:n]
             size = -n  # too small: llama.cpp says how much it needs
 
-    def _prefill(
-        self, llm: llama_cpp.Llama, tokens: Sequence[int], cancel: threading.Event
-    ) -> None:
-        """Evaluate a long prompt batch by batch, checking ``cancel`` in between (a prompt
-        that fits one batch is left to ``generate``, which reuses a cached prefix)."""
-        batch = self._options.n_batch
-        if len(tokens) <= batch:
-            return
-        llm.reset()  # type: ignore[no-untyped-call]  # unannotated in llama-cpp-python
-        body = list(tokens[:-1])  # generate() evaluates the last one and samples after it
-        for start in range(0, len(body), batch):
+    def _prefill(self, model: _Model, tokens: Sequence[int], cancel: threading.Event) -> None:
+        """Evaluate all but the last prompt token (``generate`` evaluates that one and samples
+        after it) in chunks at fixed offsets, reusing the whole chunks the cache holds from
+        the previous prompt, and checking ``cancel`` between chunks.
+
+        A prompt position's KV thus always comes from the same batch, whatever ran before:
+        reusing an arbitrary prefix would evaluate the rest in other batches, whose logits
+        differ in the last bits, enough to change a greedy pick or a seeded sample."""
+        llm = model.llm
+        chunk = min(_CHUNK, self._options.n_batch)
+        body = list(tokens[:-1])
+        common = 0
+        for cached, token in zip(model.chunked, body, strict=False):
+            if cached != token:
+                break
+            common += 1
+        keep = common // chunk * chunk
+        model.chunked = []
+        if keep and llm._ctx.kv_cache_seq_rm(-1, keep, -1):
+            llm.n_tokens = keep
+        else:
+            keep = 0
+            llm.reset()  # type: ignore[no-untyped-call]  # unannotated in llama-cpp-python
+        model.chunked = body[:keep]
+        for start in range(keep, len(body), chunk):
             if cancel.is_set():
                 return
-            llm.eval(body[start : start + batch])
+            piece = body[start : start + chunk]
+            llm.eval(piece)
+            if len(piece) == chunk:
+                model.chunked = body[: start + chunk]
