@@ -39,7 +39,7 @@ from typing import Any
 import llama_cpp
 from llama_cpp.llama_grammar import LlamaGrammar
 
-from providers.base import Capabilities, DeltaSink, Generation, GenerationRequest
+from providers.base import Capabilities, DeltaSink, Generation, GenerationRequest, Spent
 from providers.errors import BadRequestError, ContextLengthError, InternalProviderError
 from providers.gguf_shape import GgufShape, estimate_bytes, read_shape
 from providers.grammar import schema_to_gbnf
@@ -220,7 +220,7 @@ class LlamaCppProvider:
     ) -> Generation:
         job = self._prepare(request)
         try:
-            return self._decode(model, job, cancel, sink)
+            return self._decode(model, job, cancel, sink, request.spent)
         except RuntimeError as exc:  # llama_decode failed (KV cache full, ...)
             raise InternalProviderError(f"{self._name}: llama.cpp failed: {exc}") from exc
 
@@ -298,10 +298,14 @@ class LlamaCppProvider:
         job: _Job,
         cancel: threading.Event,
         sink: Callable[[str], None] | None,
+        spent: Spent,
     ) -> Generation:
+        """Generate ``job``; ``spent`` counts as it goes (the prompt once evaluated, each
+        token produced), so a task cut short still reports what it used."""
         llm = model.llm
         llm.set_seed(job.seed)
         self._prefill(model, job.tokens, cancel)
+        spent.input_tokens += len(job.tokens)
         text = TextAssembler(job.stop, sink)
         finish: FinishReason = "length"
         produced = 0
@@ -321,6 +325,7 @@ class LlamaCppProvider:
                     finish = "stop"
                     break
                 produced += 1
+                spent.output_tokens += 1
                 if text.add(self._piece(vocab, token)):
                     finish = "stop"
                     break
