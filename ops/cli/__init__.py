@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import faulthandler
+import io
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
@@ -56,6 +57,19 @@ def runner(coro: Coroutine[Any, Any, int]) -> int:
     return run(coro)
 
 
+def _enable_faulthandler() -> None:
+    """Dump the stacks on a fatal signal to stderr (the process's own, when ``sys.stderr`` was
+    replaced by something without a file descriptor, as under a test's capture)."""
+    for stream in (sys.stderr, sys.__stderr__):
+        if stream is None:
+            continue
+        try:
+            faulthandler.enable(file=stream)
+            return
+        except (AttributeError, ValueError, io.UnsupportedOperation):
+            continue
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``sop-llm`` entry point; returns the exit status: 0 done, 1 a task error or a
     command that found nothing, 2 bad arguments or settings, 130 interrupted."""
@@ -68,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(settings.log_level, settings.log_format)
     # a crash in native code (llama.cpp, a SIGILL from a CPU-specific build, a SIGSEGV) leaves
     # the Python stacks on stderr instead of a process gone without a line
-    faulthandler.enable()
+    _enable_faulthandler()
     try:
         return runner(args.handler(settings, args))
     except SopError as exc:
