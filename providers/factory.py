@@ -94,9 +94,15 @@ def build_backend(
             n_threads=spec.n_threads,
             n_batch=spec.n_batch,
             chat_template=spec.chat_template,
+            parallel=spec.parallel,
         )
+        provider_class = LlamaCppProvider
+        if spec.parallel > 1:  # continuous batching: N sequences in one context
+            from providers.llama_batch import LlamaBatchProvider
+
+            provider_class = LlamaBatchProvider
         try:
-            return LlamaCppProvider.build(name=spec.name, options=options)
+            return provider_class.build(name=spec.name, options=options)
         except (OSError, ValueError, RuntimeError) as exc:  # what llama.cpp raises for a bad file
             raise ModelConfigError(f"model {spec.name!r}: cannot load {spec.path}: {exc}") from exc
     raise ModelConfigError(f"model {spec.name!r}: unknown provider {spec.provider!r}")

@@ -63,6 +63,8 @@ class LlamaOptions:
     n_threads: int | None = None
     n_batch: int = 512
     chat_template: str | None = None
+    # sequences decoded together (providers/llama_batch.py); 1: one task at a time, here
+    parallel: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +98,7 @@ class LlamaCppProvider:
         self._options = options
         self._shape = shape
         self._estimate = estimate_bytes(
-            shape, n_gpu_layers=options.n_gpu_layers, n_ctx=options.n_ctx
+            shape, n_gpu_layers=options.n_gpu_layers, n_ctx=options.n_ctx * options.parallel
         )
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"llama-{name}"
@@ -241,7 +243,7 @@ class LlamaCppProvider:
                     request, prompt=f"{schema_instruction(schema)}\n\n{request.prompt or ''}"
                 )
         tokens = self._tokens(model, request)
-        n_ctx = model.llm.n_ctx()
+        n_ctx = self._window(model)
         if len(tokens) >= n_ctx:
             raise ContextLengthError(
                 f"{self._name}: prompt is {len(tokens)} tokens; the context window is {n_ctx}"
@@ -258,6 +260,10 @@ class LlamaCppProvider:
             grammar=grammar,
             stop_ids=model.chat.stop_ids,
         )
+
+    def _window(self, model: _Model) -> int:
+        """A sequence's context window (tokens)."""
+        return model.llm.n_ctx()
 
     def _tokens(self, model: _Model, request: GenerationRequest) -> list[int]:
         llm = model.llm

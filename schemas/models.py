@@ -67,8 +67,8 @@ class ModelSpec(StrictModel):
     )
     gpu_slots: Annotated[int, Field(ge=1, le=1024)] | None = Field(
         default=None,
-        description="permits of the GPU semaphore this model's device has (llama_cpp: 1; a "
-        "local llama-server/vLLM: its parallel slots); unset for remote models",
+        description="permits of the GPU semaphore this model's device has (llama_cpp: its "
+        "parallel; a local llama-server/vLLM: its parallel slots); unset for remote models",
     )
     gpu_device: Annotated[int, Field(ge=0, le=64)] = 0
     context_window: Annotated[int, Field(ge=16, le=10_000_000)] | None = None
@@ -92,6 +92,11 @@ class ModelSpec(StrictModel):
     chat_template: str | None = Field(
         default=None, description="llama_cpp: override of the GGUF file's tokenizer.chat_template"
     )
+    parallel: Annotated[int, Field(ge=1, le=64)] = Field(
+        default=1,
+        description="llama_cpp: sequences decoded together in one context (continuous "
+        "batching); the model's concurrency and GPU slots",
+    )
 
     @model_validator(mode="after")
     def _fits_provider(self) -> ModelSpec:
@@ -108,10 +113,18 @@ class ModelSpec(StrictModel):
             raise ValueError("path is only for provider 'llama_cpp'")
         if self.structured_output is not None and self.provider != "openai_compatible":
             raise ValueError("structured_output is only for provider 'openai_compatible'")
-        if self.provider == "llama_cpp" and (self.concurrency or 1) != 1:
-            raise ValueError("an in-process llama_cpp model runs one task at a time")
-        if self.provider == "llama_cpp" and (self.gpu_slots or 1) != 1:
-            raise ValueError("an in-process llama_cpp model takes exactly one GPU slot")
+        if self.provider != "llama_cpp" and self.parallel != 1:
+            raise ValueError("parallel is only for provider 'llama_cpp'")
+        if self.provider == "llama_cpp" and (self.concurrency or self.parallel) != self.parallel:
+            raise ValueError(
+                "an in-process llama_cpp model runs one task at a time per sequence: "
+                f"concurrency must equal parallel ({self.parallel}) or be unset"
+            )
+        if self.provider == "llama_cpp" and (self.gpu_slots or self.parallel) != self.parallel:
+            raise ValueError(
+                "an in-process llama_cpp model takes one GPU slot per sequence: gpu_slots "
+                f"must equal parallel ({self.parallel}) or be unset"
+            )
         if self.provider in ("openai", "anthropic") and self.gpu_slots is not None:
             raise ValueError(f"a {self.provider} model never takes a GPU slot")
         if len(set(self.overridable)) != len(self.overridable):
