@@ -27,12 +27,18 @@ generate the same tokens (checked: the table says whether the texts matched). Pr
 from task to task. The worker process is idle while the direct calls run, and vice versa.
 Reported per size: medians over the rounds, and sop-llm generation tokens/s over the direct
 generate loop's (target >= 0.97).
+
+``--batched --models gemma --max-tokens 64 --rounds 2``: continuous batching. Per ``--levels``
+N: a worker with ``parallel = N`` given N tasks at once (aggregate tokens/s, submit to last
+result) against ``direct_batched`` on the same prompts; a lone task at ``parallel`` 4 and 1;
+at the largest N, the first token of a ``high`` task arriving while the batch is full.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import statistics
 import subprocess
@@ -173,13 +179,13 @@ async def run_sop(
 
 
 def start_worker(
-    redis_url: str, namespace: str, model: Path, workdir: Path
+    redis_url: str, namespace: str, model: Path, workdir: Path, parallel: int = 1, threads: int = 1
 ) -> subprocess.Popen[bytes]:
-    """A ``sop-llm worker`` process whose models file declares ``model`` (llama.cpp, 1 thread)."""
+    """A ``sop-llm worker`` process whose models file declares ``model`` (llama.cpp)."""
     models_file = workdir / "models.toml"
     models_file.write_text(
         f'[models.{MODEL}]\nprovider = "llama_cpp"\npath = "{model}"\n'
-        f"context_window = {N_CTX}\nn_threads = 1\n"
+        f"context_window = {N_CTX}\nn_threads = {threads}\nparallel = {parallel}\n"
     )
     env = {"SOP_MODELS_FILE": str(models_file), "PYTHONUNBUFFERED": "1"}
     return consumers.spawn("sop", redis_url, namespace, workdir / "worker.log", env=env)
@@ -260,6 +266,109 @@ def table(rows: list[Row], args: argparse.Namespace) -> str:
     return "\n".join(out)
 
 
+def direct_batched(path: Path, prompts: list[str], max_tokens: int, threads: int) -> float:
+    """Aggregate tokens/s of the practical limit: a KV stream per prompt, all prompts in one
+    batch, then one ``llama_decode`` per step for every unfinished sequence (greedy)."""
+    llm = llama_cpp.Llama(
+        model_path=str(path), n_ctx=64, n_threads=threads, n_threads_batch=threads, verbose=False
+    )
+    params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
+    groups = {i: list(llm.tokenize(p.encode(), add_bos=True)) for i, p in enumerate(prompts)}
+    params.n_ctx, params.n_seq_max, params.kv_unified = N_CTX * len(prompts), len(prompts), False
+    params.n_batch = params.n_ubatch = max(512, sum(map(len, groups.values())))
+    ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
+    batch = llama_cpp.llama_batch_init(params.n_batch, 0, 1)
+    greedy = llama_cpp.llama_sampler_init_greedy()
+    vocab, pos, made = llm._model.vocab, [0] * len(prompts), [0] * len(prompts)
+    began = time.perf_counter()
+    while groups:
+        k, rows = 0, {}
+        for i, group in groups.items():
+            for j, token in enumerate(group):
+                batch.token[k], batch.pos[k], batch.n_seq_id[k] = token, pos[i] + j, 1
+                batch.seq_id[k][0], batch.logits[k] = i, 0
+                k += 1
+            batch.logits[k - 1], rows[i] = 1, k - 1
+            pos[i] += len(group)
+        batch.n_tokens = k
+        if llama_cpp.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+        groups = {}
+        for i, row in rows.items():
+            token = llama_cpp.llama_sampler_sample(greedy, ctx, row)
+            if not llama_cpp.llama_vocab_is_eog(vocab, token):
+                made[i] += 1
+                if made[i] < max_tokens:
+                    groups[i] = [token]
+    seconds = time.perf_counter() - began
+    llama_cpp.llama_sampler_free(greedy)
+    llama_cpp.llama_batch_free(batch)
+    llama_cpp.llama_free(ctx)  # llm.close() is left to the garbage collector
+    return sum(made) / seconds
+
+
+async def sop_batch(producer: Producer, prompts: list[str], max_tokens: int) -> float:
+    """Aggregate tokens/s of ``prompts`` submitted at once (first submit to last result)."""
+    began = time.perf_counter()
+    ids = [await producer.submit(MODEL, p, max_tokens=max_tokens, temperature=0) for p in prompts]
+    results = await asyncio.gather(*(producer.wait(t, timeout=600) for t in ids))
+    wall = time.perf_counter() - began
+    if any(r.state != TaskState.COMPLETED or r.usage is None for r in results):
+        raise RuntimeError("a task did not complete")
+    return sum(r.usage.output_tokens for r in results if r.usage is not None) / wall
+
+
+async def high_ttft(producer: Producer, n: int, max_tokens: int) -> tuple[float, float]:
+    """A ``high`` task arriving while ``n`` tasks fill the batch and ``n`` more wait: (time to
+    its first token, of which waiting for a sequence slot), seconds."""
+    busy = [await producer.submit(MODEL, prompt(9, i), max_tokens=max_tokens, temperature=0,
+                                  stream=True) for i in range(2 * n)]  # fmt: skip
+    await anext(producer.stream(busy[0]))  # the batch runs
+    began = time.perf_counter()
+    task = await producer.submit(MODEL, prompt(9, 99), max_tokens=8, priority="high", stream=True)
+    await anext(producer.stream(task))
+    ttft = time.perf_counter() - began
+    result = await producer.wait(task, timeout=600)
+    await asyncio.gather(*(producer.wait(t, timeout=600) for t in busy))
+    return ttft, result.queued_ms / 1000
+
+
+async def bench_batched(args: argparse.Namespace, tmp: Path) -> str:
+    path = write_model(args.models.split(",")[0], tmp)
+    client = Redis.from_url(args.redis_url, socket_timeout=30)
+    levels = [int(n) for n in args.levels.split(",")]
+    out = [f"max_tokens {args.max_tokens}, greedy, n_threads {args.threads}, best of rounds"]
+    out += ["", "| tasks | sop-llm tok/s | direct loop tok/s | sop/direct | x one at a time |"]
+    lone: dict[int, float] = {}
+    try:
+        for n in sorted({*levels, 1, 4}):
+            ns = f"bench-{uuid.uuid4().hex[:12]}"
+            producer = Producer(ProducerConfig(namespace=ns), client=client)
+            prompts, mt = [prompt(1, i) for i in range(n)], args.max_tokens
+            loop = functools.partial(direct_batched, path, prompts, mt, args.threads)
+            with stopping(start_worker(args.redis_url, ns, path, tmp, n, args.threads)):
+                await sop_batch(producer, [prompt(-1, 0)], 8)  # warm-up, not counted
+                lone[n] = sop = direct = 0.0
+                for _ in range(args.rounds):
+                    lone[n] = max(lone[n], await sop_batch(producer, [prompt(0, 0)], mt))
+                    sop = max(sop, await sop_batch(producer, prompts, mt))
+                    direct = max(direct, await asyncio.to_thread(loop))
+                if n in levels:
+                    out.append(f"| {n} | {sop:,.1f} | {direct:,.1f} | **{sop / direct:.2f}** | "
+                               f"{sop / lone[1]:.2f}x |")  # fmt: skip
+                if n == max(levels):
+                    ttft, waited = await high_ttft(producer, n, args.max_tokens)
+                    out.append(f"\nhigh task, parallel = {n} full, {n} waiting: first token "
+                               f"{ttft:.2f} s, {waited:.2f} s of it waiting for a slot; one "
+                               f"decode step at {n}: ~{n / direct:.3f} s")  # fmt: skip
+            await delete_namespace(client, ns)
+    finally:
+        await client.aclose()
+    out.append(f"\nlone task: parallel = 4 {lone[4]:,.1f} tok/s, parallel = 1 {lone[1]:,.1f}: "
+               f"**{lone[4] / lone[1]:.2f}x**")  # fmt: skip
+    return "\n".join(out)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--rounds", type=int, default=5)
@@ -271,9 +380,15 @@ async def main() -> None:
     parser.add_argument(
         "--redis-url", default=os.environ.get("SOP_REDIS_URL", "redis://127.0.0.1:6379/0")
     )
+    parser.add_argument("--batched", action="store_true", help="continuous batching (parallel)")
+    parser.add_argument("--levels", default="1,2,4,8", help="--batched: tasks at once")
+    parser.add_argument("--threads", type=int, default=2, help="--batched: n_threads")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="sop-bench-") as tmp:
+        if args.batched:
+            print(await bench_batched(args, Path(tmp)))
+            return
         for size in args.models.split(","):
             rows.append(await bench_size(size.strip(), args, Path(tmp)))
             print(f"{size}: done", file=sys.stderr, flush=True)
