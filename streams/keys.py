@@ -162,6 +162,12 @@ class Keys:
         return f"{self.prefix}:worker:{consumer}"
 
     @property
+    def workers(self) -> str:
+        """Zset: the consumers holding a lease, scored by when it lapses (ms): what lists the
+        live workers without SCAN (which an ACL for one namespace does not allow)."""
+        return f"{self.prefix}:workers"
+
+    @property
     def all_pattern(self) -> str:
         """SCAN pattern matching every key of the namespace."""
         return self.prefix.replace("{", "\\{").replace("}", "\\}") + ":*"

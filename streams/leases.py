@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Sequence, Set
 from typing import Any
 
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 # an entry just claimed by another live reclaimer has an idle time below this, so two
 # reclaimers racing for the same dead worker's entry cannot both take it
 _CLAIM_MIN_IDLE_MS = 200
+# a worker whose lease lapsed this long ago leaves the list of workers
+_FORGET_LAPSED_MS = 3_600_000
 
 
 class Lease:
@@ -34,13 +37,20 @@ class Lease:
     ) -> None:
         self._client = client
         self._key = keys.worker(consumer)
+        self._consumer = consumer
+        self._workers = keys.workers
         self._ttl_ms = ttl_ms
         self._fields = dict(info)
         self._info = json.dumps(self._fields)
         self._held = False
 
     async def renew(self) -> None:
-        await self._client.set(self._key, self._info, px=self._ttl_ms)
+        now = int(time.time() * 1000)
+        pipe = self._client.pipeline(transaction=False)
+        pipe.set(self._key, self._info, px=self._ttl_ms)
+        pipe.zadd(self._workers, {self._consumer: now + self._ttl_ms})
+        pipe.zremrangebyscore(self._workers, "-inf", now - _FORGET_LAPSED_MS)
+        await pipe.execute()
         self._held = True
 
     async def update(self, **fields: object) -> None:
@@ -76,7 +86,10 @@ class Lease:
 
     async def release(self) -> None:
         self._held = False
-        await self._client.delete(self._key)
+        pipe = self._client.pipeline(transaction=False)
+        pipe.delete(self._key)
+        pipe.zrem(self._workers, self._consumer)
+        await pipe.execute()
 
     async def join(self, streams: Sequence[str], group: str, stop: asyncio.Event) -> bool:
         """Create ``group`` on ``streams`` and take the lease, retrying with backoff while Redis

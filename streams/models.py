@@ -159,12 +159,16 @@ class WorkerModels:
 async def worker_models(client: Redis, keys: Keys) -> list[WorkerModels]:
     """The live workers of the namespace and the models each serves (file and run time), from
     their leases."""
+    now = int(time.time() * 1000)
+    found = await client.zrangebyscore(keys.workers, now, "+inf")
+    names = [_text(n) for n in found if isinstance(n, bytes | str)]
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.get(keys.worker(name))
     out = []
-    prefix = keys.worker("")
-    async for key in client.scan_iter(match=keys.worker("*"), count=500):
-        raw = await client.get(key)
+    for consumer, raw in zip(names, await pipe.execute() if names else [], strict=True):
         if raw is None:
-            continue  # expired meanwhile
+            continue  # lapsed meanwhile
         try:
             info = json.loads(raw)
             pools = tuple(p for p in str(info.get("pools", "")).split(",") if p)
@@ -172,7 +176,7 @@ async def worker_models(client: Redis, keys: Keys) -> list[WorkerModels]:
             version = int(info.get("version", -1))
         except (ValueError, AttributeError):
             continue  # not a lease this version of sop-llm wrote
-        out.append(WorkerModels(_text(key)[len(prefix) :], pools, models, version))
+        out.append(WorkerModels(consumer, pools, models, version))
     return sorted(out, key=lambda w: w.consumer)
 
 
