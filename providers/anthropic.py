@@ -3,7 +3,9 @@
 System messages become the ``system`` parameter; structured output is a forced tool call whose
 ``input_schema`` is the task's JSON Schema (a schema whose root is not an object is wrapped in
 ``{"value": ...}`` and unwrapped again). ``overloaded`` (HTTP 529, or an ``overloaded_error``
-event inside a stream) is retryable. SDK retries are off: the policy layer retries.
+event inside a stream) is retryable. SDK retries are off: the policy layer retries. The SDK
+speaks through its aiohttp client, its pool sized to the model's concurrency
+(``providers/http.py``).
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from providers.errors import (
     BadRequestError,
     ContentFilterError,
     ContextLengthError,
+    IncompleteStreamError,
     InternalProviderError,
     ProviderError,
     ProviderTimeoutError,
     error_for_status,
 )
+from providers.http import pool_limits, timeouts, transport_error
 from providers.sanitize import Redaction
 from providers.structured import JsonSchema, as_messages, schema_of
 from schemas.result import FinishReason, Usage
@@ -43,6 +47,8 @@ class AnthropicConfig:
     base_url: str = ANTHROPIC_BASE_URL
     timeout_s: float = 120.0
     concurrency: int = 16
+    connections: int = 16
+    """The HTTP pool's size: the most calls this adapter makes at once."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,13 +68,17 @@ class AnthropicProvider:
     ) -> None:
         self._name = name
         self._config = config
+        timeout = timeouts(config.timeout_s)
         self._client = anthropic.AsyncAnthropic(
             # explicit key and base URL: the SDK must not fall back to its environment
             api_key=config.api_key or "unused",
             base_url=config.base_url,
-            timeout=anthropic.Timeout(config.timeout_s, connect=min(10.0, config.timeout_s)),
+            timeout=timeout,
             max_retries=0,
-            http_client=http_client,
+            http_client=http_client
+            or anthropic.DefaultAioHttpClient(
+                limits=pool_limits(config.connections), timeout=timeout
+            ),
             open_telemetry=False,  # spans are ours to make, in ops/
         )
         self._capabilities = Capabilities(
@@ -139,16 +149,8 @@ class AnthropicProvider:
             return gen
         except anthropic.AnthropicError as exc:
             raise _translate(exc, self._redaction(request)) from exc
-        except httpx2.TimeoutException as exc:
-            raise ProviderTimeoutError(f"{self._name}: no reply within the timeout") from exc
-        except httpx2.HTTPError as exc:
-            raise InternalProviderError(
-                f"{self._name}: connection failed: {exc!r}", redaction=self._redaction(request)
-            ) from exc
-        except ValueError as exc:  # a reply the SDK could not decode
-            raise InternalProviderError(
-                f"{self._name}: malformed reply: {exc}", redaction=self._redaction(request)
-            ) from exc
+        except (httpx2.HTTPError, ValueError) as exc:  # ValueError: a reply it could not decode
+            raise transport_error(exc, name=self._name, redaction=self._redaction(request)) from exc
 
     def _redaction(self, request: GenerationRequest) -> Redaction:
         """What an error of ``request`` must not repeat: the key, the prompt, the messages."""
@@ -202,7 +204,10 @@ class AnthropicProvider:
                     stop = event.delta.stop_reason or stop
                     output_tokens = event.usage.output_tokens or output_tokens
         if stop is None:
-            raise InternalProviderError(f"{self._name}: stream ended without a stop reason")
+            raise IncompleteStreamError(
+                f"{self._name}: the stream ended without a stop reason after "
+                f"{len(parts)} content chunks"
+            )
         usage = Usage(input_tokens=input_tokens, output_tokens=output_tokens)
         return Generation(
             text=_unwrap("".join(parts), tool), finish_reason=_finish(stop), usage=usage

@@ -116,6 +116,13 @@ class InternalProviderError(ProviderError):
     default_retryable = True
 
 
+class IncompleteStreamError(InternalProviderError):
+    """A stream ended cleanly (``[DONE]``, or the end of the body) before the backend said
+    why it stopped, so the text may be cut short. Retryable like any backend fault, never
+    taken as a finished answer. llama-cpp-python's server does this to a stream when another
+    request waits: declare its concurrency as 1 (docs/servers.md)."""
+
+
 _CONTEXT_HINTS = (
     "context length",
     "context_length",

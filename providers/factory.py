@@ -45,6 +45,9 @@ def build_backend(
     """The bare adapter for ``spec`` (blocking for ``llama_cpp``: it loads the GGUF file; call
     it in a thread). Raises :class:`ModelConfigError`."""
     concurrency = spec.concurrency or DEFAULT_REMOTE_CONCURRENCY
+    # the HTTP pool holds a connection per call the worker may make at once: the model's
+    # concurrency (ConfiguredProvider's), no hidden cap below it
+    connections = spec.concurrency or spec.gpu_slots or DEFAULT_REMOTE_CONCURRENCY
     if spec.provider == "echo":
         return EchoProvider(tokens_per_s=echo_tokens_per_s, slots=spec.concurrency or 64)
     if spec.provider in ("openai", "openai_compatible"):
@@ -63,6 +66,8 @@ def build_backend(
                 structured="prompt" if mode == "none" else mode,
                 max_tokens_field="max_tokens" if compatible else "max_completion_tokens",
                 concurrency=spec.gpu_slots or concurrency,
+                connections=connections,
+                compatible=compatible,
             ),
         )
     if spec.provider == "anthropic":
@@ -77,6 +82,7 @@ def build_backend(
                 base_url=spec.base_url or ANTHROPIC_BASE_URL,
                 timeout_s=spec.timeout_s,
                 concurrency=concurrency,
+                connections=connections,
             ),
         )
     if spec.provider == "llama_cpp":

@@ -5,6 +5,18 @@ structured output with the ``json_schema`` response format; ``openai_compatible`
 spec's ``base_url`` with whichever mechanism the spec declares (``json_schema``,
 ``json_object`` with the schema in the prompt, a GBNF ``grammar`` field, or the prompt alone).
 SDK retries are off: the policy layer retries, honouring ``retry_after``.
+
+The SDK speaks through its aiohttp client (``providers/http.py``), and the body, built here as
+plain JSON, goes out through the SDK's generic ``post`` with the SDK's own reply types:
+``chat.completions.create`` would walk every parameter through its type-driven transform, which
+leaves such a body as it is and costs about a quarter of the SDK's CPU per call.
+
+What an OpenAI-compatible server gets wrong is reported as such: a stream that ends without a
+finish reason is an :class:`~providers.errors.IncompleteStreamError`; an error that blames the
+structured-output request (llama-cpp-python's server answers a ``json_schema`` response format
+with HTTP 500) is a ``bad_request`` naming ``structured_output``; a stream that carries no
+usage counts each content chunk as one output token (these servers send a token per chunk;
+the prompt's tokens stay unknown, counted as 0).
 """
 
 from __future__ import annotations
@@ -16,6 +28,7 @@ from typing import Any, Literal
 
 import httpx2
 import openai
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from providers.base import (
     Capabilities,
@@ -25,18 +38,24 @@ from providers.base import (
     StructuredKind,
 )
 from providers.errors import (
+    BadRequestError,
     ContentFilterError,
+    IncompleteStreamError,
     InternalProviderError,
     ProviderError,
     ProviderTimeoutError,
     error_for_status,
 )
 from providers.grammar import schema_to_gbnf
+from providers.http import hung_up, pool_limits, timeouts, transport_error
 from providers.sanitize import Redaction
 from providers.structured import as_messages, schema_of, with_instruction
 from schemas.result import FinishReason, Usage
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
+CHAT_PATH = "/chat/completions"
+# words of an error reply that blame the structured-output part of the request
+_STRUCTURED_HINTS = ("response_format", "json_schema", "json_object", "grammar")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +68,11 @@ class OpenAIConfig:
     # api.openai.com wants max_completion_tokens; many compatible servers know only max_tokens
     max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = "max_completion_tokens"
     concurrency: int = 16
+    connections: int = 16
+    """The HTTP pool's size: the most calls this adapter makes at once (the model's
+    concurrency)."""
+    compatible: bool = False
+    """An ``openai_compatible`` server: its spec chooses ``structured``."""
 
 
 class OpenAIProvider:
@@ -59,14 +83,16 @@ class OpenAIProvider:
     ) -> None:
         self._name = name
         self._config = config
+        timeout = timeouts(config.timeout_s)
         self._client = openai.AsyncOpenAI(
             # a keyless local server still needs a value: None would make the SDK read the
             # environment, and the key must only ever come from the spec
             api_key=config.api_key or "unused",
             base_url=config.base_url,
-            timeout=openai.Timeout(config.timeout_s, connect=min(10.0, config.timeout_s)),
+            timeout=timeout,
             max_retries=0,
-            http_client=http_client,
+            http_client=http_client
+            or openai.DefaultAioHttpClient(limits=pool_limits(config.connections), timeout=timeout),
         )
         self._capabilities = Capabilities(
             streaming=True,
@@ -87,7 +113,7 @@ class OpenAIProvider:
         await self._client.close()
 
     def build_body(self, request: GenerationRequest) -> dict[str, Any]:
-        """The Chat Completions parameters for ``request`` (without ``stream``)."""
+        """The Chat Completions request body for ``request`` (without ``stream``)."""
         cfg = self._config
         fmt = request.response_format
         schema = schema_of(fmt)
@@ -126,8 +152,7 @@ class OpenAIProvider:
             "response_format": response_format,
         }
         body.update({k: v for k, v in optional.items() if v is not None})
-        if extra:
-            body["extra_body"] = extra
+        body.update(extra)  # a server's own fields (llama.cpp's ``grammar``)
         return body
 
     async def generate(
@@ -142,26 +167,38 @@ class OpenAIProvider:
             request.spent.add(gen.usage)  # the backend reports usage only at the end
             return gen
         except openai.OpenAIError as exc:
-            raise _translate(exc, self._redaction(request)) from exc
-        except httpx2.TimeoutException as exc:
-            raise ProviderTimeoutError(f"{self._name}: no reply within the timeout") from exc
-        except httpx2.HTTPError as exc:
-            raise InternalProviderError(
-                f"{self._name}: connection failed: {exc!r}", redaction=self._redaction(request)
-            ) from exc
-        except ValueError as exc:  # a reply the SDK could not decode (json.JSONDecodeError)
-            raise InternalProviderError(
-                f"{self._name}: malformed reply: {exc}", redaction=self._redaction(request)
-            ) from exc
+            raise self._error(exc, body, request) from exc
+        except (httpx2.HTTPError, ValueError) as exc:  # ValueError: json.JSONDecodeError
+            raise transport_error(exc, name=self._name, redaction=self._redaction(request)) from exc
 
     def _redaction(self, request: GenerationRequest) -> Redaction:
         """What an error of ``request`` must not repeat: the key, the prompt, the messages."""
         cfg = self._config
         return Redaction.for_request(request, key=cfg.api_key, base_url=cfg.base_url)
 
+    def _error(
+        self, exc: openai.OpenAIError, body: Mapping[str, Any], request: GenerationRequest
+    ) -> ProviderError:
+        """``exc`` in our tree; an error that blames the structured-output part of a request
+        that asked for it is the spec's doing, not the server's: a ``bad_request``."""
+        err = _translate(exc, self._redaction(request))
+        structured = "response_format" in body or "grammar" in body
+        blamed = any(hint in err.message.lower() for hint in _STRUCTURED_HINTS)
+        if not (structured and blamed and type(err) in (BadRequestError, InternalProviderError)):
+            return err
+        # the server cannot do what the spec asks of it: every retry would fail alike
+        mode = self._config.structured
+        setting = f"structured_output = {'none' if mode == 'prompt' else mode}"
+        advice = "; declare a mode it supports (docs/servers.md)" if self._config.compatible else ""
+        return BadRequestError(
+            f"{self._name}: the server refused the structured-output request ({setting})"
+            f"{advice}: {err.message}",
+            status=err.status,
+        )
+
     async def _complete(self, body: dict[str, Any], request: GenerationRequest) -> Generation:
-        resp = await self._client.chat.completions.create(**body)
-        if not isinstance(resp, openai.types.chat.ChatCompletion):  # e.g. an HTML page
+        resp = await self._client.post(CHAT_PATH, body=body, cast_to=ChatCompletion)
+        if not isinstance(resp, ChatCompletion):  # e.g. an HTML page
             raise InternalProviderError(f"{self._name}: malformed reply: not a chat completion")
         if not resp.choices:
             raise InternalProviderError(f"{self._name}: reply has no choices")
@@ -181,9 +218,13 @@ class OpenAIProvider:
     async def _stream(self, body: dict[str, Any], on_delta: DeltaSink) -> Generation:
         parts: list[str] = []
         finish: str | None = None
-        usage = Usage()
-        stream = await self._client.chat.completions.create(
-            **body, stream=True, stream_options={"include_usage": True}
+        usage: Usage | None = None
+        stream = await self._client.post(
+            CHAT_PATH,
+            body={**body, "stream": True, "stream_options": {"include_usage": True}},
+            cast_to=ChatCompletion,
+            stream=True,
+            stream_cls=openai.AsyncStream[ChatCompletionChunk],
         )
         async with stream:
             async for chunk in stream:
@@ -199,7 +240,14 @@ class OpenAIProvider:
                     if choice.finish_reason is not None:
                         finish = choice.finish_reason
         if finish is None:
-            raise InternalProviderError(f"{self._name}: stream ended without a finish reason")
+            raise IncompleteStreamError(
+                f"{self._name}: the stream ended without a finish reason after "
+                f"{len(parts)} content chunks: the server cut it short (llama-cpp-python's "
+                "server does so while another request waits: declare concurrency 1 for it)"
+            )
+        if usage is None or (parts and not usage.output_tokens):
+            # the server reports no usage in streams: count a token per content chunk
+            usage = Usage(input_tokens=usage.input_tokens if usage else 0, output_tokens=len(parts))
         return Generation(
             text="".join(parts), finish_reason=_finish(finish, self._name), usage=usage
         )
@@ -226,6 +274,9 @@ def _translate(exc: openai.OpenAIError, redaction: Redaction) -> ProviderError:
     backend's words are sanitised with ``redaction`` (see ``providers/sanitize.py``)."""
     r = redaction
     if isinstance(exc, openai.APITimeoutError):
+        dropped = hung_up(exc)
+        if dropped is not None:
+            return InternalProviderError(f"connection failed: {dropped}", redaction=r)
         return ProviderTimeoutError("no reply within the timeout")
     if isinstance(exc, openai.APIConnectionError):
         return InternalProviderError(f"connection failed: {exc.message}", redaction=r)

@@ -23,6 +23,8 @@ class Seen:
     path: str
     headers: Mapping[str, str]
     body: Any
+    peer: Any = None
+    """The client's (host, port): one per connection, so distinct peers count connections."""
 
 
 @dataclass(slots=True)
@@ -45,9 +47,9 @@ class FakeServer:
             body = json.loads(raw) if raw else None
         except json.JSONDecodeError:
             body = raw.decode(errors="replace")
-        self.seen.append(
-            Seen(request.path, {k.lower(): v for k, v in request.headers.items()}, body)
-        )
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        self.seen.append(Seen(request.path, headers, body, peer))
         if not self.replies:
             return web.json_response({"error": {"message": "no reply scripted"}}, status=599)
         reply = self.replies.popleft()
@@ -155,8 +157,11 @@ def oa_completion(
 
 
 def oa_chunks(
-    pieces: Sequence[str], *, finish: str = "stop", usage: tuple[int, int] | None = (5, 3)
+    pieces: Sequence[str], *, finish: str | None = "stop", usage: tuple[int, int] | None = (5, 3)
 ) -> list[tuple[str | None, Any]]:
+    """A streamed chat completion: a role chunk, a chunk per piece, then the finish chunk
+    (none when ``finish`` is None) and the usage chunk (none when ``usage`` is None)."""
+
     def chunk(delta: dict[str, Any], reason: str | None) -> dict[str, Any]:
         return {
             "id": "chatcmpl-1",
@@ -168,7 +173,8 @@ def oa_chunks(
 
     out: list[tuple[str | None, Any]] = [(None, chunk({"role": "assistant"}, None))]
     out += [(None, chunk({"content": p}, None)) for p in pieces]
-    out.append((None, chunk({}, finish)))
+    if finish is not None:
+        out.append((None, chunk({}, finish)))
     if usage is not None:
         out.append(
             (
