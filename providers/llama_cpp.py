@@ -263,7 +263,7 @@ class LlamaCppProvider:
 
     def _window(self, model: _Model) -> int:
         """A sequence's context window (tokens)."""
-        return model.llm.n_ctx()
+        return int(model.llm.n_ctx())  # int: without the `local` extra, llm is Any to mypy
 
     def _tokens(self, model: _Model, request: GenerationRequest) -> list[int]:
         llm = model.llm
@@ -375,7 +375,9 @@ class LlamaCppProvider:
             llm.n_tokens = keep
         else:
             keep = 0
-            llm.reset()  # type: ignore[no-untyped-call]  # unannotated in llama-cpp-python
+            # unannotated in llama-cpp-python; without the `local` extra there is nothing to
+            # ignore, hence unused-ignore too
+            llm.reset()  # type: ignore[no-untyped-call,unused-ignore]
         model.chunked = body[:keep]
         for start in range(keep, len(body), chunk):
             if cancel.is_set():
