@@ -23,9 +23,11 @@ from typing import Any, Final
 from ops.asyncapi_messages import messages, model_schemas
 from schemas.task import TASK_ID_PATTERN
 from schemas.wire import WIRE_VERSION
+from streams.envelopes import FIELD_CORRELATION_ID, FIELD_ENVELOPE, MAX_CORRELATION_ID
 from streams.keys import DEFAULT_PARTITIONS, DEFAULT_POOL, TASK_GROUP, WEBHOOK_GROUP, Keys
 
 ASYNCAPI_VERSION: Final = "3.0.0"
+_RESULT_MESSAGES: Final = ("taskCompleted", "taskFailed", "taskCancelled", "taskExpired")
 
 _Json = dict[str, Any]
 
@@ -37,6 +39,12 @@ Every stream of one sop-llm namespace, for producers and consumers in any langua
 `traceparent` / `tracestate` (W3C trace context, carried through to results and webhooks).
 Each message's `payload` describes that map; the schema of the JSON inside `data` is given by
 its `contentSchema`. Other fields are ignored by sop-llm.
+
+**FastStream.** A FastStream app's own `broker.publish` to a task partition (one `__data__`
+field holding FastStream's envelope) runs like a plain entry; its correlation id comes back as
+the `correlation_id` field of the task's result entries. FastStream subscribers of the result
+streams read one shape through sop-llm's parser, `streams.envelopes.results_parser`. See
+docs/wire-format.md, "FastStream".
 
 **Addresses.** `{sop}` is the namespace's Redis Cluster hash tag, braces included
 (`SOP_NAMESPACE`); it is declared as a parameter whose one value is itself, so every address
@@ -51,7 +59,7 @@ def _msg_refs(names: Sequence[str]) -> _Json:
 
 def _channels(keys: Keys, ns_param: str) -> _Json:
     ns = {ns_param: {"$ref": f"#/components/parameters/{ns_param}"}}
-    result_msgs = ["taskCompleted", "taskFailed", "taskCancelled", "taskExpired"]
+    result_msgs = list(_RESULT_MESSAGES)
     return {
         "tasks": {
             "address": keys.tasks("{pool}", "{priority}"),
@@ -60,7 +68,9 @@ def _channels(keys: Keys, ns_param: str) -> _Json:
                 "Task events, one stream per pool and priority partition (`SOP_POOLS`, "
                 "`SOP_PARTITIONS`, highest first). The stream decides the priority. Consumer "
                 f"group `{TASK_GROUP}`. A task published without `task_id` gets the id "
-                "`<pool>.<partition>.<entry id>`."
+                "`<pool>.<partition>.<entry id>`. A FastStream `broker.publish` (one "
+                f"`{FIELD_ENVELOPE}` field: FastStream's envelope, the task JSON as its body) is "
+                "read as `task.submitted` with that body as `data`."
             ),
             "parameters": {
                 **ns,
@@ -83,7 +93,8 @@ def _channels(keys: Keys, ns_param: str) -> _Json:
             "description": (
                 "Exactly one terminal entry per task, written atomically with its status "
                 "record, its webhook job and the acknowledgement of its task entry. Read with "
-                "XREAD from any id, or with a consumer group of your own."
+                "XREAD from any id, or with a consumer group of your own (a FastStream "
+                "`StreamSub` with `parser=streams.envelopes.results_parser`)."
             ),
             "parameters": ns,
             "messages": _msg_refs(result_msgs),
@@ -242,15 +253,19 @@ def asyncapi_document(namespace: str = "sop") -> dict[str, object]:
         "servers": {
             "redis": {
                 "host": "localhost:6379",
+                "pathname": "/0",
                 "protocol": "redis",
-                "description": "Any Redis 7 (or Redis Cluster); sop-llm connects to SOP_REDIS_URL.",
+                "description": (
+                    "Any Redis 7 (or Redis Cluster); sop-llm connects to SOP_REDIS_URL. The "
+                    "pathname is the database index (a Redis Cluster has only 0)."
+                ),
             }
         },
         "channels": _channels(keys, ns_param),
         "operations": operations,
         "components": {
             "schemas": model_schemas(),
-            "messages": messages(keys),
+            "messages": _with_correlation_id(messages(keys)),
             "parameters": {
                 ns_param: {
                     "description": (
@@ -264,6 +279,21 @@ def asyncapi_document(namespace: str = "sop") -> dict[str, object]:
             },
         },
     }
+
+
+def _with_correlation_id(found: dict[str, _Json]) -> dict[str, _Json]:
+    """The result messages gain the field that carries a task entry's correlation id back."""
+    for name in _RESULT_MESSAGES:
+        found[name]["payload"]["properties"][FIELD_CORRELATION_ID] = {
+            "type": "string",
+            "maxLength": MAX_CORRELATION_ID,
+            "description": (
+                "the correlation id of the task entry (a FastStream publish's "
+                "`correlation_id` header, or a plain entry's field of that name); absent "
+                "when it had none"
+            ),
+        }
+    return found
 
 
 def render(namespace: str = "sop") -> str:

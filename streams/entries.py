@@ -1,13 +1,28 @@
-"""Stream entries as read from Redis (raw bytes, decoded lazily)."""
+"""Stream entries as read from Redis (raw bytes, decoded lazily).
+
+An entry is either plain (``type``, ``data``, ``traceparent``, ``tracestate``, ``correlation_id``
+fields) or a FastStream envelope: the one field ``__data__`` (no ``type``, no ``data``), whose
+body is the entry's ``data`` and whose headers give its ``type`` (none: the reader decides),
+``traceparent``, ``tracestate`` and ``correlation_id`` (see :mod:`streams.envelopes`). Every
+reader sees the same properties either way; the raw fields stay as they came (dead letters).
+"""
 
 from __future__ import annotations
 
 import base64
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from schemas.wire import FIELD_DATA, FIELD_TRACEPARENT, FIELD_TYPE
+from schemas.wire import FIELD_DATA, FIELD_TRACEPARENT, FIELD_TRACESTATE, FIELD_TYPE
+from streams.envelopes import (
+    FIELD_CORRELATION_ID,
+    FIELD_ENVELOPE,
+    Envelope,
+    EnvelopeError,
+    correlation_id_of,
+    decode_envelope,
+)
 
 FIELD_OVERSIZE = "__oversize"
 FIELD_STUB_TASK_ID = "__task_id"
@@ -27,6 +42,8 @@ class Entry:
     fields: dict[str, bytes]
     deliveries: int = 1
     """How many times the group has delivered it (a new read is the first)."""
+    _unwrapped: Envelope | str | None = field(default=None, init=False, repr=False, compare=False)
+    """The decoded envelope, or why it could not be decoded (``None``: not decoded yet)."""
 
     @classmethod
     def from_reply(cls, stream: str, entry_id: bytes | str, raw: Any) -> Entry:
@@ -39,23 +56,70 @@ class Entry:
         return cls(stream=stream, entry_id=text(entry_id), fields=fields)
 
     @property
+    def enveloped(self) -> bool:
+        """A FastStream envelope: ``__data__`` and neither ``type`` nor ``data``."""
+        f = self.fields
+        return FIELD_ENVELOPE in f and FIELD_TYPE not in f and FIELD_DATA not in f
+
+    @property
+    def envelope_error(self) -> str | None:
+        """Why the envelope of an enveloped entry cannot be read (it names the shapes read);
+        ``None`` for a readable envelope or a plain entry."""
+        found = self._envelope()
+        return found if isinstance(found, str) else None
+
+    def _envelope(self) -> Envelope | str | None:
+        if not self.enveloped:
+            return None
+        if self._unwrapped is None:
+            try:
+                self._unwrapped = decode_envelope(self.fields[FIELD_ENVELOPE])
+            except EnvelopeError as exc:
+                self._unwrapped = str(exc)
+        return self._unwrapped
+
+    def _header(self, name: str) -> str | None:
+        found = self._envelope()
+        return found.headers.get(name) if isinstance(found, Envelope) else None
+
+    @property
     def type(self) -> str | None:
         raw = self.fields.get(FIELD_TYPE)
-        return raw.decode("utf-8", "replace") if raw is not None else None
+        if raw is None:
+            return self._header(FIELD_TYPE)
+        return raw.decode("utf-8", "replace")
 
     @property
     def data(self) -> bytes | None:
-        return self.fields.get(FIELD_DATA)
+        raw = self.fields.get(FIELD_DATA)
+        if raw is None:
+            found = self._envelope()
+            return found.body if isinstance(found, Envelope) else None
+        return raw
 
     @property
     def traceparent(self) -> str:
         raw = self.fields.get(FIELD_TRACEPARENT)
+        if raw is None:
+            return (self._header(FIELD_TRACEPARENT) or "")[:128]
         return raw.decode("ascii", "replace")[:128] if raw else ""
 
     @property
     def tracestate(self) -> str:
-        raw = self.fields.get("tracestate")
+        raw = self.fields.get(FIELD_TRACESTATE)
+        if raw is None:
+            return (self._header(FIELD_TRACESTATE) or "")[:512]
         return raw.decode("ascii", "replace")[:512] if raw else ""
+
+    @property
+    def correlation_id(self) -> str:
+        """The ``correlation_id`` field, or a FastStream envelope's header of that name (a task
+        entry's goes back on its result entries); ``""`` for none or one over
+        :data:`streams.envelopes.MAX_CORRELATION_ID` characters."""
+        raw = self.fields.get(FIELD_CORRELATION_ID)
+        if raw is None:
+            return correlation_id_of(self._header(FIELD_CORRELATION_ID))
+        return correlation_id_of(raw.decode("utf-8", "replace"))
 
     @property
     def oversize(self) -> int:

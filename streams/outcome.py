@@ -231,7 +231,7 @@ class Outcomes:
             [self._keys.results, self._keys.dead, fin.entry.stream],
             [self._group, fin.entry.entry_id, _RESULT_TYPES[result.state.value].value,
              result.model_dump_json(exclude_none=True), fin.dead.model_dump_json(exclude_none=True),
-             tp],
+             tp, fin.entry.correlation_id],
         )  # fmt: skip
         return bool(reply)
 
@@ -253,6 +253,7 @@ class Outcomes:
                 "max_attempts": s.max_attempts or self._max_attempts, "model": s.model,
                 "payload_hash": s.payload_hash, "created_ms": s.entry.timestamp_ms,
                 "reply_to": s.reply_to or "", "webhook_url": s.webhook_url or "",
+                "correlation_id": s.entry.correlation_id,
             })  # fmt: skip
         replies = await BEGIN_MANY_SCRIPT(self._client, b.keys, b.args)
         return [_begin_reply(r) for r in replies]
@@ -277,6 +278,7 @@ class Outcomes:
                 "webhook": fin.webhook.model_dump_json(exclude_none=True) if fin.webhook else "",
                 "dead": fin.dead.model_dump_json(exclude_none=True) if fin.dead else "",
                 "expect": fin.expect_state, "fence": "1" if fin.fenced else "",
+                "correlation_id": fin.entry.correlation_id,
             })  # fmt: skip
         replies, acked = await self._durability.call(
             self._client, FINISH_MANY_SCRIPT, b.keys, b.args

@@ -16,21 +16,24 @@ from streams.scripts import TERMINAL_LUA, LuaScript
 
 BEGIN_FIELDS: Final = (
     "status", "source", "idem", "entry_id", "task_id", "max_attempts", "model", "payload_hash",
-    "created_ms", "reply_to", "webhook_url",
+    "created_ms", "reply_to", "webhook_url", "correlation_id",
 )  # fmt: skip
 """A task's start: its status key, source stream and idempotency key (KEYS indexes), the entry
-id, task id, attempt limit, model, payload hash (idempotency), creation time, ``reply_to`` and
-webhook URL."""
+id, task id, attempt limit, model, payload hash (idempotency), creation time, ``reply_to``,
+webhook URL and the entry's correlation id ('' none; see ``Entry.correlation_id``)."""
 
 FINISH_FIELDS: Final = (
     "status", "source", "reply", "idem", "entry_id", "task_id", "state", "event_type", "result",
     "finished_at", "worker", "attempts", "traceparent", "webhook", "dead", "expect", "fence",
+    "correlation_id",
 )  # fmt: skip
 """A task's terminal write: its status key, source stream, reply stream and idempotency key
 (KEYS indexes), the entry id, task id, terminal state, result event type, result JSON, finish
 time, the worker and attempt number of the attempt that wrote it, traceparent ('' none), webhook
 job JSON ('' none), dead letter JSON ('' none), the state it must be in ('' any), and the fence
-('1': the entry is malformed, and may write only a task that no other entry owns)."""
+('1': the entry is malformed, and may write only a task that no other entry owns), and the
+correlation id of the entry ('' none: the status record's, kept from the task's first entry
+through retries, if any)."""
 
 KEY_FIELDS: Final = frozenset({"status", "source", "reply", "idem"})
 
@@ -55,7 +58,15 @@ local function set_status(key, ...)
   -- every write of a task's status record goes through here: field, value, ...
   redis.call('HSET', key, ...)
 end
-local function xadd(key, typ, data, tp)
+local function xadd(key, typ, data, tp, cid)
+  if cid and cid ~= '' then
+    -- the task entry's correlation id (a FastStream publish's) goes back on its results
+    if tp == '' then
+      return redis.call('XADD', key, '*', 'type', typ, 'data', data, 'correlation_id', cid)
+    end
+    return redis.call('XADD', key, '*', 'type', typ, 'data', data, 'traceparent', tp,
+      'correlation_id', cid)
+  end
   if tp == '' then return redis.call('XADD', key, '*', 'type', typ, 'data', data) end
   return redis.call('XADD', key, '*', 'type', typ, 'data', data, 'traceparent', tp)
 end
@@ -83,7 +94,7 @@ def _script(body: str) -> str:
 # dead letter and XACK).
 _FINISH_ONE_LUA: Final = """
 local function finish_one(a)
-  local cur = redis.call('HMGET', a.status, 'state', 'entry_id')
+  local cur = redis.call('HMGET', a.status, 'state', 'entry_id', 'correlation_id')
   local st = cur[1]
   if a.expect ~= '' and st ~= a.expect then return -1 end
   if a.fence == '1' and cur[2] and cur[2] ~= a.entry_id then
@@ -102,10 +113,15 @@ local function finish_one(a)
   if a.dead ~= '' then xadd(KEYS[3], 'task.dead', a.dead, a.traceparent) end
   set_status(a.status, 'state', a.state, 'result', a.result, 'finished_at', a.finished_at,
     'task_id', a.task_id, 'worker', a.worker, 'attempts', a.attempts)
+  -- a retry comes back as a plain entry: the correlation id is the status record's then
+  local cid = a.correlation_id
+  if cid == '' then cid = cur[3] or '' elseif cid ~= cur[3] then
+    set_status(a.status, 'correlation_id', cid)
+  end
   redis.call('EXPIRE', a.status, ttl)
-  xadd(KEYS[1], a.event_type, a.result, a.traceparent)
+  xadd(KEYS[1], a.event_type, a.result, a.traceparent, cid)
   if a.reply then
-    xadd(a.reply, a.event_type, a.result, a.traceparent)
+    xadd(a.reply, a.event_type, a.result, a.traceparent, cid)
     redis.call('SADD', KEYS[4], string.sub(a.reply, #KEYS[1] + 2))
   end
   if a.webhook ~= '' then
@@ -161,6 +177,7 @@ local function begin_one(a)
     'model', a.model, 'stream', a.source, 'entry_id', a.entry_id, 'started_at', now,
     'worker', worker, 'reply_to', a.reply_to, 'webhook_url', a.webhook_url,
     'created_at', cur[6] or a.created_ms)
+  if a.correlation_id ~= '' then set_status(a.status, 'correlation_id', a.correlation_id) end
   if cur[4] == '1' then return {'cancelled', attempts} end
   if attempts > tonumber(a.max_attempts) then return {'exhausted', attempts, cur[5] or ''} end
   return {'run', attempts, cur[5] or ''}
@@ -200,13 +217,14 @@ return out
 # acknowledged, touching none of the task's own keys. Written once: only while the entry is
 # still pending (checked first, since a script's writes before an error stay).
 # KEYS: results, dead, source stream. ARGV: group, entry id, event type, result JSON, dead
-# letter JSON, traceparent ('' = none). Returns 1 written, 0 the entry was not pending.
+# letter JSON, traceparent ('' = none), correlation id ('' = none). Returns 1 written, 0 the
+# entry was not pending.
 ABANDON: Final = (
     _COMMON_LUA
     + """
 local group, id = ARGV[1], ARGV[2]
 if not redis.call('XPENDING', KEYS[3], group, id, id, 1)[1] then return 0 end
-xadd(KEYS[1], ARGV[3], ARGV[4], ARGV[6])
+xadd(KEYS[1], ARGV[3], ARGV[4], ARGV[6], ARGV[7])
 xadd(KEYS[2], 'task.dead', ARGV[5], ARGV[6])
 redis.call('XACK', KEYS[3], group, id)
 return 1

@@ -14,6 +14,7 @@ from schemas.errors import ErrorCode
 from schemas.task import TASK_ID_PATTERN, TaskEvent, describe_validation_error, parse_task_event
 from schemas.wire import EventType
 from streams.entries import Entry
+from streams.envelopes import FIELD_ENVELOPE, SHAPES
 from streams.keys import Keys
 from streams.urlguard import AllowList, WebhookURLRefusedError, check_webhook_url
 
@@ -22,6 +23,10 @@ _TASK_ID_RE = re.compile(TASK_ID_PATTERN)
 # string's opening quote (possessive: no backtracking on hostile input)
 _TOKEN = re.compile(r'"[^"\\]*+(?:\\.[^"\\]*+)*+"|[^"]++|"', re.DOTALL)
 _COLON = re.compile(r"\s*:\s*")
+_BODY_NOT_OBJECT: Final = (
+    "the FastStream message body is not a JSON object (publish the task as a dict or a "
+    "pydantic model)"
+)
 SCAN_STRINGS: Final = 50_000
 """How many strings of a payload that is not valid JSON are scanned for its ``task_id``: the
 scan is plain Python, and one hostile entry must not hold the worker for long."""
@@ -75,9 +80,20 @@ def prepare(
         return Prepared(entry, task_id or derived(), None, ErrorCode.INVALID_EVENT, message)
 
     data = entry.data
-    if entry.type != EventType.TASK_SUBMITTED.value:
+    type_ = entry.type
+    if entry.enveloped:
+        # a FastStream publish: its body is the task, its headers the trace context; an
+        # envelope that cannot be read has no payload to take a task id from
+        problem = entry.envelope_error
+        if problem is not None:
+            return bad(f"{FIELD_ENVELOPE}: {problem}")
+        # FastStream names no event type: on a task stream, an envelope is a submission
+        type_ = type_ or EventType.TASK_SUBMITTED.value
+    elif type_ is None and data is None:
+        return bad(_unknown_shape(entry))
+    if type_ != EventType.TASK_SUBMITTED.value:
         found = None if data is None else readable_task_id(data)
-        return bad(f"type: expected {EventType.TASK_SUBMITTED.value!r}, got {entry.type!r}", found)
+        return bad(f"type: expected {EventType.TASK_SUBMITTED.value!r}, got {type_!r}", found)
     if data is None:
         return bad("data: field missing from the entry")
     try:
@@ -85,7 +101,10 @@ def prepare(
             data, max_prompt_bytes=max_prompt_bytes, max_metadata_bytes=max_metadata_bytes
         )
     except ValidationError as exc:
-        return bad(describe_validation_error(exc), readable_task_id(data))
+        message = describe_validation_error(exc)
+        if entry.enveloped and _not_an_object(exc):
+            message = f"{FIELD_ENVELOPE}: {_BODY_NOT_OBJECT}: {message}"
+        return bad(message, readable_task_id(data))
     if webhook_allow is not None and event.webhook_url is not None:
         try:
             check_webhook_url(event.webhook_url, webhook_allow)
@@ -93,6 +112,21 @@ def prepare(
             return bad(f"webhook_url: {exc}", event.task_id)
     # the stream decides the priority: a plain-XADD producer's `priority` field is informational
     return Prepared(entry, event.task_id or derived(), event)
+
+
+def _unknown_shape(entry: Entry) -> str:
+    names = [name[:64] for name in sorted(entry.fields)[:8]]
+    return (
+        f"entry: no 'type' and 'data' fields and no FastStream '{FIELD_ENVELOPE}' envelope "
+        f"(fields: {names}); expected type=task.submitted with data=<task JSON>, or {SHAPES}"
+    )
+
+
+def _not_an_object(exc: ValidationError) -> bool:
+    """The payload is no JSON object at all (not JSON, or JSON of another type)."""
+    return any(
+        err["type"] in ("json_invalid", "model_type") and not err["loc"] for err in exc.errors()
+    )
 
 
 def generation_request(event: TaskEvent) -> GenerationRequest:
