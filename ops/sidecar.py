@@ -1,9 +1,11 @@
-"""The aiohttp sidecar: task status, queue figures and health.
+"""The aiohttp sidecar: task status, queue figures and health, the operator console
+(:mod:`ops.console`) and the HTTP API it uses (:mod:`ops.http_api`).
 
-Every answer is JSON, errors included (``{"error": <code>, "message": ...}``), and no request
-can make it answer 500: a missing, repeated or malformed ``Authorization`` header (whatever
-its bytes) is a 401, any id that names no task (whatever its characters) a 404, a path it does
-not serve a 404, Redis trouble a 503. A client that goes away mid-stream is an ordinary end.
+Every answer but the console's files is JSON, errors included (``{"error": <code>, "message":
+...}``), and no request can make it answer 500: a missing, repeated or malformed
+``Authorization`` header (whatever its bytes) is a 401, any id that names no task (whatever its
+characters) a 404, a path it does not serve a 404, bad input a 4xx, Redis trouble a 503. A
+client that goes away mid-stream is an ordinary end.
 """
 
 from __future__ import annotations
@@ -15,22 +17,25 @@ import hmac
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from handlers.metrics import Metrics
+from ops import console
 from ops.asyncapi import asyncapi_document
 from ops.gpu_setup import GpuRuntime
+from ops.http_api import HttpApi
+from ops.http_common import REDIS_FAILURES, Handler, HttpError, guard_unsafe, json_error
 from ops.openapi import openapi_document
 from ops.settings import Settings
 from schemas.result import StatusRecord
 from schemas.task import TASK_ID_PATTERN
-from streams.errors import TRANSIENT_ERRORS, describe
+from streams.errors import describe
 from streams.keys import Keys
 from streams.queue_stats import PartitionStats, read_partition_stats
 from streams.status import read_status
@@ -41,24 +46,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_OPEN_PATHS = frozenset({"/health/live"})
+_OPEN_ROUTES: Final = frozenset({"/health/live", *console.OPEN_ROUTES})
 _TASK_ID_RE = re.compile(TASK_ID_PATTERN)
 # a probe or a scrape is answered whatever Redis says: a refusal (NOPERM) means "not ready" as
 # much as an outage does, and neither may turn into a 500
 READY_TIMEOUT_S: Final = 0.25
 """``/health/ready`` answers within this (probes commonly give up after 1 s)."""
-_REDIS_FAILURES: Final[tuple[type[BaseException], ...]] = (*TRANSIENT_ERRORS, RedisError)
-
-
-def _json_error(
-    status: int, code: str, message: str, *, headers: dict[str, str] | None = None
-) -> web.Response:
-    return web.json_response({"error": code, "message": message}, status=status, headers=headers)
 
 
 def _unauthorized() -> web.Response:
-    return _json_error(
+    return json_error(
         401,
         "unauthorized",
         "a valid bearer token is required",
@@ -68,7 +65,7 @@ def _unauthorized() -> web.Response:
 
 def _no_such_task() -> web.Response:
     # the id is not echoed: it may be anything, of any length
-    return _json_error(404, "not_found", "no task with this id (never seen, or expired)")
+    return json_error(404, "not_found", "no task with this id (never seen, or expired)")
 
 
 def _bearer_token(request: web.Request) -> bytes | None:
@@ -122,7 +119,10 @@ class Sidecar:
             self._gpu = gpu
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors, self._auth], client_max_size=64 << 10)
+        # a submitted task's body holds its prompt (up to SOP_MAX_PROMPT_BYTES), JSON-escaped
+        limit = max(64 << 10, 4 * self._settings.max_prompt_bytes + (64 << 10))
+        guard = guard_unsafe(token_set=self._token_digest is not None)
+        app = web.Application(middlewares=[self._errors, self._auth, guard], client_max_size=limit)
         app.router.add_get("/v1/tasks/{task_id}", self.task)
         app.router.add_get("/v1/tasks/{task_id}/stream", self.token_stream)
         app.router.add_get("/v1/queue", self.queue)
@@ -132,23 +132,32 @@ class Sidecar:
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/asyncapi.json", self.asyncapi)
         app.router.add_get("/openapi.json", self.openapi)
+        HttpApi(client=self._client, settings=self._settings).add_routes(app)
+        console.add_routes(app)
         return app
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """aiohttp's own error answers (no such path, method not allowed...) in our JSON."""
+        """A handler's :class:`HttpError`, Redis trouble (503) and aiohttp's own error answers
+        (no such path, method not allowed, body too large...) in our JSON."""
         try:
             return await handler(request)
+        except HttpError as exc:
+            return exc.response()
+        except REDIS_FAILURES as exc:
+            return json_error(503, "unavailable", f"redis unavailable: {describe(exc)}")
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
             code = exc.reason.lower().replace(" ", "_")
             allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-            return _json_error(exc.status, code, exc.reason, headers=allow)
+            return json_error(exc.status, code, exc.reason, headers=allow)
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if self._token_digest is not None and request.path not in _OPEN_PATHS:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else None
+        if self._token_digest is not None and route not in _OPEN_ROUTES:
             token = _bearer_token(request)
             given = hashlib.sha256(token or b"").digest()
             if not hmac.compare_digest(given, self._token_digest) or token is None:
@@ -182,9 +191,9 @@ class Sidecar:
         except ResponseError as exc:
             if str(exc).startswith("WRONGTYPE"):
                 return _no_such_task()
-            return _json_error(503, "unavailable", f"redis refused: {type(exc).__name__}")
-        except _REDIS_FAILURES as exc:
-            return _json_error(503, "unavailable", f"redis unreachable: {type(exc).__name__}")
+            return json_error(503, "unavailable", f"redis refused: {type(exc).__name__}")
+        except REDIS_FAILURES as exc:
+            return json_error(503, "unavailable", f"redis unreachable: {type(exc).__name__}")
         return _no_such_task() if record is None else record
 
     async def task(self, request: web.Request) -> web.Response:
@@ -220,6 +229,11 @@ class Sidecar:
         except ConnectionResetError:
             # the reader went away: an ordinary end of a stream, not a server error
             log.debug("token stream reader disconnected", extra={"task_id": task_id})
+        except REDIS_FAILURES as exc:
+            if not response.prepared:
+                raise  # answered 503 by the error middleware
+            # the status line is sent: the stream ends early, and the reader sees no end event
+            log.warning("token stream cut: redis failed", extra={"error": describe(exc)})
         return response
 
     async def queue(self, request: web.Request) -> web.Response:
@@ -238,7 +252,7 @@ class Sidecar:
                 m.queue_pending.labels(*labels).set(row.pending)
                 age = row.oldest_pending_age_ms
                 m.queue_oldest.labels(*labels).set(age / 1000 if age is not None else 0)
-        except _REDIS_FAILURES:
+        except REDIS_FAILURES:
             pass  # Redis away: serve the process metrics anyway; /health/ready tells the rest
         if self._gpu is not None:
             self._gpu.export(m)
@@ -258,7 +272,9 @@ class Sidecar:
 
     async def openapi(self, request: web.Request) -> web.Response:
         """The OpenAPI 3.1 document of this sidecar."""
-        return web.json_response(openapi_document())
+        return web.json_response(
+            openapi_document(pools=self._settings.pools, partitions=self._settings.partitions)
+        )
 
     async def live(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "live"})
@@ -276,7 +292,7 @@ class Sidecar:
             problems += [f"consumer group missing on {s.stream}" for s in stats if not s.group]
         except TimeoutError:
             problems.append(f"redis did not answer within {int(READY_TIMEOUT_S * 1000)} ms")
-        except _REDIS_FAILURES as exc:
+        except REDIS_FAILURES as exc:
             problems.append(f"redis unreachable: {describe(exc)}")
         worker = self._worker
         if worker is None:
