@@ -160,8 +160,11 @@ class Finisher:
                 dead_at=result.finished_at,
             )  # fmt: skip
         url = event.webhook_url if event else None
-        # results and webhook jobs carry this worker's span: the sender's span hangs under it
+        # results and webhook jobs carry this worker's span (the sender's span hangs under it);
+        # with tracing off, the producer's trace context goes on unchanged
         traceparent, tracestate = current_traceparent()
+        if not traceparent:
+            traceparent, tracestate = p.entry.traceparent, p.entry.tracestate
         fin = Finish(
             traceparent=traceparent, tracestate=tracestate,
             entry=p.entry, result=result, reply_to=event.reply_to if event else None,

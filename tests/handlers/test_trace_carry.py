@@ -1,0 +1,34 @@
+"""With tracing off (the default), a task's trace context still reaches its result: the
+producer's `traceparent` goes on unchanged, so a consumer can join its own trace."""
+
+from __future__ import annotations
+
+import json
+
+from redis.asyncio import Redis
+
+from streams.keys import Keys
+from tests.harness import running_worker, stream_entries, wait_results
+
+PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+async def test_the_producers_trace_context_reaches_the_result(client: Redis, keys: Keys) -> None:
+    task = {"task_id": "traced", "model": "echo", "prompt": "a b"}
+    await client.xadd(
+        keys.tasks("default", "normal"),
+        {"type": "task.submitted", "data": json.dumps(task), "traceparent": PARENT,
+         "tracestate": "vendor=1"},
+    )  # fmt: skip
+    await client.xadd(
+        keys.tasks("default", "normal"),
+        {"type": "task.submitted", "data": json.dumps({**task, "task_id": "untraced"})},
+    )
+    async with running_worker(client, keys):  # no tracer
+        await wait_results(client, keys, 2)
+    by_task = {
+        json.loads(e.data or b"")["task_id"]: e.fields
+        for e in await stream_entries(client, keys.results)
+    }
+    assert by_task["traced"]["traceparent"] == PARENT.encode()
+    assert not by_task["untraced"].get("traceparent")
