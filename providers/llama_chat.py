@@ -154,7 +154,7 @@ def render_chat(fmt: ChatFormat, name: str, request: GenerationRequest) -> str:
         )
     messages: list[Any] = [{"role": m.role, "content": m.content} for m in request.messages or ()]
     try:
-        return fmt.formatter(messages=messages).prompt
+        return str(fmt.formatter(messages=messages).prompt)
     except Exception as exc:  # a template's raise_exception(), a Jinja error
         # a template's own message may quote the conversation
         raise BadRequestError(
