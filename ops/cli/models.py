@@ -50,6 +50,7 @@ _FIELDS = (
     ("n_gpu_layers", int),
     ("n_threads", int),
     ("n_batch", int),
+    ("parallel", int),
     ("chat_template", str),
 )
 _DEFAULTS = (("temperature", float), ("top_p", float), ("max_tokens", int), ("seed", int))
