@@ -15,11 +15,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import requests
+import schemathesis
 from pydantic import SecretStr
 from redis.asyncio import Redis
+from schemathesis.core.failures import Failure
 
+from ops.openapi import openapi_document
 from ops.sidecar import Sidecar
 from streams.keys import Keys
+from streams.producer import Producer, ProducerConfig
 from streams.topology import ensure_groups
 from tests.conftest import ROOT
 from tests.harness import running_worker
@@ -82,3 +87,40 @@ async def test_schemathesis_finds_no_failure(
         code, out = await _run_st(f"http://127.0.0.1:{side.port}", tmp_path)
     assert code == 0, out[-20000:]
     assert "No issues found" in out or " passed" in out, out[-5000:]
+
+
+def _response(url: str, body: bytes) -> schemathesis.Response:
+    """A recorded 200 ``text/event-stream`` answer holding ``body``."""
+    request = requests.Request("GET", url).prepare()
+    headers = {"content-type": ["text/event-stream"]}
+    return schemathesis.Response(
+        status_code=200, headers=headers, content=body, request=request, elapsed=0.01, verify=True
+    )
+
+
+async def test_the_token_stream_is_checked_event_by_event(
+    client: Redis, redis_url: str, namespace: str
+) -> None:
+    """schemathesis reads the SSE answer as events and checks each ``data`` against the event's
+    schema: a real stream passes, a stream with a malformed event fails."""
+    keys = Keys(namespace)
+    operation = schemathesis.openapi.from_dict(openapi_document())["/v1/tasks/{task_id}/stream"][
+        "GET"
+    ]
+    side = Sidecar(client=client, settings=settings_for(redis_url, namespace))
+    producer = Producer(ProducerConfig(namespace=namespace), client=client)
+    async with side.running(), running_worker(client, keys):
+        task_id = await producer.submit("echo", "one two three", max_tokens=3, stream=True)
+        await producer.wait(task_id, timeout=10)
+        url = f"http://127.0.0.1:{side.port}/v1/tasks/{task_id}/stream"
+        real = await asyncio.to_thread(requests.get, url, timeout=10)
+    assert real.status_code == 200 and "event: delta" in real.text and "event: end" in real.text
+    operation.validate_response(real)
+    for bad in (
+        b'event: delta\ndata: {"txt": "x"}\n\n',  # not a TokenDelta
+        b'event: end\ndata: {"state": "running"}\n\n',  # not a terminal state
+        b"event: delta\ndata: not json\n\n",
+        b'event: progress\ndata: {"text": "x"}\n\n',  # no such event
+    ):
+        with pytest.raises(Failure, match="SSE event violates schema"):
+            operation.validate_response(_response(url, bad))
