@@ -1,27 +1,32 @@
-"""Remote-provider concurrency benchmark: tasks/s against a backend that takes 200 ms a call.
+"""Remote-provider concurrency: tasks/s against a backend whose calls take 200 ms +- 50 ms.
 
-    .venv/bin/python bench/remote_concurrency.py --rounds 3 --levels 1,8,64
+    .venv/bin/python bench/remote_concurrency.py --rounds 2 --levels 1,8,64,256,1024
 
-A local server speaking the OpenAI Chat Completions protocol (JSON and SSE, the payloads of
-``tests/providers/wire.py``) runs in its own process and answers every call after
-``--latency`` seconds (default 0.2), so at concurrency N the best possible rate is
-N / latency tasks/s. Per level N, per round (levels interleaved within each round):
+A local server speaking the OpenAI Chat Completions protocol (the payloads of
+``tests/providers/wire.py``) runs in its own process and answers each call after
+``--latency`` +- ``--jitter`` seconds, the offset drawn from the prompt (the same prompt waits
+as long for every system), so at concurrency N the best rate is N / latency calls/s. Per level
+N, per round, interleaved (the order turns each round), ``--tasks`` calls (default 25 x N,
+capped at ``--max-tasks``) through:
 
-1. a fresh namespace (``bench-<hex>``) and a real worker process (``python -m ops.cli
-   worker``) whose ``SOP_MODELS_FILE`` declares one ``openai`` model at the fake server with
-   ``concurrency = N``, and ``SOP_WORKER_SLOTS = N``;
-2. one warm-up task (start-up, connections; not counted);
-3. ``--tasks`` tasks (default 25 x N, i.e. 25 latency periods at the ideal rate) published
-   with the SDK as fast as it goes, while the results stream is polled; ``tasks/s`` is the
-   task count over the wall time from the first submit to the moment the results stream holds
-   them all;
-4. the reference: the same number of calls through the same provider adapter (the OpenAI
-   SDK, streaming as the worker does), N at a time, in this process, with no Redis and no
-   worker: the ceiling of the SDK's HTTP stack on this machine.
+* ``sdk-httpx``: the OpenAI SDK as shipped (``AsyncOpenAI()``, its default httpx client);
+* ``sdk-aiohttp``: the OpenAI SDK with its aiohttp client (``openai.DefaultAioHttpClient``,
+  a pool of N connections);
+* ``litellm``: LiteLLM's ``Router.acompletion`` (from ``bench/.venv-peers``, made with
+  ``python3 -m venv bench/.venv-peers && bench/.venv-peers/bin/pip install -e . litellm
+  uvloop``; skipped when that venv is missing), each of these N calls at a time, plain
+  (non-streaming) requests, in a process of its own (uvloop when installed) with no Redis;
+* ``sop-1``, ``sop-2``: sop-llm, one or two ``python -m ops.cli worker`` processes whose models
+  file declares an ``openai_compatible`` model at the fake server with concurrency N (two
+  workers: N/2 each, N in all); the tasks are submitted by this process, 128 submits at a
+  time, and the rate is the task count over the time from the first submit to the moment the
+  results stream holds them all. ``slots busy``: the time the tasks ran (``run_ms``) over
+  the wall time and N, the share of the worker's slots that held a task on average.
 
-The target is >= 0.9 x N / latency. CPU seconds of the worker and of the fake server
-(``/proc``) are reported per task. The namespace's keys are deleted after each run (SCAN +
-UNLINK of that namespace only).
+Each run starts with N warm-up calls (connections opened; not counted). CPU per call is the
+measured process's own (the workers' from ``/proc``); the fake server's is in the progress
+lines (stderr). The
+namespace's keys are deleted after each sop-llm run (SCAN + UNLINK of that namespace only).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import signal
 import statistics
 import subprocess
@@ -37,8 +43,8 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Coroutine
-from dataclasses import dataclass, field
+import zlib
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -51,40 +57,41 @@ from redis.asyncio import Redis  # noqa: E402
 from bench import consumers  # noqa: E402
 from bench.redisutil import delete_namespace  # noqa: E402
 from bench.sampling import cpu_seconds, stopping  # noqa: E402
-from providers.base import GenerationRequest  # noqa: E402
-from providers.factory import build_provider  # noqa: E402
-from schemas.models import ModelSpec  # noqa: E402
-from schemas.result import TaskResult, TaskState  # noqa: E402
-from streams.keys import Keys  # noqa: E402
-from streams.producer import Producer, ProducerConfig  # noqa: E402
-from tests.providers.wire import oa_chunks, oa_completion  # noqa: E402
+from tests.providers.wire import oa_completion  # noqa: E402
 
 MODEL = "bench-remote"
 ANSWER = "A short answer from the fake backend."
+PEERS_PYTHON = ROOT / "bench" / ".venv-peers" / "bin" / "python"
+BARE = ("sdk-httpx", "sdk-aiohttp", "litellm")
+SYSTEMS = (*BARE, "sop-1", "sop-2")
+
+
+def run(main: Coroutine[Any, Any, Any]) -> Any:
+    """On uvloop when it is installed, as ``sop-llm`` itself runs."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 # ---- the fake backend (its own process: `--serve`) ---------------------------------------
 
 
-async def serve(latency: float) -> None:
+async def serve(latency: float, jitter: float) -> None:
     async def completions(request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        await asyncio.sleep(latency)
-        if not body.get("stream"):
-            return web.json_response(oa_completion(ANSWER, prompt_tokens=12, completion_tokens=8))
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        chunks = oa_chunks([ANSWER[:10], ANSWER[10:]], usage=(12, 8))
-        data = "".join(f"data: {json.dumps(c)}\n\n" for _, c in chunks) + "data: [DONE]\n\n"
-        await resp.write(data.encode())
-        await resp.write_eof()
-        return resp
+        prompt = str(body["messages"][-1]["content"])
+        await asyncio.sleep(
+            latency + random.Random(zlib.crc32(prompt.encode())).uniform(-1, 1) * jitter
+        )
+        return web.json_response(oa_completion(ANSWER, prompt_tokens=12, completion_tokens=8))
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", completions)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)
+    site = web.TCPSite(runner, "127.0.0.1", 0, backlog=4096)
     await site.start()
     print(runner.addresses[0][1], flush=True)
     stop = asyncio.Event()
@@ -93,28 +100,160 @@ async def serve(latency: float) -> None:
     await runner.cleanup()
 
 
-def run(main: Coroutine[Any, Any, None]) -> None:
-    """On uvloop when it is installed, as ``sop-llm`` itself runs."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main)
+# ---- the bare clients (each its own process: `--bare KIND`) ------------------------------
+
+
+async def bare(kind: str, port: int, n: int, tasks: int) -> dict[str, float]:
+    """``tasks`` plain calls, ``n`` at a time, through ``kind``: calls/s and CPU ms per call."""
+    base_url = f"http://127.0.0.1:{port}/v1"
+    call: Callable[[str], Awaitable[Any]]
+    if kind == "litellm":
+        os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"  # no download at import
+        from litellm import Router  # type: ignore[import-not-found,unused-ignore]
+
+        router = Router(
+            model_list=[{"model_name": MODEL, "litellm_params": {
+                "model": "openai/gpt-bench", "api_base": base_url, "api_key": "sk-bench"}}],
+            num_retries=0, timeout=30,
+        )  # fmt: skip
+
+        def call(prompt: str) -> Awaitable[Any]:
+            messages = [{"role": "user", "content": prompt}]
+            return router.acompletion(model=MODEL, messages=messages, max_tokens=8)  # type: ignore[no-any-return,unused-ignore]
+
+        async def close() -> None:
+            return None
+
     else:
-        uvloop.run(main)
+        import httpx2
+        import openai
+
+        http_client = None
+        if kind == "sdk-aiohttp":
+            limits = httpx2.Limits(max_connections=n, max_keepalive_connections=n)
+            http_client = openai.DefaultAioHttpClient(limits=limits)
+        client = openai.AsyncOpenAI(
+            api_key="sk-bench", base_url=base_url, max_retries=0, timeout=30,
+            http_client=http_client,
+        )  # fmt: skip
+
+        def call(prompt: str) -> Awaitable[Any]:
+            messages: Any = [{"role": "user", "content": prompt}]
+            return client.chat.completions.create(
+                model="gpt-bench", messages=messages, max_tokens=8
+            )
+
+        close = client.close
+    limit = asyncio.Semaphore(n)
+
+    async def one(prompt: str) -> None:
+        async with limit:
+            await call(prompt)
+
+    await asyncio.gather(*(one(f"warm {i}") for i in range(n)))
+    cpu, began = os.times(), time.perf_counter()
+    await asyncio.gather(*(one(f"question {i}") for i in range(tasks)))
+    wall, after = time.perf_counter() - began, os.times()
+    await close()
+    used = after.user + after.system - cpu.user - cpu.system
+    return {"rate": tasks / wall, "cpu_ms": used * 1000 / tasks}
 
 
-def run_server(latency: float) -> None:
-    run(serve(latency))
+def run_bare(kind: str, port: int, n: int, tasks: int) -> dict[str, float] | None:
+    python = str(PEERS_PYTHON) if kind == "litellm" else sys.executable
+    if kind == "litellm" and not PEERS_PYTHON.exists():
+        return None
+    cmd = [python, __file__, "--bare", kind, "--port", str(port), "--n", str(n),
+           "--tasks", str(tasks)]  # fmt: skip
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"{kind} N={n} failed:\n{out.stderr[-3000:]}")
+    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
 
 
-# ---- the measured side -------------------------------------------------------------------
+# ---- sop-llm ------------------------------------------------------------------------------
 
 
-def start_server(latency: float) -> tuple[subprocess.Popen[bytes], int]:
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--serve", "--latency", str(latency)],
-        cwd=ROOT, stdout=subprocess.PIPE,
-    )  # fmt: skip
+def start_workers(
+    redis_url: str, namespace: str, port: int, n: int, workers: int, workdir: Path
+) -> list[subprocess.Popen[bytes]]:
+    each = max(1, n // workers)
+    models_file = workdir / f"models-{namespace}.toml"
+    models_file.write_text(
+        f'[models.{MODEL}]\nprovider = "openai_compatible"\nmodel_id = "gpt-bench"\n'
+        f'base_url = "http://127.0.0.1:{port}/v1"\nconcurrency = {each}\ntimeout_s = 30\n'
+    )
+    env = {"SOP_MODELS_FILE": str(models_file), "SOP_WORKER_SLOTS": str(each),
+           "PYTHONUNBUFFERED": "1"}  # fmt: skip
+    log = workdir / "worker.log"
+    return [consumers.spawn("sop", redis_url, namespace, log, env=env) for _ in range(workers)]
+
+
+async def submit_all(producer: Any, prompts: list[str]) -> list[str]:
+    limit = asyncio.Semaphore(128)
+
+    async def one(prompt: str) -> str:
+        async with limit:
+            return str(await producer.submit(MODEL, prompt, max_tokens=8))
+
+    return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+
+async def run_sop(
+    args: argparse.Namespace, port: int, n: int, tasks: int, workers: int, tmp: Path
+) -> dict[str, float]:
+    from schemas.result import TaskResult, TaskState
+    from streams.keys import Keys
+    from streams.producer import Producer, ProducerConfig
+
+    namespace = f"bench-{uuid.uuid4().hex[:12]}"
+    keys = Keys(namespace)
+    client = Redis.from_url(args.redis_url, socket_timeout=30, max_connections=256)
+    producer = Producer(ProducerConfig(namespace=namespace), client=client)
+    procs = start_workers(args.redis_url, namespace, port, n, workers, tmp)
+    try:
+        try:
+            async with asyncio.timeout(120):
+                for task_id in await submit_all(producer, [f"warm {i}" for i in range(n)]):
+                    await producer.wait(task_id, timeout=120)
+        except Exception:
+            sys.stderr.write((tmp / "worker.log").read_text()[-3000:])
+            raise
+        base = await client.xlen(keys.results)
+        cpu = sum(cpu_seconds(p.pid) for p in procs)
+        began = time.perf_counter()
+        await submit_all(producer, [f"question {i}" for i in range(tasks)])
+        deadline = began + 120 + tasks * args.latency
+        while await client.xlen(keys.results) < base + tasks:
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"N={n}: results did not arrive in time")
+            await asyncio.sleep(0.005)
+        wall = time.perf_counter() - began
+        used = sum(cpu_seconds(p.pid) for p in procs) - cpu
+        entries: Any = await client.xrange(keys.results)
+        done = [TaskResult.model_validate_json(f[b"data"]) for _, f in entries][n:]
+        if any(p.poll() is not None for p in procs):
+            raise RuntimeError("a worker exited early")
+        failed = sum(1 for r in done if r.state != TaskState.COMPLETED)
+        # the share of the N slots busy with a call on average (the rest: between two tasks)
+        busy = sum(r.run_ms for r in done) / 1000 / wall / n
+        return {"rate": tasks / wall, "cpu_ms": used * 1000 / tasks, "failed": failed,
+                "busy": busy}  # fmt: skip
+    finally:
+        for p in procs:
+            with stopping(p):
+                pass
+        await delete_namespace(client, namespace)
+        await client.aclose()
+
+
+# ---- the driver --------------------------------------------------------------------------
+
+
+def start_server(latency: float, jitter: float) -> tuple[subprocess.Popen[bytes], int]:
+    cmd = [sys.executable, __file__, "--serve", "--latency", str(latency), "--jitter", str(jitter)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line:
@@ -123,155 +262,102 @@ def start_server(latency: float) -> tuple[subprocess.Popen[bytes], int]:
     return proc, int(line)
 
 
-def start_worker(
-    redis_url: str, namespace: str, port: int, n: int, workdir: Path
-) -> subprocess.Popen[bytes]:
-    models_file = workdir / f"models-{namespace}.toml"
-    models_file.write_text(
-        f'[models.{MODEL}]\nprovider = "openai"\nmodel_id = "gpt-bench"\n'
-        f'base_url = "http://127.0.0.1:{port}/v1"\napi_key_env = "BENCH_OPENAI_KEY"\n'
-        f"concurrency = {n}\ntimeout_s = 30\n"
-    )
-    env = {
-        "SOP_MODELS_FILE": str(models_file), "SOP_WORKER_SLOTS": str(n),
-        "BENCH_OPENAI_KEY": "sk-bench", "PYTHONUNBUFFERED": "1",
-    }  # fmt: skip
-    return consumers.spawn("sop", redis_url, namespace, workdir / "worker.log", env=env)
+Results = dict[tuple[int, str], list[dict[str, float]]]
 
 
-@dataclass(slots=True)
-class Level:
-    n: int
-    rates: list[float] = field(default_factory=list)
-    direct_rates: list[float] = field(default_factory=list)
-    worker_cpu_ms: list[float] = field(default_factory=list)
-    server_cpu_ms: list[float] = field(default_factory=list)
-    failed: int = 0
+def table(results: Results, levels: list[int], args: argparse.Namespace) -> str:
+    def rate(n: int, system: str) -> float:
+        runs = results.get((n, system), [])
+        return statistics.median(r["rate"] for r in runs) if runs else float("nan")
 
+    def cell(n: int, system: str) -> str:
+        runs = results.get((n, system), [])
+        if not runs:
+            return "-"
+        cpu = statistics.median(r["cpu_ms"] for r in runs)
+        failed = sum(int(r.get("failed", 0)) for r in runs)
+        return f"{rate(n, system):,.0f} ({cpu:.2f} ms)" + (f" {failed} failed" if failed else "")
 
-async def run_once(
-    level: Level, tasks: int, args: argparse.Namespace, port: int, server_pid: int, tmp: Path
-) -> None:
-    namespace = f"bench-{uuid.uuid4().hex[:12]}"
-    keys = Keys(namespace)
-    client = Redis.from_url(args.redis_url, socket_timeout=30)
-    producer = Producer(ProducerConfig(namespace=namespace), client=client)
-    try:
-        with stopping(start_worker(args.redis_url, namespace, port, level.n, tmp)) as worker:
-            warm = await producer.submit(MODEL, "warm up", max_tokens=8)
-            try:
-                await producer.wait(warm, timeout=60)
-            except Exception:
-                sys.stderr.write((tmp / "worker.log").read_text()[-3000:])
-                raise
-            base = await client.xlen(keys.results)
-            cpu_w, cpu_s = cpu_seconds(worker.pid), cpu_seconds(server_pid)
-            began = time.perf_counter()
-            for i in range(tasks):
-                await producer.submit(MODEL, f"question {i}", max_tokens=8)
-            deadline = began + 60 + tasks * args.latency  # far past any sane run
-            while await client.xlen(keys.results) < base + tasks:
-                if time.perf_counter() > deadline:
-                    raise RuntimeError(f"N={level.n}: results did not arrive in time")
-                await asyncio.sleep(0.005)
-            wall = time.perf_counter() - began
-            level.rates.append(tasks / wall)
-            level.worker_cpu_ms.append((cpu_seconds(worker.pid) - cpu_w) * 1000 / tasks)
-            level.server_cpu_ms.append((cpu_seconds(server_pid) - cpu_s) * 1000 / tasks)
-            entries: Any = await client.xrange(keys.results)
-            states = [TaskResult.model_validate_json(f[b"data"]).state for _, f in entries]
-            level.failed += sum(1 for s in states if s != TaskState.COMPLETED)
-            if worker.poll() is not None:
-                raise RuntimeError(f"worker exited early ({worker.returncode})")
-    finally:
-        await delete_namespace(client, namespace)
-        await client.aclose()
+    def busy(n: int) -> float:
+        runs = results.get((n, "sop-1"), [])
+        return statistics.median(r["busy"] for r in runs) if runs else float("nan")
 
-
-def model_spec(port: int, n: int) -> ModelSpec:
-    return ModelSpec(
-        name=MODEL, provider="openai", model_id="gpt-bench", api_key_env="BENCH_OPENAI_KEY",
-        base_url=f"http://127.0.0.1:{port}/v1", concurrency=n, timeout_s=30,
-    )  # fmt: skip
-
-
-async def run_direct(level: Level, tasks: int, port: int) -> None:
-    """The reference: the same calls through the same provider adapter (the OpenAI SDK), in
-    this process, ``n`` at a time, with no Redis and no worker: the SDK's own ceiling here."""
-    provider = build_provider(model_spec(port, level.n), env={"BENCH_OPENAI_KEY": "sk-bench"})
-    limit = asyncio.Semaphore(level.n)
-
-    async def one(i: int) -> None:
-        request = GenerationRequest(model=MODEL, prompt=f"question {i}", max_tokens=8)
-        async with limit:
-            # a sink, as the worker passes one (it streams every call)
-            await provider.generate(request, on_delta=lambda _: None)
-
-    try:
-        await one(-1)  # warm up: connection, imports
-        began = time.perf_counter()
-        async with asyncio.timeout(60 + tasks * 0.2):
-            await asyncio.gather(*(one(i) for i in range(tasks)))
-        level.direct_rates.append(tasks / (time.perf_counter() - began))
-    finally:
-        await provider.aclose()
-
-
-def table(levels: list[Level], args: argparse.Namespace, tasks_of: dict[int, int]) -> str:
-    med = statistics.median
     out = [
-        f"backend latency {args.latency * 1000:.0f} ms, {args.rounds} rounds, levels "
-        f"interleaved; medians over rounds (min-max in brackets)",
+        f"backend {args.latency * 1000:.0f} ms +- {args.jitter * 1000:.0f} ms, {args.rounds} "
+        "round(s), systems interleaved; calls/s (CPU ms per call), medians over rounds",
         "",
-        "| concurrency N | tasks per run | sop-llm tasks/s | ideal N / latency | target "
-        "(0.9 x ideal) | sop-llm / ideal | direct SDK calls/s (no Redis, no worker) | "
-        "direct / ideal | worker CPU ms per task | fake server CPU ms per task | failed |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| N | calls | ideal | SDK httpx | SDK aiohttp | LiteLLM Router | sop-llm 1 worker | "
+        "sop-llm 2 workers | 1w / ideal | 1w / SDK aiohttp | 2w / 1w | 1w / LiteLLM | "
+        "1w slots busy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for lv in levels:
-        ideal = lv.n / args.latency
-        rate = med(lv.rates)
-        verdict = "meets" if rate >= 0.9 * ideal else "BELOW"
+    for n in levels:
+        ideal = n / args.latency
+        one, two = rate(n, "sop-1"), rate(n, "sop-2")
         out.append(
-            f"| {lv.n} | {tasks_of[lv.n]} | {rate:,.1f} ({min(lv.rates):,.1f}-"
-            f"{max(lv.rates):,.1f}) | {ideal:,.0f} | {0.9 * ideal:,.1f} | **{rate / ideal:.3f}** "
-            f"({verdict}) | {med(lv.direct_rates):,.1f} | {med(lv.direct_rates) / ideal:.3f} | "
-            f"{med(lv.worker_cpu_ms):.2f} | {med(lv.server_cpu_ms):.2f} | {lv.failed} |"
+            f"| {n} | {tasks_for(n, args)} | {ideal:,.0f} | "
+            + " | ".join(cell(n, s) for s in SYSTEMS)
+            + f" | {one / ideal:.2f} | {one / rate(n, 'sdk-aiohttp'):.2f} | {two / one:.2f} | "
+            f"{one / rate(n, 'litellm'):.2f} | {busy(n):.2f} |"
         )
     return "\n".join(out)
 
 
+def tasks_for(n: int, args: argparse.Namespace) -> int:
+    return int(args.tasks or min(25 * n, args.max_tasks))
+
+
 async def main(args: argparse.Namespace) -> None:
-    levels = [Level(int(n)) for n in args.levels.split(",")]
-    tasks_of = {lv.n: args.tasks or 25 * lv.n for lv in levels}
-    server, port = start_server(args.latency)
+    levels = [int(n) for n in args.levels.split(",")]
+    systems = [s for s in SYSTEMS if s in args.systems.split(",")]
+    server, port = start_server(args.latency, args.jitter)
+    results: Results = {}
     with stopping(server), tempfile.TemporaryDirectory(prefix="sop-bench-") as tmp:
         for r in range(args.rounds):
-            for lv in levels if r % 2 == 0 else reversed(levels):
-                await run_once(lv, tasks_of[lv.n], args, port, server.pid, Path(tmp))
-                await run_direct(lv, tasks_of[lv.n], port)
-                print(
-                    f"round {r} N={lv.n}: sop-llm {lv.rates[-1]:.1f} tasks/s, "
-                    f"direct {lv.direct_rates[-1]:.1f} calls/s",
-                    file=sys.stderr,
-                )
-    print(table(levels, args, tasks_of))
+            for n in levels:
+                order = systems[r % len(systems) :] + systems[: r % len(systems)]
+                for system in order:
+                    tasks = tasks_for(n, args)
+                    cpu_s = cpu_seconds(server.pid)
+                    if system.startswith("sop-"):
+                        workers = int(system.removeprefix("sop-"))
+                        if n < workers:
+                            continue  # N in all cannot be split
+                        res: dict[str, float] | None = await run_sop(
+                            args, port, n, tasks, workers, Path(tmp)
+                        )
+                    else:
+                        res = await asyncio.to_thread(run_bare, system, port, n, tasks)
+                    if res is None:
+                        continue
+                    res["server_cpu_ms"] = (cpu_seconds(server.pid) - cpu_s) * 1000 / tasks
+                    results.setdefault((n, system), []).append(res)
+                    print(f"round {r} N={n} {system}: {json.dumps(res)}", file=sys.stderr)
+    print(table(results, levels, args))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--levels", default="1,8,64,256,1024", help="concurrency levels N")
     parser.add_argument(
-        "--tasks", type=int, default=0, help="tasks per run at every level (0: 25 x N)"
+        "--systems", default=",".join(SYSTEMS), help="which of " + ", ".join(SYSTEMS)
     )
-    parser.add_argument("--levels", default="1,8,64", help="concurrency levels N")
+    parser.add_argument("--tasks", type=int, default=0, help="calls per run (0: 25 x N, capped)")
+    parser.add_argument("--max-tasks", type=int, default=4000, help="cap on the 25 x N default")
     parser.add_argument("--latency", type=float, default=0.2, help="backend seconds per call")
+    parser.add_argument("--jitter", type=float, default=0.05, help="+- seconds around it")
     parser.add_argument(
         "--redis-url", default=os.environ.get("SOP_REDIS_URL", "redis://127.0.0.1:6379/0")
     )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--bare", choices=BARE, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
     parsed = parser.parse_args()
     if parsed.serve:
-        run_server(parsed.latency)
+        run(serve(parsed.latency, parsed.jitter))
+    elif parsed.bare:
+        print(json.dumps(run(bare(parsed.bare, parsed.port, parsed.n, parsed.tasks))))
     else:
         run(main(parsed))
