@@ -57,7 +57,6 @@ from streams.status import read_status
 
 _TASK_ID_RE: Final = re.compile(TASK_ID_PATTERN)
 _MODEL_RE: Final = re.compile(MODEL_PATTERN)
-BUILTIN_MODELS: Final = ("echo",)
 _CANCEL_STATUS: Final = {
     CancelOutcome.CANCELLED: 200,
     CancelOutcome.REQUESTED: 202,
@@ -311,6 +310,9 @@ class HttpApi:
 
     async def models(self, request: web.Request) -> web.Response:
         """The runtime registry, the built-in models and the live workers serving each."""
+        # imported here: ops.cli.inspect imports ops.sidecar, which serves this module
+        from ops.cli.inspect import BUILTIN_MODELS
+
         snap = await self._models.snapshot()
         served: dict[str, list[str]] = {}
         for w in await worker_models(self._client, self._keys):

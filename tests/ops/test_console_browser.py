@@ -21,12 +21,16 @@ from playwright.async_api import Page, async_playwright, expect
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
+from gpu.nvml import VramMonitor
+from gpu.semaphore import Device, GpuSemaphore, SemaphoreConfig
+from ops.gpu_setup import GpuRuntime, device_keys
 from ops.sidecar import Sidecar
 from providers.echo import EchoProvider
 from providers.registry import ModelRegistry
 from streams.keys import TASK_GROUP, Keys
 from streams.producer import Producer, ProducerConfig
 from tests.conftest import wait_for
+from tests.gpu.fakes import GIB, FakeGpu
 from tests.harness import echo_registry, running_worker, stream_entries
 from tests.ops.apicheck import settings_for
 
@@ -48,6 +52,7 @@ class Console:
     registry: ModelRegistry
     producer: Producer
     shots: Path
+    semaphore: GpuSemaphore
 
 
 @pytest.fixture
@@ -60,7 +65,16 @@ async def console(
         redis_url, namespace, sidecar_token=SecretStr(TOKEN), pools=("default", "batch")
     )
     registry = echo_registry(tokens_per_s=20)
-    side = Sidecar(client=client, settings=settings, with_worker=False)
+    # a device's memory as a fake reader reports it, its semaphore a real one in Redis
+    semaphore = GpuSemaphore(
+        client=client, keys=device_keys(keys, "host-a", 0), device=Device("host-a", 0),
+        config=SemaphoreConfig(permits=2, lease_ms=30_000, poll_s=0.05),
+    )  # fmt: skip
+    gpu = GpuRuntime(
+        monitor=VramMonitor(reader=FakeGpu(total=[24 * GIB], others=[6 * GIB])),
+        semaphores={0: semaphore},
+    )
+    side = Sidecar(client=client, settings=settings, with_worker=False, gpu=gpu)
     shots = Path(os.environ.get("SOP_CONSOLE_SCREENSHOTS") or tmp_path)
     async with (
         side.running(),
@@ -69,7 +83,8 @@ async def console(
         ),
     ):
         producer = Producer(ProducerConfig(namespace=namespace, pool="default"), client=client)
-        yield Console(f"http://127.0.0.1:{side.port}", keys, client, registry, producer, shots)
+        base = f"http://127.0.0.1:{side.port}"
+        yield Console(base, keys, client, registry, producer, shots, semaphore)
 
 
 @pytest.fixture
@@ -111,26 +126,16 @@ async def test_the_figures_are_redis_and_a_change_shows_within_1_s(
     await client.xreadgroup(TASK_GROUP, "elsewhere", {waiting: ">"}, count=1)
     running = await console.producer.submit("echo", "a b c", max_tokens=200, stream=True)
 
-    await _sign_in(page, console.base)
-    await expect(page.locator(_cell(waiting, "length"))).to_have_text("3")
-    [group] = await client.xinfo_groups(waiting)
-    assert int(await page.inner_text(_cell(waiting, "lag"))) == group["lag"] == 2
-    assert int(await page.inner_text(_cell(waiting, "pending"))) == group["pending"] == 1
-    assert await page.inner_text(_cell(waiting, "consumers")) == "1"
-    assert (await page.inner_text(_cell(waiting, "oldest-waiting"))).endswith("s")
-    await expect(
-        page.locator('#workers tr[data-consumer="w1"] td[data-field="models"]')
-    ).to_have_text("echo")
-    # in flight: the running task on w1, and the batch entry the other consumer holds
-    await expect(page.locator("#inflight tr[data-task]")).to_have_count(2)
-    mine = page.locator(f'#inflight tr[data-task="{running}"]')
-    await expect(mine.locator('td[data-field="state"]')).to_have_text("running")
-    await expect(mine.locator('td[data-field="consumer"]')).to_have_text("w1")
-    held = page.locator('#workers tr[data-consumer="w1"] td[data-field="held"]')
-    await expect(held).to_have_text("1")
-    assert await page.inner_text('[data-field="dead-count"]') == str(await client.xlen(keys.dead))
-    await page.screenshot(path=console.shots / "console-overview.png", full_page=True)
-
+    async with console.semaphore.slot(priority=0, holder_id="w1:t-on-gpu", timeout=5):
+        await _sign_in(page, console.base)
+        await expect(page.locator(_cell(waiting, "length"))).to_have_text("3")
+        device = page.locator("#gpu-devices tbody tr")
+        await expect(device.locator('td[data-field="name"]')).to_have_text("Fake GPU")
+        await expect(device.locator('td[data-field="total"]')).to_have_text("24.0 GiB")
+        await expect(device).to_contain_text("6.0 GiB")  # used
+        await expect(page.locator('td[data-field="holder"]')).to_contain_text("w1:t-on-gpu")
+        await expect(page.locator("#gpu-box")).to_contain_text("1 of 2 permits held")
+        await _queue_figures(console, page, waiting, running)
     started = time.monotonic()
     await console.producer.submit("echo", "one more", pool="batch")
     await expect(page.locator(_cell(waiting, "length"))).to_have_text("4", timeout=2000)
@@ -179,3 +184,26 @@ async def test_a_tasks_tokens_arrive_on_its_page(console: Console, page: Page) -
     assert await tokens.inner_text() == result.text
     assert result.usage is not None and result.usage.output_tokens == 40
     await expect(page.locator("#task-state")).to_have_text("completed")
+
+
+async def _queue_figures(console: Console, page: Page, waiting: str, running: str) -> None:
+    """The figures shown for ``waiting`` are what XINFO says; the worker, its held task and the
+    counters are there."""
+    keys, client = console.keys, console.client
+    [group] = await client.xinfo_groups(waiting)
+    assert int(await page.inner_text(_cell(waiting, "lag"))) == group["lag"] == 2
+    assert int(await page.inner_text(_cell(waiting, "pending"))) == group["pending"] == 1
+    assert await page.inner_text(_cell(waiting, "consumers")) == "1"
+    assert (await page.inner_text(_cell(waiting, "oldest-waiting"))).endswith("s")
+    await expect(
+        page.locator('#workers tr[data-consumer="w1"] td[data-field="models"]')
+    ).to_have_text("echo")
+    # in flight: the running task on w1, and the batch entry the other consumer holds
+    await expect(page.locator("#inflight tr[data-task]")).to_have_count(2)
+    mine = page.locator(f'#inflight tr[data-task="{running}"]')
+    await expect(mine.locator('td[data-field="state"]')).to_have_text("running")
+    await expect(mine.locator('td[data-field="consumer"]')).to_have_text("w1")
+    held = page.locator('#workers tr[data-consumer="w1"] td[data-field="held"]')
+    await expect(held).to_have_text("1")
+    assert await page.inner_text('[data-field="dead-count"]') == str(await client.xlen(keys.dead))
+    await page.screenshot(path=console.shots / "console-overview.png", full_page=True)
