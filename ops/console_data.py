@@ -146,14 +146,13 @@ async def inflight(client: Redis, keys: Keys, settings: Settings, *, limit: int)
     return {"tasks": tasks, "truncated": truncated}
 
 
-async def _newest(client: Redis, stream: str, scan: int) -> list[Entry]:
-    """Up to ``scan`` entries of ``stream``, newest first, read in pages."""
+async def _newest(client: Redis, stream: str, scan: int | None) -> list[Entry]:
+    """Up to ``scan`` entries of ``stream`` (``None``: all), newest first, read in pages."""
     out: list[Entry] = []
     top = "+"
-    while len(out) < scan:
-        page = entries_from_range(
-            stream, await client.xrevrange(stream, top, "-", count=min(_PAGE, scan - len(out)))
-        )
+    while scan is None or len(out) < scan:
+        page_size = _PAGE if scan is None else min(_PAGE, scan - len(out))
+        page = entries_from_range(stream, await client.xrevrange(stream, top, "-", count=page_size))
         if not page:
             break
         out += page
@@ -220,9 +219,10 @@ def dead_row(d: DeadEntry) -> _Json:
 
 
 async def read_dead(
-    client: Redis, keys: Keys, *, scan: int = SCAN_LIMIT
+    client: Redis, keys: Keys, *, scan: int | None = SCAN_LIMIT
 ) -> tuple[list[DeadEntry], int]:
-    """The newest ``scan`` task dead letters, oldest first, and how many did not parse."""
+    """The newest ``scan`` task dead letters (``None``: all), oldest first, and how many did not
+    parse (an entry that does not parse is counted, never fatal)."""
     letters, unreadable = [], 0
     for entry in reversed(await _newest(client, keys.dead, scan)):
         try:

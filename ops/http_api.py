@@ -254,7 +254,8 @@ class HttpApi:
                 422, "selection_required", "name entry ids or a filter, or send all: true"
             )
         match = matcher(**filters)
-        letters, _ = await data.read_dead(self._client, self._keys)
+        # every dead letter, as sop-llm dead requeue|purge reads them (the views read the newest)
+        letters, _ = await data.read_dead(self._client, self._keys, scan=None)
         chosen = [d for d in letters if match(d)]
         missing: list[str] = []
         if sel.ids is not None:

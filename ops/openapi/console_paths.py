@@ -187,6 +187,8 @@ def paths() -> Json:
                 query("reason", {"enum": [c.value for c in ErrorCode]}, "only this reason"),
                 *filters,
             ],
+            description="Searched among the newest 5000 dead letters (requeue and purge act "
+            "on all of them); `unreadable` counts entries that do not parse.",
         ),
         "/v1/dead/requeue": _change(
             "post",
