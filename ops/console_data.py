@@ -40,7 +40,7 @@ _ERRORS: Final = TypeAdapter(list[ErrorInfo])
 
 
 async def overview(client: Redis, keys: Keys, settings: Settings) -> _Json:
-    """The ``GET /v1/overview`` body (see ``ops/openapi_console.py`` for its schema)."""
+    """The ``GET /v1/overview`` body (its schema: ``ops/openapi/console_schemas.py``)."""
     # imported here: ops.cli.inspect imports ops.sidecar, which serves this module's answers
     from ops.cli.inspect import collect
 

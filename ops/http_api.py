@@ -4,7 +4,7 @@ views the console reads (:mod:`ops.console_data`).
 
 Each action is the SDK's or the CLI's own function (``Producer.submit``, ``streams.dead``,
 ``WebhookAdmin``, ``ModelStore``), so the HTTP path and the command line cannot drift apart.
-Bad input is a JSON 4xx (``ops/openapi_console.py`` documents each), Redis trouble a 503.
+Bad input is a JSON 4xx (``ops/openapi/console_paths.py`` documents each), Redis trouble a 503.
 """
 
 from __future__ import annotations
