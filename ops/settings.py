@@ -309,8 +309,14 @@ class Settings(BaseSettings):
         return self.worker_name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
     def producer_config(self) -> ProducerConfig:
+        try:
+            url = self.redis_url_value
+        except ValueError:
+            if not self.redis_sentinels:
+                raise
+            url = ""  # Sentinel: the producer gets its client from ops.connect, not a URL
         return ProducerConfig(
-            redis_url=self.redis_url_value,
+            redis_url=url,
             namespace=self.namespace,
             pool=self.pool,
             partitions=self.partitions,

@@ -6,8 +6,8 @@ import hashlib
 import json
 import math
 import re
-from datetime import UTC, datetime, timedelta
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Final, Literal, NewType, TypedDict
 from urllib.parse import urlsplit
 

@@ -225,7 +225,8 @@ class Finisher:
         if self._metrics is None:
             return
         self._metrics.outcome(result.state.value).inc()
-        self._metrics.model(p.model or "").run_time.observe(result.run_ms / 1000)
+        if p.event is not None:  # an invalid entry names no model worth a series of its own
+            self._metrics.model(p.model).run_time.observe(result.run_ms / 1000)
         if dead is not None:
             self._metrics.dead_letters.labels(dead.reason.value).inc()
 

@@ -14,6 +14,7 @@ from typing import Any
 from ops.connect import redis_client_for
 from ops.replay_select import entry_matches
 from ops.settings import Settings
+from ops.telemetry import tracing
 from schemas.result import TaskState
 from streams.cancellation import raise_if_cancelled
 from streams.control import cancel_task
@@ -86,6 +87,18 @@ async def _submit(settings: Settings, args: argparse.Namespace) -> int:
         fields["prompt"] = args.prompt
     model = fields.pop("model", args.model)
     prompt = fields.pop("prompt", None)
+    # the publish span goes where the settings send traces (none by default)
+    with tracing(settings):
+        return await _submit_traced(settings, args, model, prompt, fields)
+
+
+async def _submit_traced(
+    settings: Settings,
+    args: argparse.Namespace,
+    model: str,
+    prompt: str | None,
+    fields: dict[str, Any],
+) -> int:
     async with _producer(settings) as p:
         task_id = await p.submit(model, prompt, **fields)
         print(task_id)

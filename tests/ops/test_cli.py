@@ -107,3 +107,13 @@ async def test_a_worker_killed_by_a_native_crash_leaves_its_stacks_in_the_log(
     text = log.read_text()
     assert "Fatal Python error: Segmentation fault" in text
     assert "most recent call first" in text  # the stacks of its threads
+
+
+def test_a_cli_submission_is_traced_when_tracing_is_on(redis_url: str, namespace: str) -> None:
+    env = worker_env(redis_url, namespace, otel_exporter="console")
+    done = subprocess.run(
+        [sys.executable, "-m", "ops.cli", "submit", "--prompt", "traced"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert '"name": "publish ' in done.stdout + done.stderr  # the console exporter's span

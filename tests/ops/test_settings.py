@@ -61,3 +61,17 @@ def test_a_bad_webhook_schedule_is_refused(monkeypatch: pytest.MonkeyPatch, valu
 )
 def test_redact_url(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+def test_a_sentinel_only_config_gives_a_producer_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's and the HTTP API's producers get their client from ops.connect; a URL is not
+    needed under Sentinel."""
+    for name in ("SOP_REDIS_URL",):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SOP_REDIS_SENTINELS", "127.0.0.1:26379")
+    monkeypatch.setenv("SOP_REDIS_SENTINEL_MASTER", "main")
+    assert Settings().producer_config().namespace == "sop"
+    monkeypatch.delenv("SOP_REDIS_SENTINELS")
+    monkeypatch.delenv("SOP_REDIS_SENTINEL_MASTER")
+    with pytest.raises(ValueError, match="SOP_REDIS_URL"):
+        Settings().producer_config()
