@@ -18,6 +18,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY sop_llm ./sop_llm
 COPY schemas ./schemas
 COPY streams ./streams
 COPY providers ./providers

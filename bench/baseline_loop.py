@@ -30,7 +30,7 @@ from redis.typing import EncodableT, FieldT
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from streams.keys import TASK_GROUP, Keys
+from sop_llm.streams.keys import TASK_GROUP, Keys
 
 DEFAULT_MAX_TOKENS = 16
 

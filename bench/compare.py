@@ -4,7 +4,8 @@
 
 Runs under the peers' venv (``bench/.venv-peers``: faststream, arq, taskiq(-redis), celery,
 matplotlib; their redis-py pins differ from the project's); sop-llm and the hand-written loop run
-from the project venv (``.venv/bin/python -m ops.cli worker``, ``bench/baseline_loop.py``). Every
+from the project venv (``.venv/bin/python -m sop_llm.ops.cli worker``,
+``bench/baseline_loop.py``). Every
 consumer is its own process, on a private ``redis-server`` started for the run (no
 persistence); the server is flushed between runs, and nothing else is touched.
 

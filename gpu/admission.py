@@ -24,8 +24,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from gpu.nvml import DeviceMemory, MemoryReader
-from schemas.errors import ErrorCode, SopError
+from sop_llm.gpu.nvml import DeviceMemory, MemoryReader
+from sop_llm.schemas.errors import ErrorCode, SopError
 
 log = logging.getLogger(__name__)
 

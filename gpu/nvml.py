@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Final, Protocol, runtime_checkable
 
-from schemas.errors import SopError
+from sop_llm.schemas.errors import SopError
 
 log = logging.getLogger(__name__)
 

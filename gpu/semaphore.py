@@ -38,7 +38,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gpu.lua import (
+from sop_llm.gpu.lua import (
     ACQUIRE_SCRIPT,
     INSPECT_SCRIPT,
     MAX_RANK,
@@ -46,7 +46,7 @@ from gpu.lua import (
     RELEASE_SCRIPT,
     RENEW_SCRIPT,
 )
-from schemas.errors import ErrorCode, SopError
+from sop_llm.schemas.errors import ErrorCode, SopError
 
 log = logging.getLogger(__name__)
 

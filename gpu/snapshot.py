@@ -9,10 +9,10 @@ from typing import Final
 
 from redis.exceptions import RedisError
 
-from gpu.admission import Admission, LoadedModel
-from gpu.nvml import Described, MemoryReader
-from gpu.semaphore import TRANSIENT_ERRORS, GpuSemaphore
-from schemas.errors import SopError
+from sop_llm.gpu.admission import Admission, LoadedModel
+from sop_llm.gpu.nvml import Described, MemoryReader
+from sop_llm.gpu.semaphore import TRANSIENT_ERRORS, GpuSemaphore
+from sop_llm.schemas.errors import SopError
 
 Json = dict[str, object]
 # passing trouble or a refusal: either way a part the picture names, and the snapshot goes on

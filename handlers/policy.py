@@ -16,8 +16,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from providers.errors import ProviderError
-from schemas.errors import ErrorCode, SopError
+from sop_llm.providers.errors import ProviderError
+from sop_llm.schemas.errors import ErrorCode, SopError
 
 DEAD_LETTER_CODES = frozenset(
     {ErrorCode.INVALID_EVENT, ErrorCode.MODEL_NOT_FOUND, ErrorCode.IDEMPOTENCY_CONFLICT,

@@ -1,5 +1,5 @@
 """Operations: settings, the composition root, the sidecar, the CLI and logging."""
 
-from ops.settings import Settings
+from sop_llm.ops.settings import Settings
 
 __all__ = ["Settings"]

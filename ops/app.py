@@ -14,28 +14,28 @@ from pydantic import SecretStr
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from handlers.metrics import Metrics
-from handlers.policy import RetryPolicy
-from handlers.tasks import Worker, WorkerConfig
-from handlers.tasks.gpu import GpuGate
-from ops.connect import redis_client_for, target_for, wait_for_redis
-from ops.embedded import embedded_redis
-from ops.gpu_setup import build_gpu_runtime
-from ops.settings import Settings
-from ops.sidecar import Sidecar
-from ops.telemetry import tracing
-from ops.webhook_setup import build_sender
-from providers.echo import EchoProvider
-from providers.loader import ModelLoader
-from providers.registry import ModelRegistry
-from providers.specs import load_specs_file, merge_specs
-from schemas.models import ModelSpec
-from streams.errors import INCIDENTS
-from streams.keys import Keys
-from streams.models import ModelStore
-from streams.retention import Retention
-from streams.topology import Backoff
-from streams.urlguard import AllowList
+from sop_llm.handlers.metrics import Metrics
+from sop_llm.handlers.policy import RetryPolicy
+from sop_llm.handlers.tasks import Worker, WorkerConfig
+from sop_llm.handlers.tasks.gpu import GpuGate
+from sop_llm.ops.connect import redis_client_for, target_for, wait_for_redis
+from sop_llm.ops.embedded import embedded_redis
+from sop_llm.ops.gpu_setup import build_gpu_runtime
+from sop_llm.ops.settings import Settings
+from sop_llm.ops.sidecar import Sidecar
+from sop_llm.ops.telemetry import tracing
+from sop_llm.ops.webhook_setup import build_sender
+from sop_llm.providers.echo import EchoProvider
+from sop_llm.providers.loader import ModelLoader
+from sop_llm.providers.registry import ModelRegistry
+from sop_llm.providers.specs import load_specs_file, merge_specs
+from sop_llm.schemas.models import ModelSpec
+from sop_llm.streams.errors import INCIDENTS
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.models import ModelStore
+from sop_llm.streams.retention import Retention
+from sop_llm.streams.topology import Backoff
+from sop_llm.streams.urlguard import AllowList
 
 log = logging.getLogger(__name__)
 

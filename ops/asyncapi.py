@@ -8,7 +8,8 @@ Every entry on every stream is a flat map of UTF-8 string fields (``type``, ``da
 ``traceparent``, ``tracestate``), so each message's ``payload`` describes that map; its
 ``data`` field is a JSON string whose schema is given by ``contentSchema``.
 
-``python -m ops.asyncapi docs/asyncapi.json`` writes the document (default namespace ``sop``);
+``python -m sop_llm.ops.asyncapi docs/asyncapi.json`` writes the document (default namespace
+``sop``);
 a test fails when that file is stale. The sidecar serves it at ``GET /asyncapi.json``.
 """
 
@@ -20,11 +21,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from ops.asyncapi_messages import messages, model_schemas
-from schemas.task import TASK_ID_PATTERN
-from schemas.wire import WIRE_VERSION
-from streams.envelopes import FIELD_CORRELATION_ID, FIELD_ENVELOPE, MAX_CORRELATION_ID
-from streams.keys import DEFAULT_PARTITIONS, DEFAULT_POOL, TASK_GROUP, WEBHOOK_GROUP, Keys
+from sop_llm.ops.asyncapi_messages import messages, model_schemas
+from sop_llm.schemas.task import TASK_ID_PATTERN
+from sop_llm.schemas.wire import WIRE_VERSION
+from sop_llm.streams.envelopes import FIELD_CORRELATION_ID, FIELD_ENVELOPE, MAX_CORRELATION_ID
+from sop_llm.streams.keys import DEFAULT_PARTITIONS, DEFAULT_POOL, TASK_GROUP, WEBHOOK_GROUP, Keys
 
 ASYNCAPI_VERSION: Final = "3.0.0"
 _RESULT_MESSAGES: Final = ("taskCompleted", "taskFailed", "taskCancelled", "taskExpired")
@@ -302,7 +303,7 @@ def render(namespace: str = "sop") -> str:
 
 
 def main(argv: Sequence[str]) -> int:
-    """``python -m ops.asyncapi [PATH]``: write the document to PATH, or to stdout."""
+    """``python -m sop_llm.ops.asyncapi [PATH]``: write the document to PATH, or to stdout."""
     text = render()
     if argv:
         Path(argv[0]).write_text(text)

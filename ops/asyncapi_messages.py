@@ -14,8 +14,8 @@ from typing import Any, Final, get_args
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from schemas.errors import ErrorCode
-from schemas.result import (
+from sop_llm.schemas.errors import ErrorCode
+from sop_llm.schemas.result import (
     DeadLetter,
     ErrorInfo,
     FinishReason,
@@ -24,8 +24,8 @@ from schemas.result import (
     Usage,
     WebhookJob,
 )
-from schemas.task import TASK_ID_PATTERN, TaskEvent
-from schemas.wire import (
+from sop_llm.schemas.task import TASK_ID_PATTERN, TaskEvent
+from sop_llm.schemas.wire import (
     FIELD_DATA,
     FIELD_TRACEPARENT,
     FIELD_TRACESTATE,
@@ -33,9 +33,9 @@ from schemas.wire import (
     WIRE_VERSION,
     EventType,
 )
-from streams.keys import DEFAULT_POOL, Keys
-from streams.tokens import DELTA, END
-from streams.webhook_store import (
+from sop_llm.streams.keys import DEFAULT_POOL, Keys
+from sop_llm.streams.tokens import DELTA, END
+from sop_llm.streams.webhook_store import (
     F_ATTEMPT_LOG,
     WEBHOOK_DEAD_TYPE,
     AttemptRecord,

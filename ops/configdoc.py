@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic_core import PydanticUndefined
 
-from ops.settings import Settings
+from sop_llm.ops.settings import Settings
 
 FOOTER = """
 Removed settings: `SOP_FAST_LINK` is gone (workers use one Redis client, redis-py with hiredis,
@@ -18,7 +18,8 @@ HEADER = """# Configuration
 
 Every setting is read from the environment with the `SOP_` prefix (or from a `.env` file in
 the working directory). Lists are comma-separated. This page is generated from
-`ops/settings.py` by `python -m ops.configdoc > docs/configuration.md`; a test fails when it is
+`ops/settings.py` by `python -m sop_llm.ops.configdoc > docs/configuration.md`; a test fails
+when it is
 stale.
 
 | variable | default | description |

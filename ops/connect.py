@@ -36,10 +36,10 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.exceptions import AuthenticationError
 
-from ops.settings import redact_url
-from schemas.errors import BrokerUnavailableError
-from streams.errors import TRANSIENT_ERRORS, describe
-from streams.topology import Backoff
+from sop_llm.ops.settings import redact_url
+from sop_llm.schemas.errors import BrokerUnavailableError
+from sop_llm.streams.errors import TRANSIENT_ERRORS, describe
+from sop_llm.streams.topology import Backoff
 
 MAX_CONNECTIONS: Final = 64
 POOL_TIMEOUT_S: Final = 20.0

@@ -18,7 +18,7 @@ from typing import Final
 
 from aiohttp import web
 
-from ops.http_common import HttpError
+from sop_llm.ops.http_common import HttpError
 
 _ASSETS: Final = "console_assets"
 _TYPES: Final = {

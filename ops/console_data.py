@@ -23,14 +23,14 @@ from typing import Any, Final
 from pydantic import TypeAdapter, ValidationError
 from redis.asyncio import Redis
 
-from ops.settings import Settings
-from schemas.result import DeadLetter, ErrorInfo, TaskResult
-from streams import keys as k
-from streams.dead import DeadEntry, matcher
-from streams.entries import Entry, entries_from_range, text
-from streams.keys import PARKED_CONSUMER, TASK_GROUP, Keys
-from streams.models import worker_models
-from streams.webhook_dead import list_dead_deliveries
+from sop_llm.ops.settings import Settings
+from sop_llm.schemas.result import DeadLetter, ErrorInfo, TaskResult
+from sop_llm.streams import keys as k
+from sop_llm.streams.dead import DeadEntry, matcher
+from sop_llm.streams.entries import Entry, entries_from_range, text
+from sop_llm.streams.keys import PARKED_CONSUMER, TASK_GROUP, Keys
+from sop_llm.streams.models import worker_models
+from sop_llm.streams.webhook_dead import list_dead_deliveries
 
 _Json = dict[str, Any]
 SCAN_LIMIT: Final = 5000
@@ -42,7 +42,7 @@ _ERRORS: Final = TypeAdapter(list[ErrorInfo])
 async def overview(client: Redis, keys: Keys, settings: Settings) -> _Json:
     """The ``GET /v1/overview`` body (its schema: ``ops/openapi/console_schemas.py``)."""
     # imported here: ops.cli.inspect imports ops.sidecar, which serves this module's answers
-    from ops.cli.inspect import collect
+    from sop_llm.ops.cli.inspect import collect
 
     report = await collect(client, keys, settings)
     pipe = client.pipeline(transaction=False)

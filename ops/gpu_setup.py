@@ -11,7 +11,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from gpu import (
+from sop_llm.gpu import (
     Admission,
     AdmissionConfig,
     Device,
@@ -24,10 +24,10 @@ from gpu import (
     VramMonitor,
     gpu_snapshot,
 )
-from handlers.metrics import Metrics
-from handlers.tasks.gpu import ProviderLoader
-from ops.settings import Settings
-from streams.keys import Keys
+from sop_llm.handlers.metrics import Metrics
+from sop_llm.handlers.tasks.gpu import ProviderLoader
+from sop_llm.ops.settings import Settings
+from sop_llm.streams.keys import Keys
 
 log = logging.getLogger(__name__)
 

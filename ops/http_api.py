@@ -18,9 +18,9 @@ from aiohttp import web
 from pydantic import BaseModel, Field, SecretStr, StrictBool, StringConstraints, ValidationError
 from redis.asyncio import Redis
 
-from handlers.webhooks import WebhookAdmin, WebhookBusyError, WebhookNotFoundError
-from ops import console_data as data
-from ops.http_common import (
+from sop_llm.handlers.webhooks import WebhookAdmin, WebhookBusyError, WebhookNotFoundError
+from sop_llm.ops import console_data as data
+from sop_llm.ops.http_common import (
     HttpError,
     json_object,
     query_bool,
@@ -28,8 +28,8 @@ from ops.http_common import (
     query_int,
     query_text,
 )
-from ops.settings import Settings
-from schemas.errors import (
+from sop_llm.ops.settings import Settings
+from sop_llm.schemas.errors import (
     BacklogFullError,
     DuplicateTaskIdError,
     ErrorCode,
@@ -37,9 +37,9 @@ from schemas.errors import (
     InvalidTaskError,
     NotReplicatedError,
 )
-from schemas.models import ModelSpec, describe_spec_error
-from schemas.result import TaskState
-from schemas.task import (
+from sop_llm.schemas.models import ModelSpec, describe_spec_error
+from sop_llm.schemas.result import TaskState
+from sop_llm.schemas.task import (
     CTX_MAX_METADATA_BYTES,
     CTX_MAX_PROMPT_BYTES,
     MODEL_PATTERN,
@@ -47,13 +47,13 @@ from schemas.task import (
     TaskEvent,
     describe_validation_error,
 )
-from schemas.wire import StrictModel
-from streams.control import CancelOutcome
-from streams.dead import DeadEntry, NotRequeueable, matcher, purge, requeue
-from streams.keys import Keys
-from streams.models import ModelStore, worker_models
-from streams.producer import Producer
-from streams.status import read_status
+from sop_llm.schemas.wire import StrictModel
+from sop_llm.streams.control import CancelOutcome
+from sop_llm.streams.dead import DeadEntry, NotRequeueable, matcher, purge, requeue
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.models import ModelStore, worker_models
+from sop_llm.streams.producer import Producer
+from sop_llm.streams.status import read_status
 
 _TASK_ID_RE: Final = re.compile(TASK_ID_PATTERN)
 _MODEL_RE: Final = re.compile(MODEL_PATTERN)
@@ -312,7 +312,7 @@ class HttpApi:
     async def models(self, request: web.Request) -> web.Response:
         """The runtime registry, the built-in models and the live workers serving each."""
         # imported here: ops.cli.inspect imports ops.sidecar, which serves this module
-        from ops.cli.inspect import BUILTIN_MODELS
+        from sop_llm.ops.cli.inspect import BUILTIN_MODELS
 
         snap = await self._models.snapshot()
         served: dict[str, list[str]] = {}

@@ -18,8 +18,8 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from redis.exceptions import RedisError
 
-from schemas.errors import BrokerError
-from streams.errors import TRANSIENT_ERRORS
+from sop_llm.schemas.errors import BrokerError
+from sop_llm.streams.errors import TRANSIENT_ERRORS
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REDIS_FAILURES: Final[tuple[type[BaseException], ...]] = (

@@ -23,22 +23,22 @@ from typing import TextIO
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from ops.app import model_registry
-from ops.connect import redis_client_for
-from ops.replay_select import Candidate, Filters, select, source_streams
-from ops.settings import Settings
-from providers.base import Generation, GenerationRequest
-from providers.registry import ModelRegistry
-from schemas.errors import SopError
-from schemas.result import TaskResult
-from schemas.task import (
+from sop_llm.ops.app import model_registry
+from sop_llm.ops.connect import redis_client_for
+from sop_llm.ops.replay_select import Candidate, Filters, select, source_streams
+from sop_llm.ops.settings import Settings
+from sop_llm.providers.base import Generation, GenerationRequest
+from sop_llm.providers.registry import ModelRegistry
+from sop_llm.schemas.errors import SopError
+from sop_llm.schemas.result import TaskResult
+from sop_llm.schemas.task import (
     CTX_MAX_METADATA_BYTES,
     CTX_MAX_PROMPT_BYTES,
     TaskEvent,
     describe_validation_error,
 )
-from schemas.wire import FIELD_DATA, FIELD_TYPE, EventType
-from streams.keys import Keys
+from sop_llm.schemas.wire import FIELD_DATA, FIELD_TYPE, EventType
+from sop_llm.streams.keys import Keys
 
 # fields a sandbox copy must not carry: callbacks to production receivers, a key shared with
 # the original, an absolute deadline that has most likely passed

@@ -17,11 +17,11 @@ from typing import Final, Literal
 from pydantic import JsonValue, ValidationError
 from redis.asyncio import Redis
 
-from schemas.result import DeadLetter, StatusRecord, TaskResult, TaskState
-from schemas.wire import EventType
-from streams import keys as k
-from streams.entries import Entry, entries_from_range, text
-from streams.status import decode_status
+from sop_llm.schemas.result import DeadLetter, StatusRecord, TaskResult, TaskState
+from sop_llm.schemas.wire import EventType
+from sop_llm.streams import keys as k
+from sop_llm.streams.entries import Entry, entries_from_range, text
+from sop_llm.streams.status import decode_status
 
 Source = Literal["tasks", "results", "dead"]
 Event = dict[str, JsonValue]

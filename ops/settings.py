@@ -13,10 +13,10 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from schemas.task import NAME_PATTERN
-from streams.durability import Durability
-from streams.keys import DEFAULT_PARTITIONS
-from streams.producer import ProducerConfig
+from sop_llm.schemas.task import NAME_PATTERN
+from sop_llm.streams.durability import Durability
+from sop_llm.streams.keys import DEFAULT_PARTITIONS
+from sop_llm.streams.producer import ProducerConfig
 
 CommaList = Annotated[tuple[str, ...], NoDecode]
 # a delay in seconds: finite and never negative

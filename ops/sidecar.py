@@ -25,24 +25,24 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from handlers.metrics import Metrics
-from ops import console
-from ops.asyncapi import asyncapi_document
-from ops.gpu_setup import GpuRuntime
-from ops.http_api import HttpApi
-from ops.http_common import REDIS_FAILURES, Handler, HttpError, guard_unsafe, json_error
-from ops.openapi import openapi_document
-from ops.settings import Settings
-from schemas.result import StatusRecord
-from schemas.task import TASK_ID_PATTERN
-from streams.errors import describe
-from streams.keys import Keys
-from streams.queue_stats import PartitionStats, read_partition_stats
-from streams.status import read_status
-from streams.tokens import read_tokens
+from sop_llm.handlers.metrics import Metrics
+from sop_llm.ops import console
+from sop_llm.ops.asyncapi import asyncapi_document
+from sop_llm.ops.gpu_setup import GpuRuntime
+from sop_llm.ops.http_api import HttpApi
+from sop_llm.ops.http_common import REDIS_FAILURES, Handler, HttpError, guard_unsafe, json_error
+from sop_llm.ops.openapi import openapi_document
+from sop_llm.ops.settings import Settings
+from sop_llm.schemas.result import StatusRecord
+from sop_llm.schemas.task import TASK_ID_PATTERN
+from sop_llm.streams.errors import describe
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.queue_stats import PartitionStats, read_partition_stats
+from sop_llm.streams.status import read_status
+from sop_llm.streams.tokens import read_tokens
 
 if TYPE_CHECKING:
-    from handlers.tasks import Worker
+    from sop_llm.handlers.tasks import Worker
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ async def _keep_running(index: int, stop: asyncio.Event, pids: set[int]) -> int:
     while True:
         started = time.monotonic()
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "ops.cli", "worker", env=child_env(index)
+            sys.executable, "-m", "sop_llm.ops.cli", "worker", env=child_env(index)
         )
         log.info("worker process started", extra={"index": index, "pid": proc.pid})
         pids.add(proc.pid)

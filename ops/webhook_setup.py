@@ -5,10 +5,10 @@ from __future__ import annotations
 from opentelemetry import trace
 from redis.asyncio import Redis
 
-from handlers.metrics import Metrics
-from handlers.webhooks import CONSUMER_PREFIX, WebhookConfig, WebhookSender
-from ops.settings import Settings
-from streams.keys import Keys
+from sop_llm.handlers.metrics import Metrics
+from sop_llm.handlers.webhooks import CONSUMER_PREFIX, WebhookConfig, WebhookSender
+from sop_llm.ops.settings import Settings
+from sop_llm.streams.keys import Keys
 
 
 def build_sender(

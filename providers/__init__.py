@@ -4,7 +4,7 @@ The SDK adapters (``providers.openai``, ``providers.anthropic``, ``providers.lla
 imported only when a spec needs them: import them from their modules, not from here.
 """
 
-from providers.base import (
+from sop_llm.providers.base import (
     Capabilities,
     Closeable,
     Delta,
@@ -14,9 +14,9 @@ from providers.base import (
     StreamItem,
     stream,
 )
-from providers.configured import ConfiguredProvider
-from providers.echo import EchoProvider
-from providers.errors import (
+from sop_llm.providers.configured import ConfiguredProvider
+from sop_llm.providers.echo import EchoProvider
+from sop_llm.providers.errors import (
     AuthError,
     BadRequestError,
     ContentFilterError,
@@ -29,10 +29,10 @@ from providers.errors import (
     RateLimitedError,
     SchemaInvalidError,
 )
-from providers.factory import ModelConfigError, build_provider
-from providers.loader import LoadReport, ModelLoader, load_registry
-from providers.registry import ModelBinding, ModelRegistry
-from providers.specs import load_specs_file, merge_specs
+from sop_llm.providers.factory import ModelConfigError, build_provider
+from sop_llm.providers.loader import LoadReport, ModelLoader, load_registry
+from sop_llm.providers.registry import ModelBinding, ModelRegistry
+from sop_llm.providers.specs import load_specs_file, merge_specs
 
 __all__ = [
     "AuthError",

@@ -18,8 +18,8 @@ from typing import Any
 import anthropic
 import httpx2
 
-from providers.base import Capabilities, DeltaSink, Generation, GenerationRequest
-from providers.errors import (
+from sop_llm.providers.base import Capabilities, DeltaSink, Generation, GenerationRequest
+from sop_llm.providers.errors import (
     BadRequestError,
     ContentFilterError,
     ContextLengthError,
@@ -29,10 +29,10 @@ from providers.errors import (
     ProviderTimeoutError,
     error_for_status,
 )
-from providers.http import pool_limits, timeouts, transport_error
-from providers.sanitize import Redaction
-from providers.structured import JsonSchema, as_messages, schema_of
-from schemas.result import FinishReason, Usage
+from sop_llm.providers.http import pool_limits, timeouts, transport_error
+from sop_llm.providers.sanitize import Redaction
+from sop_llm.providers.structured import JsonSchema, as_messages, schema_of
+from sop_llm.schemas.result import FinishReason, Usage
 
 ANTHROPIC_BASE_URL = "https://api.anthropic.com"
 # the Messages API requires max_tokens; used when neither the task nor the spec gives one

@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
-from providers.errors import ProviderError
-from schemas.result import FinishReason, Usage
-from schemas.task import ChatMessage, ResponseFormat
+from sop_llm.providers.errors import ProviderError
+from sop_llm.schemas.result import FinishReason, Usage
+from sop_llm.schemas.task import ChatMessage, ResponseFormat
 
 # how a backend is held to a structured-output request:
 #   grammar      - constrained decoding with a GBNF grammar (json_schema, json_object, grammar)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from providers.base import (
+from sop_llm.providers.base import (
     Capabilities,
     Closeable,
     DeltaSink,
@@ -23,9 +23,9 @@ from providers.base import (
     GenerationRequest,
     Provider,
 )
-from providers.errors import BadRequestError, InternalProviderError
-from providers.structured import check_schema, generate_validated, schema_of
-from schemas.models import ModelSpec
+from sop_llm.providers.errors import BadRequestError, InternalProviderError
+from sop_llm.providers.structured import check_schema, generate_validated, schema_of
+from sop_llm.schemas.models import ModelSpec
 
 
 class ConfiguredProvider:

@@ -11,8 +11,8 @@ import asyncio
 import itertools
 import time
 
-from providers.base import Capabilities, DeltaSink, Generation, GenerationRequest
-from schemas.result import Usage
+from sop_llm.providers.base import Capabilities, DeltaSink, Generation, GenerationRequest
+from sop_llm.schemas.result import Usage
 
 DEFAULT_MAX_TOKENS = 16
 

@@ -21,9 +21,9 @@ import time
 from collections.abc import Mapping
 from typing import ClassVar
 
-from providers.sanitize import NO_REDACTION, Redaction, sanitize
-from schemas.errors import ErrorCode, SopError
-from schemas.result import Usage
+from sop_llm.providers.sanitize import NO_REDACTION, Redaction, sanitize
+from sop_llm.schemas.errors import ErrorCode, SopError
+from sop_llm.schemas.result import Usage
 
 # cap on a server's Retry-After hint: a bogus "retry in a year" must not park a task forever
 MAX_RETRY_AFTER_S = 3600.0

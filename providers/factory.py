@@ -12,11 +12,11 @@ import importlib.util
 from collections.abc import Mapping
 from typing import Final
 
-from providers.base import Provider
-from providers.configured import ConfiguredProvider
-from providers.echo import EchoProvider
-from schemas.errors import SopError
-from schemas.models import ModelSpec
+from sop_llm.providers.base import Provider
+from sop_llm.providers.configured import ConfiguredProvider
+from sop_llm.providers.echo import EchoProvider
+from sop_llm.schemas.errors import SopError
+from sop_llm.schemas.models import ModelSpec
 
 # concurrency when a remote spec names none: requests at a time per worker
 DEFAULT_REMOTE_CONCURRENCY: Final = 16
@@ -51,7 +51,7 @@ def build_backend(
     if spec.provider == "echo":
         return EchoProvider(tokens_per_s=echo_tokens_per_s, slots=spec.concurrency or 64)
     if spec.provider in ("openai", "openai_compatible"):
-        from providers.openai import OPENAI_BASE_URL, OpenAIConfig, OpenAIProvider
+        from sop_llm.providers.openai import OPENAI_BASE_URL, OpenAIConfig, OpenAIProvider
 
         compatible = spec.provider == "openai_compatible"
         mode = spec.structured_output or ("json_schema" if not compatible else "none")
@@ -71,7 +71,11 @@ def build_backend(
             ),
         )
     if spec.provider == "anthropic":
-        from providers.anthropic import ANTHROPIC_BASE_URL, AnthropicConfig, AnthropicProvider
+        from sop_llm.providers.anthropic import (
+            ANTHROPIC_BASE_URL,
+            AnthropicConfig,
+            AnthropicProvider,
+        )
 
         assert spec.model_id is not None
         return AnthropicProvider(
@@ -90,7 +94,7 @@ def build_backend(
             raise ModelConfigError(
                 f"model {spec.name!r}: llama-cpp-python is not installed (extra 'local')"
             )
-        from providers.llama_cpp import LlamaCppProvider, LlamaOptions
+        from sop_llm.providers.llama_cpp import LlamaCppProvider, LlamaOptions
 
         assert spec.path is not None
         options = LlamaOptions(
@@ -104,7 +108,7 @@ def build_backend(
         )
         provider_class = LlamaCppProvider
         if spec.parallel > 1:  # continuous batching: N sequences in one context
-            from providers.llama_batch import LlamaBatchProvider
+            from sop_llm.providers.llama_batch import LlamaBatchProvider
 
             provider_class = LlamaBatchProvider
         try:

@@ -22,7 +22,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
-from providers.errors import BadRequestError
+from sop_llm.providers.errors import BadRequestError
 
 # unbounded integers are limited to 15 digits (exact in a double)
 MAX_INT_DIGITS: Final = 15

@@ -18,8 +18,8 @@ import asyncio
 import aiohttp
 import httpx2
 
-from providers.errors import InternalProviderError, ProviderError, ProviderTimeoutError
-from providers.sanitize import Redaction
+from sop_llm.providers.errors import InternalProviderError, ProviderError, ProviderTimeoutError
+from sop_llm.providers.sanitize import Redaction
 
 # an idle connection is dropped after this long: under the 5 s after which uvicorn (vLLM) and
 # cpp-httplib (llama-server) close one by default, so that a call never goes out on a socket

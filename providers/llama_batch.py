@@ -28,13 +28,13 @@ from typing import Any
 
 import llama_cpp
 
-from providers.base import Capabilities, DeltaSink, Generation, GenerationRequest, Spent
-from providers.errors import InternalProviderError
-from providers.gguf_shape import GgufShape
-from providers.llama_chat import chat_format
-from providers.llama_cpp import _CHUNK, LlamaCppProvider, LlamaOptions, _Job, _Model
-from providers.text import TextAssembler
-from schemas.result import FinishReason, Usage
+from sop_llm.providers.base import Capabilities, DeltaSink, Generation, GenerationRequest, Spent
+from sop_llm.providers.errors import InternalProviderError
+from sop_llm.providers.gguf_shape import GgufShape
+from sop_llm.providers.llama_chat import chat_format
+from sop_llm.providers.llama_cpp import _CHUNK, LlamaCppProvider, LlamaOptions, _Job, _Model
+from sop_llm.providers.text import TextAssembler
+from sop_llm.schemas.result import FinishReason, Usage
 
 # llama-cpp-python's sampler chain at a temperature above 0 (Llama._init_sampler's defaults)
 _TOP_K = 40

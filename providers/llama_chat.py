@@ -21,9 +21,9 @@ import jinja2
 import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from providers.base import GenerationRequest
-from providers.errors import BadRequestError
-from providers.sanitize import Redaction
+from sop_llm.providers.base import GenerationRequest
+from sop_llm.providers.errors import BadRequestError
+from sop_llm.providers.sanitize import Redaction
 
 # texts of the end-of-turn tokens of the common chat formats (Gemma, ChatML, Llama 3, Phi-3,
 # Command-R); each counts where the vocabulary has it as one token

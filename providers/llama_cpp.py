@@ -39,14 +39,14 @@ from typing import Any
 import llama_cpp
 from llama_cpp.llama_grammar import LlamaGrammar
 
-from providers.base import Capabilities, DeltaSink, Generation, GenerationRequest, Spent
-from providers.errors import BadRequestError, ContextLengthError, InternalProviderError
-from providers.gguf_shape import GgufShape, estimate_bytes, read_shape
-from providers.grammar import schema_to_gbnf
-from providers.llama_chat import ChatFormat, chat_format, render_chat, unmatchable_token
-from providers.structured import schema_instruction, schema_of, with_instruction
-from providers.text import TextAssembler
-from schemas.result import FinishReason, Usage
+from sop_llm.providers.base import Capabilities, DeltaSink, Generation, GenerationRequest, Spent
+from sop_llm.providers.errors import BadRequestError, ContextLengthError, InternalProviderError
+from sop_llm.providers.gguf_shape import GgufShape, estimate_bytes, read_shape
+from sop_llm.providers.grammar import schema_to_gbnf
+from sop_llm.providers.llama_chat import ChatFormat, chat_format, render_chat, unmatchable_token
+from sop_llm.providers.structured import schema_instruction, schema_of, with_instruction
+from sop_llm.providers.text import TextAssembler
+from sop_llm.schemas.result import FinishReason, Usage
 
 # llama.cpp's "pick a random seed" value; a task's seed is folded into 32 bits below it
 _RANDOM_SEED = 0xFFFFFFFF

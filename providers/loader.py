@@ -17,11 +17,11 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from providers.base import Closeable
-from providers.configured import ConfiguredProvider
-from providers.factory import ModelConfigError, build_provider
-from providers.registry import ModelBinding, ModelRegistry
-from schemas.models import ModelSpec
+from sop_llm.providers.base import Closeable
+from sop_llm.providers.configured import ConfiguredProvider
+from sop_llm.providers.factory import ModelConfigError, build_provider
+from sop_llm.providers.registry import ModelBinding, ModelRegistry
+from sop_llm.schemas.models import ModelSpec
 
 log = logging.getLogger(__name__)
 

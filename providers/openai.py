@@ -30,14 +30,14 @@ import httpx2
 import openai
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from providers.base import (
+from sop_llm.providers.base import (
     Capabilities,
     DeltaSink,
     Generation,
     GenerationRequest,
     StructuredKind,
 )
-from providers.errors import (
+from sop_llm.providers.errors import (
     BadRequestError,
     ContentFilterError,
     IncompleteStreamError,
@@ -46,11 +46,11 @@ from providers.errors import (
     ProviderTimeoutError,
     error_for_status,
 )
-from providers.grammar import schema_to_gbnf
-from providers.http import hung_up, pool_limits, timeouts, transport_error
-from providers.sanitize import Redaction
-from providers.structured import as_messages, schema_of, with_instruction
-from schemas.result import FinishReason, Usage
+from sop_llm.providers.grammar import schema_to_gbnf
+from sop_llm.providers.http import hung_up, pool_limits, timeouts, transport_error
+from sop_llm.providers.sanitize import Redaction
+from sop_llm.providers.structured import as_messages, schema_of, with_instruction
+from sop_llm.schemas.result import FinishReason, Usage
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 CHAT_PATH = "/chat/completions"

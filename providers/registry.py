@@ -6,9 +6,9 @@ import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from providers.base import Provider
-from schemas.errors import ModelNotFoundError
-from schemas.models import ModelSpec
+from sop_llm.providers.base import Provider
+from sop_llm.schemas.errors import ModelNotFoundError
+from sop_llm.schemas.models import ModelSpec
 
 
 @dataclass(slots=True)

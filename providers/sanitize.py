@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 from urllib.parse import urlsplit
 
-from schemas.task import ChatMessage
+from sop_llm.schemas.task import ChatMessage
 
 MAX_ERROR_CHARS: Final = 500
 """The longest error message a provider failure produces (an ellipsis marks a cut)."""

@@ -25,8 +25,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from providers.factory import ModelConfigError
-from schemas.models import ModelSpec, describe_spec_error
+from sop_llm.providers.factory import ModelConfigError
+from sop_llm.schemas.models import ModelSpec, describe_spec_error
 
 
 def parse_specs(doc: Mapping[str, Any], *, source: str = "models file") -> list[ModelSpec]:

@@ -18,10 +18,10 @@ import jsonschema
 from jsonschema.exceptions import SchemaError
 from jsonschema.validators import validator_for
 
-from providers.base import DeltaSink, Generation, GenerationRequest
-from providers.errors import BadRequestError, SchemaInvalidError
-from schemas.result import Usage
-from schemas.task import ChatMessage, ResponseFormat
+from sop_llm.providers.base import DeltaSink, Generation, GenerationRequest
+from sop_llm.providers.errors import BadRequestError, SchemaInvalidError
+from sop_llm.schemas.result import Usage
+from sop_llm.schemas.task import ChatMessage, ResponseFormat
 
 JsonSchema = Mapping[str, Any]
 Attempt = Callable[[GenerationRequest, DeltaSink | None], Awaitable[Generation]]

@@ -1,6 +1,6 @@
 """Wire models of sop-llm: task events, results, status records, webhook jobs, dead letters."""
 
-from schemas.errors import (
+from sop_llm.schemas.errors import (
     BacklogFullError,
     DuplicateTaskIdError,
     ErrorCode,
@@ -10,7 +10,7 @@ from schemas.errors import (
     SopError,
     WaitTimeoutError,
 )
-from schemas.result import (
+from sop_llm.schemas.result import (
     TERMINAL_STATES,
     DeadLetter,
     ErrorInfo,
@@ -22,7 +22,7 @@ from schemas.result import (
     WebhookJob,
     WebhookStatus,
 )
-from schemas.task import (
+from sop_llm.schemas.task import (
     ChatMessage,
     JsonSchemaSpec,
     ResponseFormat,
@@ -31,7 +31,7 @@ from schemas.task import (
     describe_validation_error,
     parse_task_event,
 )
-from schemas.wire import WIRE_VERSION, EventType
+from sop_llm.schemas.wire import WIRE_VERSION, EventType
 
 __all__ = [
     "TERMINAL_STATES",

@@ -19,8 +19,8 @@ from pydantic import (
     model_validator,
 )
 
-from schemas.task import MODEL_PATTERN, NAME_PATTERN
-from schemas.wire import StrictModel
+from sop_llm.schemas.task import MODEL_PATTERN, NAME_PATTERN
+from sop_llm.schemas.wire import StrictModel
 
 ProviderKind = Literal["echo", "llama_cpp", "openai", "openai_compatible", "anthropic"]
 # how an OpenAI-compatible server is asked for structured output

@@ -7,8 +7,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field, JsonValue
 
-from schemas.errors import ErrorCode
-from schemas.wire import StrictModel
+from sop_llm.schemas.errors import ErrorCode
+from sop_llm.schemas.wire import StrictModel
 
 
 class TaskState(StrEnum):

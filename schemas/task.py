@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from schemas.wire import StrictModel
+from sop_llm.schemas.wire import StrictModel
 
 TaskId = NewType("TaskId", str)
 

@@ -15,8 +15,8 @@ Every error the SDK raises is a :class:`SopError` (Redis trouble included, as
 
 from __future__ import annotations
 
-from ops.settings import Settings
-from schemas.errors import (
+from sop_llm.ops.settings import Settings
+from sop_llm.schemas.errors import (
     BacklogFullError,
     BrokerError,
     BrokerUnavailableError,
@@ -29,11 +29,11 @@ from schemas.errors import (
     SopError,
     WaitTimeoutError,
 )
-from schemas.result import ErrorInfo, StatusRecord, TaskResult, TaskState, Usage
-from schemas.task import ChatMessage, JsonSchemaSpec, ResponseFormat, TaskEvent
-from streams.control import CancelOutcome
-from streams.durability import Durability
-from streams.producer import Producer, ProducerConfig
+from sop_llm.schemas.result import ErrorInfo, StatusRecord, TaskResult, TaskState, Usage
+from sop_llm.schemas.task import ChatMessage, JsonSchemaSpec, ResponseFormat, TaskEvent
+from sop_llm.streams.control import CancelOutcome
+from sop_llm.streams.durability import Durability
+from sop_llm.streams.producer import Producer, ProducerConfig
 
 __all__ = [
     "BacklogFullError",

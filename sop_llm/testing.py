@@ -39,15 +39,15 @@ from typing import Self
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from handlers.policy import RetryPolicy
-from handlers.tasks import Worker, WorkerConfig
-from ops.embedded import find_redis_server
-from providers.base import Capabilities, DeltaSink, Generation, GenerationRequest
-from providers.echo import EchoProvider
-from providers.registry import ModelRegistry
-from schemas.result import Usage
-from streams.keys import DEFAULT_PARTITIONS, Keys
-from streams.producer import Producer, ProducerConfig
+from sop_llm.handlers.policy import RetryPolicy
+from sop_llm.handlers.tasks import Worker, WorkerConfig
+from sop_llm.ops.embedded import find_redis_server
+from sop_llm.providers.base import Capabilities, DeltaSink, Generation, GenerationRequest
+from sop_llm.providers.echo import EchoProvider
+from sop_llm.providers.registry import ModelRegistry
+from sop_llm.schemas.result import Usage
+from sop_llm.streams.keys import DEFAULT_PARTITIONS, Keys
+from sop_llm.streams.producer import Producer, ProducerConfig
 
 Script = str | Callable[[GenerationRequest], str] | BaseException
 

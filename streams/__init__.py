@@ -1,8 +1,8 @@
 """Redis Streams layer: names, topology, the producer SDK, dispatch, leases and outcomes."""
 
-from streams.dispatch import PoolReader
-from streams.entries import Entry
-from streams.keys import (
+from sop_llm.streams.dispatch import PoolReader
+from sop_llm.streams.entries import Entry
+from sop_llm.streams.keys import (
     DEFAULT_NAMESPACE,
     DEFAULT_PARTITIONS,
     DEFAULT_POOL,
@@ -10,11 +10,11 @@ from streams.keys import (
     WEBHOOK_GROUP,
     Keys,
 )
-from streams.leases import Lease, Reclaimer
-from streams.outcome import BeginReply, Finish, Outcomes, Start
-from streams.producer import Producer, ProducerConfig
-from streams.status import read_status
-from streams.topology import Backoff, ensure_groups
+from sop_llm.streams.leases import Lease, Reclaimer
+from sop_llm.streams.outcome import BeginReply, Finish, Outcomes, Start
+from sop_llm.streams.producer import Producer, ProducerConfig
+from sop_llm.streams.status import read_status
+from sop_llm.streams.topology import Backoff, ensure_groups
 
 __all__ = [
     "DEFAULT_NAMESPACE",

@@ -19,12 +19,12 @@ from enum import StrEnum
 
 from redis.asyncio import Redis
 
-from schemas.result import TERMINAL_STATES, TaskResult, TaskState
-from streams import keys as k
-from streams.cancellation import raise_if_cancelled
-from streams.entries import Entry, entries_from_range, entries_from_read, text
-from streams.outcome import Finish, Outcomes, webhook_job
-from streams.scripts import CANCEL_SCRIPT
+from sop_llm.schemas.result import TERMINAL_STATES, TaskResult, TaskState
+from sop_llm.streams import keys as k
+from sop_llm.streams.cancellation import raise_if_cancelled
+from sop_llm.streams.entries import Entry, entries_from_range, entries_from_read, text
+from sop_llm.streams.outcome import Finish, Outcomes, webhook_job
+from sop_llm.streams.scripts import CANCEL_SCRIPT
 
 
 class CancelOutcome(StrEnum):

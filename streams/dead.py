@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from schemas.result import DeadLetter
-from streams.entries import entries_from_range
-from streams.keys import Keys
-from streams.scripts import REQUEUE_SCRIPT
+from sop_llm.schemas.result import DeadLetter
+from sop_llm.streams.entries import entries_from_range
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.scripts import REQUEUE_SCRIPT
 
 
 @dataclass(frozen=True, slots=True)

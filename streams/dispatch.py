@@ -28,11 +28,11 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from streams.cancellation import raise_if_cancelled
-from streams.entries import Entry, entries_from_read, text
-from streams.keys import PARKED_CONSUMER, TASK_GROUP, Keys
-from streams.scripts import HEADS_SCRIPT, PARK_SCRIPT, READ_SCRIPT, EncodableT
-from streams.topology import ensure_groups, is_missing_group
+from sop_llm.streams.cancellation import raise_if_cancelled
+from sop_llm.streams.entries import Entry, entries_from_read, text
+from sop_llm.streams.keys import PARKED_CONSUMER, TASK_GROUP, Keys
+from sop_llm.streams.scripts import HEADS_SCRIPT, PARK_SCRIPT, READ_SCRIPT, EncodableT
+from sop_llm.streams.topology import ensure_groups, is_missing_group
 
 log = logging.getLogger(__name__)
 

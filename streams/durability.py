@@ -15,7 +15,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
-from streams.scripts import EncodableT, LuaScript
+from sop_llm.streams.scripts import EncodableT, LuaScript
 
 
 @dataclass(frozen=True, slots=True)

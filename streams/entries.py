@@ -14,8 +14,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from schemas.wire import FIELD_DATA, FIELD_TRACEPARENT, FIELD_TRACESTATE, FIELD_TYPE
-from streams.envelopes import (
+from sop_llm.schemas.wire import FIELD_DATA, FIELD_TRACEPARENT, FIELD_TRACESTATE, FIELD_TYPE
+from sop_llm.streams.envelopes import (
     FIELD_CORRELATION_ID,
     FIELD_ENVELOPE,
     Envelope,

@@ -33,8 +33,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
-from schemas.errors import InvalidTaskError
-from schemas.wire import FIELD_DATA, FIELD_TRACEPARENT, FIELD_TRACESTATE, FIELD_TYPE
+from sop_llm.schemas.errors import InvalidTaskError
+from sop_llm.schemas.wire import FIELD_DATA, FIELD_TRACEPARENT, FIELD_TRACESTATE, FIELD_TYPE
 
 FIELD_ENVELOPE: Final = "__data__"
 """The one field of a FastStream stream entry."""

@@ -17,10 +17,10 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from streams.entries import Entry, text
-from streams.errors import INCIDENTS, TRANSIENT_ERRORS, describe
-from streams.keys import PARKED_CONSUMER, TASK_GROUP, Keys
-from streams.topology import Backoff, ensure_groups
+from sop_llm.streams.entries import Entry, text
+from sop_llm.streams.errors import INCIDENTS, TRANSIENT_ERRORS, describe
+from sop_llm.streams.keys import PARKED_CONSUMER, TASK_GROUP, Keys
+from sop_llm.streams.topology import Backoff, ensure_groups
 
 log = logging.getLogger(__name__)
 

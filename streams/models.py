@@ -18,8 +18,8 @@ from typing import Final
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from schemas.models import ModelSpec
-from streams.keys import Keys
+from sop_llm.schemas.models import ModelSpec
+from sop_llm.streams.keys import Keys
 
 VERSION_FIELD: Final = "__version__"
 

@@ -20,13 +20,13 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from schemas.result import DeadLetter, ErrorInfo, TaskResult, WebhookJob
-from schemas.wire import EventType
-from streams.clock import CallClock
-from streams.durability import Durability
-from streams.entries import Entry, text
-from streams.keys import TASK_GROUP, Keys
-from streams.outcome_scripts import (
+from sop_llm.schemas.result import DeadLetter, ErrorInfo, TaskResult, WebhookJob
+from sop_llm.schemas.wire import EventType
+from sop_llm.streams.clock import CallClock
+from sop_llm.streams.durability import Durability
+from sop_llm.streams.entries import Entry, text
+from sop_llm.streams.keys import TASK_GROUP, Keys
+from sop_llm.streams.outcome_scripts import (
     ABANDON_SCRIPT,
     BEGIN_FIELDS,
     BEGIN_MANY_SCRIPT,
@@ -34,7 +34,7 @@ from streams.outcome_scripts import (
     FINISH_MANY_SCRIPT,
     KEY_FIELDS,
 )
-from streams.scripts import RETRY_SCRIPT, EncodableT
+from sop_llm.streams.scripts import RETRY_SCRIPT, EncodableT
 
 log = logging.getLogger(__name__)
 

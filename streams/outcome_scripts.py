@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from streams.scripts import TERMINAL_LUA, LuaScript
+from sop_llm.streams.scripts import TERMINAL_LUA, LuaScript
 
 BEGIN_FIELDS: Final = (
     "status", "source", "idem", "entry_id", "task_id", "max_attempts", "model", "payload_hash",

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from schemas.errors import (
+from sop_llm.schemas.errors import (
     BacklogFullError,
     BrokerError,
     BrokerUnavailableError,
@@ -36,8 +36,8 @@ from schemas.errors import (
     SopError,
     WaitTimeoutError,
 )
-from schemas.result import StatusRecord, TaskResult
-from schemas.task import (
+from sop_llm.schemas.result import StatusRecord, TaskResult
+from sop_llm.schemas.task import (
     CTX_MAX_METADATA_BYTES,
     CTX_MAX_PROMPT_BYTES,
     DEFAULT_MAX_METADATA_BYTES,
@@ -47,18 +47,18 @@ from schemas.task import (
     TaskId,
     describe_validation_error,
 )
-from schemas.wire import EventType
-from streams.cancellation import raise_if_cancelled
-from streams.control import CancelOutcome, cancel_task
-from streams.durability import Durability
-from streams.entries import entries_from_range, entries_from_read, text
-from streams.errors import TRANSIENT_ERRORS, describe
-from streams.keys import DEFAULT_NAMESPACE, DEFAULT_PARTITIONS, DEFAULT_POOL, Keys
-from streams.scripts import SUBMIT_SCRIPT
-from streams.status import read_status
-from streams.tokens import read_tokens
-from streams.tracecontext import current_traceparent
-from streams.urlguard import check_webhook_url
+from sop_llm.schemas.wire import EventType
+from sop_llm.streams.cancellation import raise_if_cancelled
+from sop_llm.streams.control import CancelOutcome, cancel_task
+from sop_llm.streams.durability import Durability
+from sop_llm.streams.entries import entries_from_range, entries_from_read, text
+from sop_llm.streams.errors import TRANSIENT_ERRORS, describe
+from sop_llm.streams.keys import DEFAULT_NAMESPACE, DEFAULT_PARTITIONS, DEFAULT_POOL, Keys
+from sop_llm.streams.scripts import SUBMIT_SCRIPT
+from sop_llm.streams.status import read_status
+from sop_llm.streams.tokens import read_tokens
+from sop_llm.streams.tracecontext import current_traceparent
+from sop_llm.streams.urlguard import check_webhook_url
 
 
 @dataclass(frozen=True, slots=True)

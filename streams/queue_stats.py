@@ -13,8 +13,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from streams.entries import text
-from streams.keys import TASK_GROUP, Keys
+from sop_llm.streams.entries import text
+from sop_llm.streams.keys import TASK_GROUP, Keys
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,8 +10,8 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from streams.entries import text
-from streams.keys import TASK_GROUP, WEBHOOK_GROUP, Keys
+from sop_llm.streams.entries import text
+from sop_llm.streams.keys import TASK_GROUP, WEBHOOK_GROUP, Keys
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ import json
 
 from redis.asyncio import Redis
 
-from streams.keys import Keys
-from streams.scripts import MOVE_SCRIPT, ScriptCall, run_batch
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.scripts import MOVE_SCRIPT, ScriptCall, run_batch
 
 
 async def move_due(client: Redis, keys: Keys, now_ms: int, *, limit: int = 100) -> int:

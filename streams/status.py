@@ -6,9 +6,9 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from schemas.result import StatusRecord, TaskResult, TaskState, WebhookStatus
-from streams import keys as k
-from streams.entries import text
+from sop_llm.schemas.result import StatusRecord, TaskResult, TaskState, WebhookStatus
+from sop_llm.streams import keys as k
+from sop_llm.streams.entries import text
 
 
 def decode_status(task_id: str, raw: dict[Any, Any]) -> StatusRecord | None:

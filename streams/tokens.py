@@ -18,11 +18,11 @@ from typing import Literal, Self
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from schemas.result import TERMINAL_STATES, TaskState
-from streams.cancellation import raise_if_cancelled
-from streams.entries import entries_from_read
-from streams.keys import Keys
-from streams.status import read_status
+from sop_llm.schemas.result import TERMINAL_STATES, TaskState
+from sop_llm.streams.cancellation import raise_if_cancelled
+from sop_llm.streams.entries import entries_from_read
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.status import read_status
 
 DELTA = "token.delta"
 END = "token.end"

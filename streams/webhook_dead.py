@@ -13,13 +13,13 @@ from typing import Any, Final
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from schemas.result import WebhookJob
-from schemas.wire import FIELD_DATA, FIELD_TRACEPARENT
-from streams import keys as k
-from streams.entries import text
-from streams.keys import Keys
-from streams.scripts import LuaScript
-from streams.webhook_store import WebhookDeadLetter, delivery_fields, status_pairs
+from sop_llm.schemas.result import WebhookJob
+from sop_llm.schemas.wire import FIELD_DATA, FIELD_TRACEPARENT
+from sop_llm.streams import keys as k
+from sop_llm.streams.entries import text
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.scripts import LuaScript
+from sop_llm.streams.webhook_store import WebhookDeadLetter, delivery_fields, status_pairs
 
 # KEYS: webhooks, webhooks dead, status. ARGV: dead entry id ('' none), fields json,
 #       HSET pairs...  Returns the new entry id.

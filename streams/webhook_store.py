@@ -22,13 +22,13 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from schemas.result import WebhookJob
-from schemas.wire import FIELD_DATA, FIELD_TRACEPARENT, FIELD_TYPE, EventType, StrictModel
-from streams import keys as k
-from streams.entries import Entry, entries_from_read
-from streams.keys import WEBHOOK_GROUP, Keys
-from streams.scripts import LuaScript
-from streams.topology import ensure_groups, is_missing_group
+from sop_llm.schemas.result import WebhookJob
+from sop_llm.schemas.wire import FIELD_DATA, FIELD_TRACEPARENT, FIELD_TYPE, EventType, StrictModel
+from sop_llm.streams import keys as k
+from sop_llm.streams.entries import Entry, entries_from_read
+from sop_llm.streams.keys import WEBHOOK_GROUP, Keys
+from sop_llm.streams.scripts import LuaScript
+from sop_llm.streams.topology import ensure_groups, is_missing_group
 
 # extra field of a retried delivery entry: the attempts made so far, as JSON
 # (it belongs with the other names in streams/keys.py, which is not this module's to edit)

@@ -20,7 +20,7 @@ import pytest  # terminal summary trips CPython 3.11.7's "AST recursion depth mi
 import redis
 from redis.asyncio import Redis
 
-from streams.keys import Keys
+from sop_llm.streams.keys import Keys
 
 SHARED_REDIS_URL = os.environ.get("SOP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,7 +154,7 @@ def spawn_cli(
 ) -> subprocess.Popen[bytes]:
     if log is None:
         return subprocess.Popen(
-            [sys.executable, "-m", "ops.cli", *args],
+            [sys.executable, "-m", "sop_llm.ops.cli", *args],
             env=env,
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
@@ -162,7 +162,7 @@ def spawn_cli(
         )
     with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(
-            [sys.executable, "-m", "ops.cli", *args],
+            [sys.executable, "-m", "sop_llm.ops.cli", *args],
             env=env,
             cwd=ROOT,
             stdout=out,

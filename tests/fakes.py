@@ -6,8 +6,8 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from providers.base import Capabilities, DeltaSink, Generation, GenerationRequest
-from schemas.result import Usage
+from sop_llm.providers.base import Capabilities, DeltaSink, Generation, GenerationRequest
+from sop_llm.schemas.result import Usage
 
 
 class ScriptedProvider:

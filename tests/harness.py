@@ -12,14 +12,14 @@ from typing import Any
 from opentelemetry.trace import Tracer
 from redis.asyncio import Redis
 
-from handlers.metrics import Metrics
-from handlers.tasks import Worker, WorkerConfig
-from handlers.tasks.gpu import GpuGate
-from providers.echo import EchoProvider
-from providers.registry import ModelRegistry
-from schemas.result import TaskResult
-from streams.entries import Entry, entries_from_range, text
-from streams.keys import Keys
+from sop_llm.handlers.metrics import Metrics
+from sop_llm.handlers.tasks import Worker, WorkerConfig
+from sop_llm.handlers.tasks.gpu import GpuGate
+from sop_llm.providers.echo import EchoProvider
+from sop_llm.providers.registry import ModelRegistry
+from sop_llm.schemas.result import TaskResult
+from sop_llm.streams.entries import Entry, entries_from_range, text
+from sop_llm.streams.keys import Keys
 
 
 def echo_registry(tokens_per_s: float = 0.0, slots: int = 64) -> ModelRegistry:

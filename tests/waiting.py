@@ -6,8 +6,8 @@ import asyncio
 
 from redis.asyncio import Redis
 
-from streams.entries import text
-from streams.keys import TASK_GROUP, Keys
+from sop_llm.streams.entries import text
+from sop_llm.streams.keys import TASK_GROUP, Keys
 
 
 async def wait_settled(client: Redis, keys: Keys, stream: str, timeout: float = 30.0) -> None:

@@ -10,7 +10,7 @@
 * ``finish``: the outcome, the retry policy's decision, and the terminal write.
 """
 
-from handlers.tasks.config import WorkerConfig
-from handlers.tasks.worker import Worker
+from sop_llm.handlers.tasks.config import WorkerConfig
+from sop_llm.handlers.tasks.worker import Worker
 
 __all__ = ["Worker", "WorkerConfig"]

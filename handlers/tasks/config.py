@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from handlers.policy import RetryPolicy
-from streams.durability import Durability
-from streams.keys import Keys
-from streams.retention import Retention
-from streams.urlguard import AllowList
+from sop_llm.handlers.policy import RetryPolicy
+from sop_llm.streams.durability import Durability
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.retention import Retention
+from sop_llm.streams.urlguard import AllowList
 
 
 @dataclass(frozen=True, slots=True)

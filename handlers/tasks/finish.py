@@ -9,17 +9,17 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from handlers.clock import now_ms
-from handlers.metrics import Metrics
-from handlers.policy import Fail, RetryPolicy
-from handlers.tasks.prepare import Prepared
-from schemas.errors import ErrorCode, SopError
-from schemas.result import DeadLetter, ErrorInfo, FinishReason, TaskResult, TaskState, Usage
-from streams.errors import INCIDENTS, TRANSIENT_ERRORS, describe
-from streams.outcome import Finish, Outcomes, webhook_job
-from streams.tokens import TokenStreams
-from streams.topology import Backoff
-from streams.tracecontext import current_traceparent
+from sop_llm.handlers.clock import now_ms
+from sop_llm.handlers.metrics import Metrics
+from sop_llm.handlers.policy import Fail, RetryPolicy
+from sop_llm.handlers.tasks.prepare import Prepared
+from sop_llm.schemas.errors import ErrorCode, SopError
+from sop_llm.schemas.result import DeadLetter, ErrorInfo, FinishReason, TaskResult, TaskState, Usage
+from sop_llm.streams.errors import INCIDENTS, TRANSIENT_ERRORS, describe
+from sop_llm.streams.outcome import Finish, Outcomes, webhook_job
+from sop_llm.streams.tokens import TokenStreams
+from sop_llm.streams.topology import Backoff
+from sop_llm.streams.tracecontext import current_traceparent
 
 log = logging.getLogger(__name__)
 

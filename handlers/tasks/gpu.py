@@ -7,11 +7,11 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 
-from gpu.admission import Admission
-from gpu.semaphore import Semaphore
-from providers.base import Loadable, Provider
-from providers.configured import ConfiguredProvider
-from providers.registry import ModelBinding
+from sop_llm.gpu.admission import Admission
+from sop_llm.gpu.semaphore import Semaphore
+from sop_llm.providers.base import Loadable, Provider
+from sop_llm.providers.configured import ConfiguredProvider
+from sop_llm.providers.registry import ModelBinding
 
 log = logging.getLogger(__name__)
 

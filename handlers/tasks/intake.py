@@ -17,20 +17,20 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-from handlers.tasks.config import WorkerConfig
-from handlers.tasks.prepare import Prepared, prepare, readable_task_id
-from handlers.tasks.run import TaskRunner
-from handlers.tasks.slots import INVALID_MODEL, ModelSlot, SlotBudget
-from providers.registry import ModelRegistry
-from schemas.errors import ErrorCode
-from streams.clock import CallClock
-from streams.dispatch import BLOCK_COUNT, PoolReader
-from streams.entries import Entry
-from streams.errors import INCIDENTS, TRANSIENT_ERRORS, describe
-from streams.keys import Keys
-from streams.leases import Reclaimer
-from streams.models import ModelStore
-from streams.topology import Backoff
+from sop_llm.handlers.tasks.config import WorkerConfig
+from sop_llm.handlers.tasks.prepare import Prepared, prepare, readable_task_id
+from sop_llm.handlers.tasks.run import TaskRunner
+from sop_llm.handlers.tasks.slots import INVALID_MODEL, ModelSlot, SlotBudget
+from sop_llm.providers.registry import ModelRegistry
+from sop_llm.schemas.errors import ErrorCode
+from sop_llm.streams.clock import CallClock
+from sop_llm.streams.dispatch import BLOCK_COUNT, PoolReader
+from sop_llm.streams.entries import Entry
+from sop_llm.streams.errors import INCIDENTS, TRANSIENT_ERRORS, describe
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.leases import Reclaimer
+from sop_llm.streams.models import ModelStore
+from sop_llm.streams.topology import Backoff
 
 log = logging.getLogger(__name__)
 

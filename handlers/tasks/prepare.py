@@ -9,14 +9,19 @@ from typing import Final
 
 from pydantic import ValidationError
 
-from providers.base import GenerationRequest
-from schemas.errors import ErrorCode
-from schemas.task import TASK_ID_PATTERN, TaskEvent, describe_validation_error, parse_task_event
-from schemas.wire import EventType
-from streams.entries import Entry
-from streams.envelopes import FIELD_ENVELOPE, SHAPES
-from streams.keys import Keys
-from streams.urlguard import AllowList, WebhookURLRefusedError, check_webhook_url
+from sop_llm.providers.base import GenerationRequest
+from sop_llm.schemas.errors import ErrorCode
+from sop_llm.schemas.task import (
+    TASK_ID_PATTERN,
+    TaskEvent,
+    describe_validation_error,
+    parse_task_event,
+)
+from sop_llm.schemas.wire import EventType
+from sop_llm.streams.entries import Entry
+from sop_llm.streams.envelopes import FIELD_ENVELOPE, SHAPES
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.urlguard import AllowList, WebhookURLRefusedError, check_webhook_url
 
 _TASK_ID_RE = re.compile(TASK_ID_PATTERN)
 # a malformed payload's tokens: a whole string, the text between strings, or an unterminated

@@ -15,22 +15,22 @@ from typing import Any
 
 from opentelemetry.trace import Span, Tracer
 
-from handlers.clock import now_ms
-from handlers.logctx import bind
-from handlers.metrics import Metrics
-from handlers.policy import Fail
-from handlers.tasks.finish import Finisher
-from handlers.tasks.gpu import GpuGate
-from handlers.tasks.prepare import Prepared, generation_request
-from handlers.tasks.slots import ModelSlot
-from handlers.tasks.spans import Spans
-from providers.base import DeltaSink, Generation, GenerationRequest
-from providers.registry import ModelBinding, ModelRegistry
-from schemas.errors import ErrorCode, ModelNotFoundError, SopError
-from schemas.result import ErrorInfo, TaskState, Usage
-from streams.errors import INCIDENTS, TRANSIENT_ERRORS
-from streams.outcome import BeginReply, Outcomes, Start
-from streams.tokens import TokenStreams, TokenWriter
+from sop_llm.handlers.clock import now_ms
+from sop_llm.handlers.logctx import bind
+from sop_llm.handlers.metrics import Metrics
+from sop_llm.handlers.policy import Fail
+from sop_llm.handlers.tasks.finish import Finisher
+from sop_llm.handlers.tasks.gpu import GpuGate
+from sop_llm.handlers.tasks.prepare import Prepared, generation_request
+from sop_llm.handlers.tasks.slots import ModelSlot
+from sop_llm.handlers.tasks.spans import Spans
+from sop_llm.providers.base import DeltaSink, Generation, GenerationRequest
+from sop_llm.providers.registry import ModelBinding, ModelRegistry
+from sop_llm.schemas.errors import ErrorCode, ModelNotFoundError, SopError
+from sop_llm.schemas.result import ErrorInfo, TaskState, Usage
+from sop_llm.streams.errors import INCIDENTS, TRANSIENT_ERRORS
+from sop_llm.streams.outcome import BeginReply, Outcomes, Start
+from sop_llm.streams.tokens import TokenStreams, TokenWriter
 
 log = logging.getLogger(__name__)
 

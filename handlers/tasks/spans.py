@@ -14,10 +14,10 @@ from collections.abc import Iterator
 from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.util.types import AttributeValue
 
-from providers.base import Generation, GenerationRequest
-from schemas.errors import SopError
-from streams.entries import Entry
-from streams.tracecontext import context_from
+from sop_llm.providers.base import Generation, GenerationRequest
+from sop_llm.schemas.errors import SopError
+from sop_llm.streams.entries import Entry
+from sop_llm.streams.tracecontext import context_from
 
 _OFF = contextlib.nullcontext(INVALID_SPAN)
 

@@ -17,27 +17,27 @@ from typing import Final
 
 from opentelemetry.trace import Tracer
 
-from handlers.clock import now_ms
-from handlers.metrics import Metrics
-from handlers.tasks.config import WorkerConfig
-from handlers.tasks.finish import Finisher
-from handlers.tasks.gpu import GpuGate
-from handlers.tasks.intake import PoolIntake
-from handlers.tasks.run import TaskRunner
-from handlers.tasks.slots import SlotBudget
-from providers.registry import ModelRegistry
-from streams.client import RedisClient
-from streams.control import cancel_task, control_events
-from streams.dispatch import PoolReader
-from streams.errors import TRANSIENT_ERRORS, describe
-from streams.keys import TASK_GROUP, Keys
-from streams.leases import Lease, Reclaimer
-from streams.models import ModelStore
-from streams.outcome import Outcomes
-from streams.retention import trim_if_due
-from streams.retry import move_due
-from streams.tokens import TokenStreams
-from streams.topology import Backoff
+from sop_llm.handlers.clock import now_ms
+from sop_llm.handlers.metrics import Metrics
+from sop_llm.handlers.tasks.config import WorkerConfig
+from sop_llm.handlers.tasks.finish import Finisher
+from sop_llm.handlers.tasks.gpu import GpuGate
+from sop_llm.handlers.tasks.intake import PoolIntake
+from sop_llm.handlers.tasks.run import TaskRunner
+from sop_llm.handlers.tasks.slots import SlotBudget
+from sop_llm.providers.registry import ModelRegistry
+from sop_llm.streams.client import RedisClient
+from sop_llm.streams.control import cancel_task, control_events
+from sop_llm.streams.dispatch import PoolReader
+from sop_llm.streams.errors import TRANSIENT_ERRORS, describe
+from sop_llm.streams.keys import TASK_GROUP, Keys
+from sop_llm.streams.leases import Lease, Reclaimer
+from sop_llm.streams.models import ModelStore
+from sop_llm.streams.outcome import Outcomes
+from sop_llm.streams.retention import trim_if_due
+from sop_llm.streams.retry import move_due
+from sop_llm.streams.tokens import TokenStreams
+from sop_llm.streams.topology import Backoff
 
 log = logging.getLogger(__name__)
 

@@ -15,15 +15,15 @@ Everything Redis (names, scripts, calls) is in ``streams/webhook_store.py`` and
 ``streams/webhook_dead.py``.
 """
 
-from handlers.webhooks.admin import (
+from sop_llm.handlers.webhooks.admin import (
     Redelivery,
     WebhookAdmin,
     WebhookBusyError,
     WebhookNotFoundError,
 )
-from handlers.webhooks.config import CONSUMER_PREFIX, DEFAULT_SCHEDULE_S, WebhookConfig
-from handlers.webhooks.sender import WebhookSender
-from handlers.webhooks.signing import SignatureError, Signer, verify
+from sop_llm.handlers.webhooks.config import CONSUMER_PREFIX, DEFAULT_SCHEDULE_S, WebhookConfig
+from sop_llm.handlers.webhooks.sender import WebhookSender
+from sop_llm.handlers.webhooks.signing import SignatureError, Signer, verify
 
 __all__ = [
     "CONSUMER_PREFIX",

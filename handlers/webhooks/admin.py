@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from schemas.errors import SopError
-from streams.client import RedisClient
-from streams.keys import Keys
-from streams.webhook_dead import (
+from sop_llm.schemas.errors import SopError
+from sop_llm.streams.client import RedisClient
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.webhook_dead import (
     DeadDelivery,
     delivery_state,
     find_delivery,

@@ -11,7 +11,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from schemas.result import WebhookJob
+from sop_llm.schemas.result import WebhookJob
 
 
 def _json(doc: dict[str, Any]) -> bytes:

@@ -16,8 +16,8 @@ from typing import Final
 
 import aiohttp
 
-from streams.urlguard import WebhookURLRefusedError
-from streams.webhook_store import DeadReason, Outcome
+from sop_llm.streams.urlguard import WebhookURLRefusedError
+from sop_llm.streams.webhook_store import DeadReason, Outcome
 
 # error classes (the only thing kept of a failed attempt, with its status code)
 E_REFUSED: Final = "refused"  # the SSRF guard refused the address

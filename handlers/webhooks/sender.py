@@ -24,12 +24,12 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from pydantic import ValidationError
 
-from handlers.clock import now_ms
-from handlers.logctx import bind
-from handlers.metrics import Metrics
-from handlers.webhooks.config import WebhookConfig
-from handlers.webhooks.payload import build_body
-from handlers.webhooks.policy import (
+from sop_llm.handlers.clock import now_ms
+from sop_llm.handlers.logctx import bind
+from sop_llm.handlers.metrics import Metrics
+from sop_llm.handlers.webhooks.config import WebhookConfig
+from sop_llm.handlers.webhooks.payload import build_body
+from sop_llm.handlers.webhooks.policy import (
     E_INVALID_JOB,
     E_PAYLOAD_TOO_LARGE,
     AttemptResult,
@@ -37,20 +37,20 @@ from handlers.webhooks.policy import (
     from_exception,
     from_response,
 )
-from handlers.webhooks.settlement import dead_settlement, deferral, settlement_after
-from handlers.webhooks.signing import Signer
-from handlers.webhooks.ssrf import GuardedResolver, system_lookup
-from schemas.result import WebhookJob
-from streams.cancellation import raise_if_cancelled
-from streams.client import RedisClient
-from streams.entries import Entry
-from streams.errors import TRANSIENT_ERRORS, describe
-from streams.keys import WEBHOOK_GROUP, Keys
-from streams.leases import Lease, Reclaimer
-from streams.topology import Backoff
-from streams.tracecontext import context_from, current_traceparent
-from streams.urlguard import AllowList, Lookup, check_webhook_url
-from streams.webhook_store import (
+from sop_llm.handlers.webhooks.settlement import dead_settlement, deferral, settlement_after
+from sop_llm.handlers.webhooks.signing import Signer
+from sop_llm.handlers.webhooks.ssrf import GuardedResolver, system_lookup
+from sop_llm.schemas.result import WebhookJob
+from sop_llm.streams.cancellation import raise_if_cancelled
+from sop_llm.streams.client import RedisClient
+from sop_llm.streams.entries import Entry
+from sop_llm.streams.errors import TRANSIENT_ERRORS, describe
+from sop_llm.streams.keys import WEBHOOK_GROUP, Keys
+from sop_llm.streams.leases import Lease, Reclaimer
+from sop_llm.streams.topology import Backoff
+from sop_llm.streams.tracecontext import context_from, current_traceparent
+from sop_llm.streams.urlguard import AllowList, Lookup, check_webhook_url
+from sop_llm.streams.webhook_store import (
     F_ATTEMPT_LOG,
     AttemptRecord,
     Settlement,

@@ -6,10 +6,10 @@ schedule stands); a dead delivery becomes a dead letter with every attempt and t
 
 from __future__ import annotations
 
-from handlers.webhooks.policy import AttemptResult, Decision
-from schemas.result import WebhookJob
-from streams.entries import Entry
-from streams.webhook_store import (
+from sop_llm.handlers.webhooks.policy import AttemptResult, Decision
+from sop_llm.schemas.result import WebhookJob
+from sop_llm.streams.entries import Entry
+from sop_llm.streams.webhook_store import (
     AttemptRecord,
     DeadReason,
     Settlement,

@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Final
 
-from schemas.errors import SopError
+from sop_llm.schemas.errors import SopError
 
 SECRET_PREFIX: Final = "whsec_"
 SIGNATURE_VERSION: Final = "v1"

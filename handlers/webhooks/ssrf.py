@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from streams.urlguard import (
+from sop_llm.streams.urlguard import (
     AllowList,
     IPAddress,
     Lookup,

@@ -18,10 +18,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ops import logs
-from ops.cli import dead, inspect, models, replay, serve, tasks, webhooks
-from ops.settings import Settings
-from schemas.errors import SopError
+from sop_llm.ops import logs
+from sop_llm.ops.cli import dead, inspect, models, replay, serve, tasks, webhooks
+from sop_llm.ops.settings import Settings
+from sop_llm.schemas.errors import SopError
 
 __all__ = ["build_parser", "main", "runner"]
 

@@ -1,7 +1,7 @@
-"""``python -m ops.cli``: the same as the ``sop-llm`` command."""
+"""``python -m sop_llm.ops.cli``: the same as the ``sop-llm`` command."""
 
 import sys
 
-from ops.cli import main
+from sop_llm.ops.cli import main
 
 sys.exit(main())

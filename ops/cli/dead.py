@@ -6,10 +6,10 @@ import argparse
 import json
 import sys
 
-from ops.connect import redis_client_for
-from ops.settings import Settings
-from streams.dead import DeadEntry, NotRequeueable, all_dead, matcher, purge, requeue
-from streams.keys import Keys
+from sop_llm.ops.connect import redis_client_for
+from sop_llm.ops.settings import Settings
+from sop_llm.streams.dead import DeadEntry, NotRequeueable, all_dead, matcher, purge, requeue
+from sop_llm.streams.keys import Keys
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

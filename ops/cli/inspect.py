@@ -19,13 +19,13 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from ops.connect import redis_client_for
-from ops.settings import Settings
-from ops.sidecar import queue_figures
-from schemas.result import DeadLetter
-from streams.entries import entries_from_range, text
-from streams.keys import WEBHOOK_GROUP, Keys
-from streams.models import VERSION_FIELD, worker_models
+from sop_llm.ops.connect import redis_client_for
+from sop_llm.ops.settings import Settings
+from sop_llm.ops.sidecar import queue_figures
+from sop_llm.schemas.result import DeadLetter
+from sop_llm.streams.entries import entries_from_range, text
+from sop_llm.streams.keys import WEBHOOK_GROUP, Keys
+from sop_llm.streams.models import VERSION_FIELD, worker_models
 
 BUILTIN_MODELS = ("echo",)
 _NEWEST_DEAD = 3

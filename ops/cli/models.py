@@ -18,20 +18,20 @@ from typing import Any, get_args
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from ops.connect import redis_client_for
-from ops.settings import Settings
-from providers.factory import ModelConfigError
-from providers.gguf_shape import GgufError, read_shape
-from providers.specs import load_specs_file
-from schemas.models import (
+from sop_llm.ops.connect import redis_client_for
+from sop_llm.ops.settings import Settings
+from sop_llm.providers.factory import ModelConfigError
+from sop_llm.providers.gguf_shape import GgufError, read_shape
+from sop_llm.providers.specs import load_specs_file
+from sop_llm.schemas.models import (
     ALL_OVERRIDABLE,
     ModelSpec,
     ProviderKind,
     StructuredMode,
     describe_spec_error,
 )
-from streams.keys import Keys
-from streams.models import ModelStore, wait_pickup
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.models import ModelStore, wait_pickup
 
 # flag -> spec field, for the fields a flag sets directly
 _FIELDS = (

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import time
 
-from ops.replay import ReplayRequest
-from ops.replay import run as run_replay
-from ops.replay_select import Filters, parse_time
-from ops.settings import Settings
-from schemas.result import TaskState
+from sop_llm.ops.replay import ReplayRequest
+from sop_llm.ops.replay import run as run_replay
+from sop_llm.ops.replay_select import Filters, parse_time
+from sop_llm.ops.settings import Settings
+from sop_llm.schemas.result import TaskState
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

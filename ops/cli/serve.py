@@ -8,9 +8,9 @@ import contextlib
 import os
 import signal
 
-from ops.app import serve
-from ops.settings import Settings
-from ops.supervise import supervise
+from sop_llm.ops.app import serve
+from sop_llm.ops.settings import Settings
+from sop_llm.ops.supervise import supervise
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -11,17 +11,17 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ops.connect import redis_client_for
-from ops.replay_select import entry_matches
-from ops.settings import Settings
-from ops.telemetry import tracing
-from schemas.result import TaskState
-from streams.cancellation import raise_if_cancelled
-from streams.control import cancel_task
-from streams.entries import entries_from_read
-from streams.errors import TRANSIENT_ERRORS
-from streams.keys import Keys
-from streams.producer import Producer
+from sop_llm.ops.connect import redis_client_for
+from sop_llm.ops.replay_select import entry_matches
+from sop_llm.ops.settings import Settings
+from sop_llm.ops.telemetry import tracing
+from sop_llm.schemas.result import TaskState
+from sop_llm.streams.cancellation import raise_if_cancelled
+from sop_llm.streams.control import cancel_task
+from sop_llm.streams.entries import entries_from_read
+from sop_llm.streams.errors import TRANSIENT_ERRORS
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.producer import Producer
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -7,10 +7,10 @@ import json
 import sys
 from typing import Any
 
-from handlers.webhooks import WebhookAdmin, WebhookBusyError, WebhookNotFoundError
-from ops.connect import redis_client_for
-from ops.settings import Settings
-from streams.keys import Keys
+from sop_llm.handlers.webhooks import WebhookAdmin, WebhookBusyError, WebhookNotFoundError
+from sop_llm.ops.connect import redis_client_for
+from sop_llm.ops.settings import Settings
+from sop_llm.streams.keys import Keys
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

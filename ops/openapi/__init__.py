@@ -7,7 +7,8 @@ tightened, the status, queue, GPU and health bodies), :mod:`.console_schemas` an
 paths, and the document). Every schema of a body the sidecar builds as a dict is checked
 against real answers by ``tests/ops/test_openapi.py`` and ``tests/ops/test_http_api.py``.
 
-``python -m ops.openapi docs/openapi.json`` writes the document; a test fails when that file is
+``python -m sop_llm.ops.openapi docs/openapi.json`` writes the document; a test fails when that
+file is
 stale. The sidecar serves it at ``GET /openapi.json``.
 """
 
@@ -19,8 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
-from ops.openapi import console_paths, console_schemas
-from ops.openapi.parts import (
+from sop_llm.ops.openapi import console_paths, console_schemas
+from sop_llm.ops.openapi.parts import (
     BEARER,
     Json,
     error,
@@ -30,9 +31,9 @@ from ops.openapi.parts import (
     ref,
     response_ref,
 )
-from ops.openapi.schemas import schemas
-from schemas.task import TASK_ID_PATTERN
-from streams.keys import DEFAULT_PARTITIONS, DEFAULT_POOL
+from sop_llm.ops.openapi.schemas import schemas
+from sop_llm.schemas.task import TASK_ID_PATTERN
+from sop_llm.streams.keys import DEFAULT_PARTITIONS, DEFAULT_POOL
 
 OPENAPI_VERSION: Final = "3.1.0"
 API_VERSION: Final = "1.1.0"
@@ -251,7 +252,7 @@ def render() -> str:
 
 
 def main(argv: Sequence[str]) -> int:
-    """``python -m ops.openapi [PATH]``: write the document to PATH, or to stdout."""
+    """``python -m sop_llm.ops.openapi [PATH]``: write the document to PATH, or to stdout."""
     text = render()
     if argv:
         Path(argv[0]).write_text(text)

@@ -1,7 +1,7 @@
-"""``python -m ops.openapi [PATH]``: write the OpenAPI document to PATH, or to stdout."""
+"""``python -m sop_llm.ops.openapi [PATH]``: write the OpenAPI document to PATH, or to stdout."""
 
 import sys
 
-from ops.openapi import main
+from sop_llm.ops.openapi import main
 
 sys.exit(main(sys.argv[1:]))

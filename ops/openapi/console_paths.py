@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Final
 
-from ops.console import CONSOLE_FILES, DOCS_FILES
-from ops.openapi.parts import (
+from sop_llm.ops.console import CONSOLE_FILES, DOCS_FILES
+from sop_llm.ops.openapi.parts import (
     Json,
     error,
     json_body,
@@ -19,9 +19,9 @@ from ops.openapi.parts import (
     ref,
     response_ref,
 )
-from schemas.errors import ErrorCode
-from schemas.result import TaskState
-from schemas.task import MODEL_PATTERN
+from sop_llm.schemas.errors import ErrorCode
+from sop_llm.schemas.result import TaskState
+from sop_llm.schemas.task import MODEL_PATTERN
 
 _INT: Final = {"type": "integer", "minimum": 0}
 _STR: Final = {"type": "string"}

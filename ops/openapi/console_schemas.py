@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from typing import Final
 
-from ops.openapi.parts import Json, closed_object, ref
+from sop_llm.ops.openapi.parts import Json, closed_object, ref
 
 _INT: Final = {"type": "integer", "minimum": 0}
 _STR: Final = {"type": "string"}

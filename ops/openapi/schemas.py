@@ -18,14 +18,14 @@ from typing import Final
 from pydantic import TypeAdapter
 from pydantic.json_schema import models_json_schema
 
-from gpu.nvml import DeviceMemory
-from gpu.semaphore import Holder, Waiter
-from ops.asyncapi_messages import token_delta_schema, token_end_schema
-from ops.openapi.parts import SCHEMA_REF, Json, ref
-from schemas.models import ModelSpec
-from schemas.result import DeadLetter, StatusRecord, TaskResult
-from schemas.task import DEADLINE_MAX_MS, DEADLINE_MIN_MS, TaskEvent
-from streams.webhook_store import AttemptRecord
+from sop_llm.gpu.nvml import DeviceMemory
+from sop_llm.gpu.semaphore import Holder, Waiter
+from sop_llm.ops.asyncapi_messages import token_delta_schema, token_end_schema
+from sop_llm.ops.openapi.parts import SCHEMA_REF, Json, ref
+from sop_llm.schemas.models import ModelSpec
+from sop_llm.schemas.result import DeadLetter, StatusRecord, TaskResult
+from sop_llm.schemas.task import DEADLINE_MAX_MS, DEADLINE_MIN_MS, TaskEvent
+from sop_llm.streams.webhook_store import AttemptRecord
 
 _Json = Json
 

@@ -20,15 +20,15 @@ from aiohttp import web
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
-from handlers.tasks import Worker
-from ops.settings import Settings
-from ops.sidecar import Sidecar
-from providers.loader import load_registry
-from providers.registry import ModelRegistry
-from schemas.models import ModelSpec
-from schemas.result import TaskResult
-from streams.keys import Keys
-from streams.producer import Producer, ProducerConfig
+from sop_llm.handlers.tasks import Worker
+from sop_llm.ops.settings import Settings
+from sop_llm.ops.sidecar import Sidecar
+from sop_llm.providers.loader import load_registry
+from sop_llm.providers.registry import ModelRegistry
+from sop_llm.schemas.models import ModelSpec
+from sop_llm.schemas.result import TaskResult
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.producer import Producer, ProducerConfig
 from tests.harness import results, running_worker
 from tests.providers.wire import Reply
 

@@ -32,14 +32,14 @@ from aiohttp import web
 from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError, ResponseError
 
-from gpu.semaphore import Device, GpuSemaphore, SemaphoreConfig
-from ops.gpu_setup import device_keys
-from schemas.result import TaskState
-from streams.control import CancelOutcome
-from streams.dead import all_dead
-from streams.entries import text
-from streams.keys import Keys
-from streams.producer import Producer, ProducerConfig
+from sop_llm.gpu.semaphore import Device, GpuSemaphore, SemaphoreConfig
+from sop_llm.ops.gpu_setup import device_keys
+from sop_llm.schemas.result import TaskState
+from sop_llm.streams.control import CancelOutcome
+from sop_llm.streams.dead import all_dead
+from sop_llm.streams.entries import text
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.producer import Producer, ProducerConfig
 from tests.conftest import (
     ROOT,
     RedisServer,
@@ -127,7 +127,7 @@ async def cli(env: dict[str, str], *args: str) -> str:
     """Run ``sop-llm <args>``; its stdout, after checking it exited 0."""
     done = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "ops.cli", *args],
+        [sys.executable, "-m", "sop_llm.ops.cli", *args],
         env=env,
         cwd=ROOT,
         capture_output=True,

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from schemas.errors import NotReplicatedError
-from schemas.result import TaskState
-from streams.durability import Durability
-from streams.keys import Keys
-from streams.producer import Producer, ProducerConfig
+from sop_llm.schemas.errors import NotReplicatedError
+from sop_llm.schemas.result import TaskState
+from sop_llm.streams.durability import Durability
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.producer import Producer, ProducerConfig
 from tests.conftest import RedisServer, free_port, wait_for
 from tests.harness import running_worker
 

@@ -26,13 +26,13 @@ from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from ops.connect import sentinel_client
-from schemas.errors import BrokerUnavailableError, NotReplicatedError, SopError
-from schemas.result import TaskResult
-from streams.durability import Durability
-from streams.entries import Entry, entries_from_range, entries_from_read
-from streams.keys import Keys
-from streams.producer import Producer, ProducerConfig
+from sop_llm.ops.connect import sentinel_client
+from sop_llm.schemas.errors import BrokerUnavailableError, NotReplicatedError, SopError
+from sop_llm.schemas.result import TaskResult
+from sop_llm.streams.durability import Durability
+from sop_llm.streams.entries import Entry, entries_from_range, entries_from_read
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.producer import Producer, ProducerConfig
 from tests.conftest import spawn_cli, terminating, wait_for, worker_env
 from tests.e2e.sentinel_cluster import MASTER_NAME, SentinelCluster, sentinel_cluster
 from tests.waiting import wait_settled

@@ -22,22 +22,22 @@ from opentelemetry.trace import Tracer
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
-from handlers.tasks.prepare import _BODY_NOT_OBJECT
-from providers.base import ProviderError
-from providers.registry import ModelRegistry
-from schemas.errors import ErrorCode
-from schemas.result import DeadLetter, TaskResult, TaskState
-from streams.entries import text
-from streams.envelopes import (
+from sop_llm.handlers.tasks.prepare import _BODY_NOT_OBJECT
+from sop_llm.providers.base import ProviderError
+from sop_llm.providers.registry import ModelRegistry
+from sop_llm.schemas.errors import ErrorCode
+from sop_llm.schemas.result import DeadLetter, TaskResult, TaskState
+from sop_llm.streams.entries import text
+from sop_llm.streams.envelopes import (
     FIELD_ENVELOPE,
     SHAPES,
     EnvelopeError,
     decode_envelope,
     encode_envelope,
 )
-from streams.envelopes import results_parser as parser
-from streams.keys import Keys
-from streams.status import read_status
+from sop_llm.streams.envelopes import results_parser as parser
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.status import read_status
 from tests.conftest import ROOT, RedisServer, wait_for
 from tests.fakes import ScriptedProvider
 from tests.harness import running_worker, stream_entries, wait_results, xadd_task

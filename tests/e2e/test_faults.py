@@ -15,9 +15,9 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from schemas.result import TaskResult, TaskState
-from streams.keys import Keys
-from streams.producer import Producer, ProducerConfig
+from sop_llm.schemas.result import TaskResult, TaskState
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.producer import Producer, ProducerConfig
 from tests.conftest import RedisServer, free_port, spawn_cli, terminating, wait_for, worker_env
 from tests.harness import results, stream_entries
 from tests.waiting import wait_settled

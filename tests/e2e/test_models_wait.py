@@ -12,12 +12,12 @@ import pytest
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
-from ops.cli.models import register, run_command
-from ops.settings import Settings
-from schemas.result import TaskState
-from streams.keys import Keys
-from streams.models import worker_models
-from streams.producer import Producer, ProducerConfig
+from sop_llm.ops.cli.models import register, run_command
+from sop_llm.ops.settings import Settings
+from sop_llm.schemas.result import TaskState
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.models import worker_models
+from sop_llm.streams.producer import Producer, ProducerConfig
 from tests.conftest import spawn_cli, terminating, wait_for, worker_env
 
 

@@ -16,12 +16,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
-from handlers.metrics import Metrics
-from handlers.webhooks import WebhookConfig, WebhookSender
-from ops.settings import Settings
-from ops.sidecar import Sidecar
-from streams.keys import TASK_GROUP, Keys
-from streams.producer import Producer, ProducerConfig
+from sop_llm.handlers.metrics import Metrics
+from sop_llm.handlers.webhooks import WebhookConfig, WebhookSender
+from sop_llm.ops.settings import Settings
+from sop_llm.ops.sidecar import Sidecar
+from sop_llm.streams.keys import TASK_GROUP, Keys
+from sop_llm.streams.producer import Producer, ProducerConfig
 from tests.conftest import wait_for
 from tests.harness import running_worker
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import aiohttp
 from redis.asyncio import Redis
 
-from schemas.result import TaskState
-from streams.keys import Keys
-from streams.producer import Producer, ProducerConfig
+from sop_llm.schemas.result import TaskState
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.producer import Producer, ProducerConfig
 from tests.conftest import (
     ROOT,
     RedisServer,
@@ -104,7 +104,7 @@ async def _up_roundtrip(tmp_path: Path, path_env: str) -> str:
         PYTHONUNBUFFERED="1",
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ops.cli", "up"],
+        [sys.executable, "-m", "sop_llm.ops.cli", "up"],
         env=env,
         cwd=ROOT,
         stdout=subprocess.PIPE,

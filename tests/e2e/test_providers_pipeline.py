@@ -21,12 +21,12 @@ import jsonschema
 import pytest
 from redis.asyncio import Redis
 
-from providers.base import GenerationRequest
-from providers.configured import ConfiguredProvider
-from schemas.models import ModelSpec, SamplingDefaults
-from schemas.result import TaskResult, TaskState, Usage
-from streams.control import CancelOutcome
-from streams.keys import F_ERRORS, Keys
+from sop_llm.providers.base import GenerationRequest
+from sop_llm.providers.configured import ConfiguredProvider
+from sop_llm.schemas.models import ModelSpec, SamplingDefaults
+from sop_llm.schemas.result import TaskResult, TaskState, Usage
+from sop_llm.streams.control import CancelOutcome
+from sop_llm.streams.keys import F_ERRORS, Keys
 from tests.conftest import wait_for
 from tests.e2e.pipeline_helper import (
     Pipeline,

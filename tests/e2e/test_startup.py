@@ -10,8 +10,8 @@ from pathlib import Path
 import aiohttp
 from redis.asyncio import Redis
 
-from schemas.result import TaskState
-from streams.producer import Producer, ProducerConfig
+from sop_llm.schemas.result import TaskState
+from sop_llm.streams.producer import Producer, ProducerConfig
 from tests.conftest import RedisServer, free_port, spawn_cli, terminating, wait_for, worker_env
 
 OUTAGE_S = 12

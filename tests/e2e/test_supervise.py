@@ -10,10 +10,10 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-from schemas.result import TaskState
-from streams.keys import Keys
-from streams.models import worker_models
-from streams.producer import Producer, ProducerConfig
+from sop_llm.schemas.result import TaskState
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.models import worker_models
+from sop_llm.streams.producer import Producer, ProducerConfig
 from tests.conftest import spawn_cli, terminating, wait_for, worker_env
 
 

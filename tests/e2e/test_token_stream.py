@@ -10,10 +10,10 @@ import aiohttp
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
-from ops.settings import Settings
-from ops.sidecar import Sidecar
-from streams.keys import Keys
-from streams.producer import Producer, ProducerConfig
+from sop_llm.ops.settings import Settings
+from sop_llm.ops.sidecar import Sidecar
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.producer import Producer, ProducerConfig
 from tests.conftest import wait_for
 from tests.harness import running_worker
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-from streams.keys import Keys
+from sop_llm.streams.keys import Keys
 from tests.conftest import ROOT, RedisServer
 from tests.harness import running_worker, wait_results
 

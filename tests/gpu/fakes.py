@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gpu.nvml import DeviceMemory
+from sop_llm.gpu.nvml import DeviceMemory
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB

@@ -17,7 +17,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from gpu.semaphore import Device, DeviceKeys, GpuSemaphore, SemaphoreConfig
+from sop_llm.gpu.semaphore import Device, DeviceKeys, GpuSemaphore, SemaphoreConfig
 
 
 async def main(spec: dict[str, Any]) -> None:

@@ -7,8 +7,8 @@ import contextlib
 
 import pytest
 
-from gpu.admission import Admission, AdmissionConfig, InsufficientVramError, estimate_need
-from schemas.errors import SopError
+from sop_llm.gpu.admission import Admission, AdmissionConfig, InsufficientVramError, estimate_need
+from sop_llm.schemas.errors import SopError
 from tests.conftest import wait_for
 from tests.gpu.fakes import GIB, MIB, FakeGpu
 

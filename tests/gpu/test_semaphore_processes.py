@@ -15,8 +15,8 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-from ops.gpu_setup import device_keys
-from streams.keys import Keys
+from sop_llm.ops.gpu_setup import device_keys
+from sop_llm.streams.keys import Keys
 from tests.conftest import ROOT, terminating, wait_for
 
 SCRIPT = Path(__file__).with_name("holder_proc.py")

@@ -9,12 +9,12 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from gpu.admission import Admission, AdmissionConfig
-from gpu.nvml import NvmlReader
-from gpu.semaphore import Device, GpuSemaphore, SemaphoreConfig
-from gpu.snapshot import gpu_snapshot
-from ops.gpu_setup import device_keys
-from streams.keys import Keys
+from sop_llm.gpu.admission import Admission, AdmissionConfig
+from sop_llm.gpu.nvml import NvmlReader
+from sop_llm.gpu.semaphore import Device, GpuSemaphore, SemaphoreConfig
+from sop_llm.gpu.snapshot import gpu_snapshot
+from sop_llm.ops.gpu_setup import device_keys
+from sop_llm.streams.keys import Keys
 from tests.conftest import wait_for
 from tests.gpu.fakes import GIB, FakeGpu
 

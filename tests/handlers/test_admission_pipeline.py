@@ -18,17 +18,24 @@ from redis.asyncio import Redis
 
 pytest.importorskip("llama_cpp")
 
-from gpu import Admission, AdmissionConfig, Device, DeviceMemory, GpuSemaphore, SemaphoreConfig
-from handlers.tasks.gpu import GpuGate, ProviderLoader, loadable
-from ops.gpu_setup import device_keys
-from providers.base import Loadable
-from providers.loader import load_registry
-from providers.registry import ModelRegistry
-from schemas.errors import ErrorCode
-from schemas.models import ModelSpec
-from schemas.result import TaskResult, TaskState
-from streams.keys import Keys
-from streams.producer import Producer, ProducerConfig
+from sop_llm.gpu import (
+    Admission,
+    AdmissionConfig,
+    Device,
+    DeviceMemory,
+    GpuSemaphore,
+    SemaphoreConfig,
+)
+from sop_llm.handlers.tasks.gpu import GpuGate, ProviderLoader, loadable
+from sop_llm.ops.gpu_setup import device_keys
+from sop_llm.providers.base import Loadable
+from sop_llm.providers.loader import load_registry
+from sop_llm.providers.registry import ModelRegistry
+from sop_llm.schemas.errors import ErrorCode
+from sop_llm.schemas.models import ModelSpec
+from sop_llm.schemas.result import TaskResult, TaskState
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.producer import Producer, ProducerConfig
 from tests.harness import echo_registry, running_worker, wait_results
 
 MIB = 1024 * 1024

@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from schemas.result import TaskResult, TaskState
-from streams.keys import Keys
+from sop_llm.schemas.result import TaskResult, TaskState
+from sop_llm.streams.keys import Keys
 from tests.conftest import SHARED_REDIS_URL, drop_namespace
 from tests.harness import running_worker, stream_entries
 

@@ -8,14 +8,14 @@ import time
 
 from redis.asyncio import Redis
 
-from gpu import Device, GpuSemaphore, SemaphoreConfig
-from handlers.tasks.gpu import GpuGate
-from ops.gpu_setup import device_keys
-from providers.base import Capabilities, DeltaSink, Generation, GenerationRequest
-from providers.registry import ModelRegistry
-from schemas.result import TaskState, Usage
-from streams.keys import Keys
-from streams.producer import Producer, ProducerConfig
+from sop_llm.gpu import Device, GpuSemaphore, SemaphoreConfig
+from sop_llm.handlers.tasks.gpu import GpuGate
+from sop_llm.ops.gpu_setup import device_keys
+from sop_llm.providers.base import Capabilities, DeltaSink, Generation, GenerationRequest
+from sop_llm.providers.registry import ModelRegistry
+from sop_llm.schemas.result import TaskState, Usage
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.producer import Producer, ProducerConfig
 from tests.harness import running_worker, wait_results
 
 

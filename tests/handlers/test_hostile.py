@@ -7,17 +7,17 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from handlers.tasks import intake
-from handlers.tasks.prepare import Prepared
-from handlers.tasks.prepare import prepare as prepare_entry
-from providers.errors import ProviderError
-from providers.registry import ModelRegistry
-from schemas.errors import ErrorCode
-from schemas.result import DeadLetter, TaskResult, TaskState
-from streams.entries import Entry
-from streams.keys import Keys
-from streams.producer import Producer, ProducerConfig
-from streams.urlguard import AllowList
+from sop_llm.handlers.tasks import intake
+from sop_llm.handlers.tasks.prepare import Prepared
+from sop_llm.handlers.tasks.prepare import prepare as prepare_entry
+from sop_llm.providers.errors import ProviderError
+from sop_llm.providers.registry import ModelRegistry
+from sop_llm.schemas.errors import ErrorCode
+from sop_llm.schemas.result import DeadLetter, TaskResult, TaskState
+from sop_llm.streams.entries import Entry
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.producer import Producer, ProducerConfig
+from sop_llm.streams.urlguard import AllowList
 from tests.conftest import wait_for
 from tests.fakes import ScriptedProvider
 from tests.harness import results, running_worker, stream_entries, xadd_task

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 from redis.asyncio import Redis
 
-from providers.echo import EchoProvider
-from schemas.errors import ErrorCode
-from schemas.models import ModelSpec
-from schemas.result import TaskState
-from streams.keys import Keys
-from streams.models import ModelStore, pickup, wait_pickup
-from streams.producer import Producer, ProducerConfig
+from sop_llm.providers.echo import EchoProvider
+from sop_llm.schemas.errors import ErrorCode
+from sop_llm.schemas.models import ModelSpec
+from sop_llm.schemas.result import TaskState
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.models import ModelStore, pickup, wait_pickup
+from sop_llm.streams.producer import Producer, ProducerConfig
 from tests.conftest import wait_for
 from tests.harness import echo_registry, running_worker
 

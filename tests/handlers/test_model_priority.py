@@ -11,11 +11,11 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-from providers.echo import EchoProvider
-from providers.registry import ModelRegistry
-from schemas.result import TaskState
-from streams.keys import Keys
-from streams.producer import Producer, ProducerConfig
+from sop_llm.providers.echo import EchoProvider
+from sop_llm.providers.registry import ModelRegistry
+from sop_llm.schemas.result import TaskState
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.producer import Producer, ProducerConfig
 from tests.conftest import spawn_cli, terminating, wait_for, worker_env
 from tests.fakes import ScriptedProvider
 from tests.harness import running_worker

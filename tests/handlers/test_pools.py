@@ -6,12 +6,12 @@ import asyncio
 
 from redis.asyncio import Redis
 
-from providers.echo import EchoProvider
-from providers.registry import ModelRegistry
-from schemas.result import TaskState
-from streams.entries import text
-from streams.keys import Keys
-from streams.producer import Producer, ProducerConfig
+from sop_llm.providers.echo import EchoProvider
+from sop_llm.providers.registry import ModelRegistry
+from sop_llm.schemas.result import TaskState
+from sop_llm.streams.entries import text
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.producer import Producer, ProducerConfig
 from tests.fakes import ScriptedProvider
 from tests.harness import running_worker
 

@@ -13,11 +13,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from handlers.tasks.prepare import SCAN_STRINGS, Prepared, prepare, readable_task_id
-from schemas.errors import ErrorCode
-from streams.entries import Entry
-from streams.keys import Keys
-from streams.urlguard import AllowList
+from sop_llm.handlers.tasks.prepare import SCAN_STRINGS, Prepared, prepare, readable_task_id
+from sop_llm.schemas.errors import ErrorCode
+from sop_llm.streams.entries import Entry
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.urlguard import AllowList
 
 KEYS = Keys("sop")
 STREAM = KEYS.tasks("default", "high")

@@ -11,11 +11,11 @@ import json
 
 import pytest
 
-from handlers.tasks.prepare import Prepared, prepare
-from schemas.errors import ErrorCode
-from streams.entries import Entry
-from streams.envelopes import FIELD_ENVELOPE, MAGIC, SHAPES, encode_envelope
-from streams.keys import Keys
+from sop_llm.handlers.tasks.prepare import Prepared, prepare
+from sop_llm.schemas.errors import ErrorCode
+from sop_llm.streams.entries import Entry
+from sop_llm.streams.envelopes import FIELD_ENVELOPE, MAGIC, SHAPES, encode_envelope
+from sop_llm.streams.keys import Keys
 
 KEYS = Keys("sop")
 STREAM = KEYS.tasks("default", "normal")

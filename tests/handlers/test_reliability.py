@@ -9,17 +9,17 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from handlers.policy import RetryPolicy
-from providers.base import ProviderError
-from providers.registry import ModelRegistry
-from schemas.errors import BacklogFullError, ErrorCode
-from schemas.result import DeadLetter, TaskState
-from streams.control import CancelOutcome
-from streams.dead import all_dead, requeue
-from streams.errors import INCIDENTS
-from streams.keys import Keys
-from streams.producer import Producer, ProducerConfig
-from streams.status import read_status
+from sop_llm.handlers.policy import RetryPolicy
+from sop_llm.providers.base import ProviderError
+from sop_llm.providers.registry import ModelRegistry
+from sop_llm.schemas.errors import BacklogFullError, ErrorCode
+from sop_llm.schemas.result import DeadLetter, TaskState
+from sop_llm.streams.control import CancelOutcome
+from sop_llm.streams.dead import all_dead, requeue
+from sop_llm.streams.errors import INCIDENTS
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.producer import Producer, ProducerConfig
+from sop_llm.streams.status import read_status
 from tests.conftest import RedisServer, wait_for
 from tests.fakes import ScriptedProvider
 from tests.harness import results, running_worker, stream_entries, wait_results, xadd_task

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from handlers.webhooks.signing import SignatureError, Signer, decode_secret, verify
+from sop_llm.handlers.webhooks.signing import SignatureError, Signer, decode_secret, verify
 
 
 def new_secret(n: int = 32) -> str:

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from handlers.webhooks.ssrf import GuardedResolver, system_lookup
-from schemas.errors import InvalidTaskError
-from streams.urlguard import (
+from sop_llm.handlers.webhooks.ssrf import GuardedResolver, system_lookup
+from sop_llm.schemas.errors import InvalidTaskError
+from sop_llm.streams.urlguard import (
     AllowList,
     IPAddress,
     WebhookURLRefusedError,

@@ -9,8 +9,8 @@ import json
 from prometheus_client import generate_latest
 from redis.asyncio import Redis
 
-from handlers.metrics import Metrics
-from streams.keys import Keys
+from sop_llm.handlers.metrics import Metrics
+from sop_llm.streams.keys import Keys
 from tests.harness import running_worker, stream_entries, wait_results
 
 PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 from redis.asyncio import Redis
 
-from providers.configured import ConfiguredProvider
-from providers.echo import EchoProvider
-from providers.registry import ModelRegistry
-from schemas.errors import ErrorCode
-from schemas.models import ModelSpec
-from schemas.result import TaskState, Usage
-from streams.keys import Keys
-from streams.producer import Producer, ProducerConfig
+from sop_llm.providers.configured import ConfiguredProvider
+from sop_llm.providers.echo import EchoProvider
+from sop_llm.providers.registry import ModelRegistry
+from sop_llm.schemas.errors import ErrorCode
+from sop_llm.schemas.models import ModelSpec
+from sop_llm.schemas.result import TaskState, Usage
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.producer import Producer, ProducerConfig
 from tests.conftest import wait_for
 from tests.fakes import ScriptedProvider
 from tests.harness import running_worker

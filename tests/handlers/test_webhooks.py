@@ -30,25 +30,25 @@ from aiohttp import web
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
-from handlers.tasks import Worker, WorkerConfig
-from handlers.webhooks import WebhookConfig, WebhookSender
-from handlers.webhooks.policy import (
+from sop_llm.handlers.tasks import Worker, WorkerConfig
+from sop_llm.handlers.webhooks import WebhookConfig, WebhookSender
+from sop_llm.handlers.webhooks.policy import (
     Decision,
     decide,
     from_exception,
     from_response,
     parse_retry_after,
 )
-from ops.cli.webhooks import register, run_command
-from ops.settings import Settings
-from ops.webhook_setup import build_sender
-from providers.echo import EchoProvider
-from providers.registry import ModelRegistry
-from schemas.result import TaskResult, TaskState, WebhookJob, WebhookStatus
-from streams import keys as k
-from streams.keys import DEFAULT_PARTITIONS, WEBHOOK_GROUP, Keys
-from streams.status import read_status
-from streams.urlguard import IPAddress
+from sop_llm.ops.cli.webhooks import register, run_command
+from sop_llm.ops.settings import Settings
+from sop_llm.ops.webhook_setup import build_sender
+from sop_llm.providers.echo import EchoProvider
+from sop_llm.providers.registry import ModelRegistry
+from sop_llm.schemas.result import TaskResult, TaskState, WebhookJob, WebhookStatus
+from sop_llm.streams import keys as k
+from sop_llm.streams.keys import DEFAULT_PARTITIONS, WEBHOOK_GROUP, Keys
+from sop_llm.streams.status import read_status
+from sop_llm.streams.urlguard import IPAddress
 from tests.conftest import ROOT, RedisServer, wait_for
 
 LOOPBACK = ("127.0.0.1",)
@@ -428,8 +428,8 @@ async def test_unreadable_job_is_dead_lettered(client: Redis, keys: Keys) -> Non
 _CHILD = """
 import asyncio, json, sys
 from redis.asyncio import Redis
-from handlers.webhooks import WebhookConfig, WebhookSender
-from streams.keys import Keys
+from sop_llm.handlers.webhooks import WebhookConfig, WebhookSender
+from sop_llm.streams.keys import Keys
 cfg = json.loads(sys.argv[1])
 async def main():
     client = Redis.from_url(cfg.pop("redis_url"))

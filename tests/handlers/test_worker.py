@@ -8,10 +8,10 @@ from datetime import UTC, datetime, timedelta
 
 from redis.asyncio import Redis
 
-from schemas.result import DeadLetter, TaskState
-from streams.keys import Keys
-from streams.producer import Producer, ProducerConfig
-from streams.status import read_status
+from sop_llm.schemas.result import DeadLetter, TaskState
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.producer import Producer, ProducerConfig
+from sop_llm.streams.status import read_status
 from tests.conftest import wait_for
 from tests.harness import results, running_worker, stream_entries, wait_results, xadd_task
 

@@ -10,9 +10,9 @@ import aiohttp
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
-from ops.openapi import openapi_document
-from ops.settings import Settings
-from ops.sidecar import Sidecar
+from sop_llm.ops.openapi import openapi_document
+from sop_llm.ops.settings import Settings
+from sop_llm.ops.sidecar import Sidecar
 from tests.ops.docschema import resolve, validate
 
 DOC: dict[str, Any] = openapi_document()

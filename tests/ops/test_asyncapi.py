@@ -10,11 +10,11 @@ import pytest
 from jsonschema import Draft202012Validator, ValidationError
 from redis.asyncio import Redis
 
-from ops.asyncapi import asyncapi_document, render
-from schemas.wire import FIELD_DATA, FIELD_TYPE, EventType
-from streams.control import CancelOutcome
-from streams.keys import Keys
-from streams.producer import Producer, ProducerConfig
+from sop_llm.ops.asyncapi import asyncapi_document, render
+from sop_llm.schemas.wire import FIELD_DATA, FIELD_TYPE, EventType
+from sop_llm.streams.control import CancelOutcome
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.producer import Producer, ProducerConfig
 from tests.conftest import ROOT, wait_for
 from tests.harness import running_worker, stream_entries, xadd_task
 from tests.ops.docschema import refs, resolve, validate
@@ -42,7 +42,7 @@ def _check_entry(doc: dict[str, Any], channel: str, fields: dict[str, str]) -> N
 
 def test_asyncapi_doc_is_current() -> None:
     current = (ROOT / "docs" / "asyncapi.json").read_text()
-    assert current == render(), "regenerate: python -m ops.asyncapi docs/asyncapi.json"
+    assert current == render(), "regenerate: python -m sop_llm.ops.asyncapi docs/asyncapi.json"
 
 
 def test_document_structure() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ops.cli import build_parser, main, runner
+from sop_llm.ops.cli import build_parser, main, runner
 from tests.conftest import ROOT, spawn_cli, terminating, wait_for, worker_env
 
 # one invocation of every command, with the arguments it requires
@@ -77,7 +77,7 @@ def test_a_malformed_webhook_schedule_fails_every_command_at_start(
 
 def test_python_dash_m_runs_the_cli(redis_url: str, namespace: str) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "ops.cli", "status", "no-such-task"],
+        [sys.executable, "-m", "sop_llm.ops.cli", "status", "no-such-task"],
         env=worker_env(redis_url, namespace), cwd=ROOT, capture_output=True, text=True,
         timeout=60, check=False,
     )  # fmt: skip
@@ -86,7 +86,10 @@ def test_python_dash_m_runs_the_cli(redis_url: str, namespace: str) -> None:
 
 
 def test_the_composition_root_imports_no_cli_module() -> None:
-    code = "import sys, ops.app; print(sorted(m for m in sys.modules if m.startswith('ops.cli')))"
+    code = (
+        "import sys, sop_llm.ops.app; "
+        "print(sorted(m for m in sys.modules if m.startswith('sop_llm.ops.cli')))"
+    )
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
         check=True,
@@ -112,7 +115,7 @@ async def test_a_worker_killed_by_a_native_crash_leaves_its_stacks_in_the_log(
 def test_a_cli_submission_is_traced_when_tracing_is_on(redis_url: str, namespace: str) -> None:
     env = worker_env(redis_url, namespace, otel_exporter="console")
     done = subprocess.run(
-        [sys.executable, "-m", "ops.cli", "submit", "--prompt", "traced"],
+        [sys.executable, "-m", "sop_llm.ops.cli", "submit", "--prompt", "traced"],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from ops.cli import build_parser, main
-from ops.cli.models import run_command
-from ops.settings import Settings
-from schemas.models import ModelSpec, SamplingDefaults
+from sop_llm.ops.cli import build_parser, main
+from sop_llm.ops.cli.models import run_command
+from sop_llm.ops.settings import Settings
+from sop_llm.schemas.models import ModelSpec, SamplingDefaults
 from tests.conftest import ROOT
 from tests.providers import ggufbytes as gb
 
@@ -80,7 +80,8 @@ def test_check_exits_non_zero_from_the_command_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"\0" * 64)
     done = subprocess.run(
-        [sys.executable, "-m", "ops.cli", "models", "check", str(models_file(tmp_path, m=bad))],
+        [sys.executable, "-m", "sop_llm.ops.cli", "models", "check",
+         str(models_file(tmp_path, m=bad))],
         cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert done.returncode == 1

@@ -1,16 +1,16 @@
 from __future__ import annotations
 
-from ops.configdoc import render
+from sop_llm.ops.configdoc import render
 from tests.conftest import ROOT
 
 
 def test_configuration_doc_is_current() -> None:
     current = (ROOT / "docs" / "configuration.md").read_text()
-    assert current == render(), "regenerate: python -m ops.configdoc docs/configuration.md"
+    assert current == render(), "regenerate: python -m sop_llm.ops.configdoc docs/configuration.md"
 
 
 def test_every_setting_is_described() -> None:
-    from ops.settings import Settings
+    from sop_llm.ops.settings import Settings
 
     missing = [name for name, f in Settings.model_fields.items() if not f.description]
     assert missing == []

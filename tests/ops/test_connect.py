@@ -27,7 +27,7 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.retry import Retry
 
-from ops.connect import (
+from sop_llm.ops.connect import (
     Target,
     parse_sentinels,
     redis_client_for,
@@ -35,14 +35,14 @@ from ops.connect import (
     socket_timeout_for,
     target_for,
 )
-from ops.settings import Settings
-from providers.base import ProviderError
-from providers.registry import ModelRegistry
-from schemas.errors import ErrorCode, IdempotencyConflictError
-from schemas.result import TaskState
-from streams.control import CancelOutcome
-from streams.keys import Keys
-from streams.producer import Producer, ProducerConfig
+from sop_llm.ops.settings import Settings
+from sop_llm.providers.base import ProviderError
+from sop_llm.providers.registry import ModelRegistry
+from sop_llm.schemas.errors import ErrorCode, IdempotencyConflictError
+from sop_llm.schemas.result import TaskState
+from sop_llm.streams.control import CancelOutcome
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.producer import Producer, ProducerConfig
 from tests.conftest import SHARED_REDIS_URL, free_port
 from tests.fakes import ScriptedProvider
 from tests.harness import results, running_worker

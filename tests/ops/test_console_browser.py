@@ -21,14 +21,14 @@ from playwright.async_api import Page, async_playwright, expect
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
-from gpu.nvml import VramMonitor
-from gpu.semaphore import Device, GpuSemaphore, SemaphoreConfig
-from ops.gpu_setup import GpuRuntime, device_keys
-from ops.sidecar import Sidecar
-from providers.echo import EchoProvider
-from providers.registry import ModelRegistry
-from streams.keys import TASK_GROUP, Keys
-from streams.producer import Producer, ProducerConfig
+from sop_llm.gpu.nvml import VramMonitor
+from sop_llm.gpu.semaphore import Device, GpuSemaphore, SemaphoreConfig
+from sop_llm.ops.gpu_setup import GpuRuntime, device_keys
+from sop_llm.ops.sidecar import Sidecar
+from sop_llm.providers.echo import EchoProvider
+from sop_llm.providers.registry import ModelRegistry
+from sop_llm.streams.keys import TASK_GROUP, Keys
+from sop_llm.streams.producer import Producer, ProducerConfig
 from tests.conftest import wait_for
 from tests.gpu.fakes import GIB, FakeGpu
 from tests.harness import echo_registry, running_worker, stream_entries

@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 from redis.asyncio import Redis
 
-from ops.console import CONSOLE_FILES, DOCS_FILES
+from sop_llm.ops.console import CONSOLE_FILES, DOCS_FILES
 from tests.conftest import ROOT
 from tests.ops.apicheck import serving
 
@@ -74,7 +74,7 @@ def test_every_asset_is_listed_and_shipped() -> None:
     assert on_disk == served
     globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
         "package-data"
-    ]["ops"]
+    ]["sop_llm.ops"]
     for name in on_disk:
         assert any(fnmatch.fnmatch(f"console_assets/{name}", g) for g in globs), name
 

@@ -14,8 +14,8 @@ import yaml
 from prometheus_client.metrics_core import Metric
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
-from handlers.metrics import Metrics
-from ops.settings import Settings
+from sop_llm.handlers.metrics import Metrics
+from sop_llm.ops.settings import Settings
 from tests.conftest import ROOT
 
 _ENV_DEFAULT = re.compile(r"^\$\{(?P<name>\w+)(?::-(?P<default>[^}]*))?\}$")
@@ -38,8 +38,11 @@ def _pyproject() -> dict[str, Any]:
 
 
 def _packages() -> list[str]:
+    """The import root and the folders it links to (the wheel's sop_llm.* packages)."""
     include = _pyproject()["tool"]["setuptools"]["packages"]["find"]["include"]
-    return [p.rstrip("*") for p in include]
+    roots = [p.rstrip("*") for p in include]
+    linked = sorted(p.name for r in roots for p in (ROOT / r).iterdir() if p.is_symlink())
+    return [*roots, *linked]
 
 
 @dataclass

@@ -12,9 +12,9 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
-from ops.console import OPEN_ROUTES
-from streams.keys import Keys
-from streams.producer import Producer, ProducerConfig
+from sop_llm.ops.console import OPEN_ROUTES
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.producer import Producer, ProducerConfig
 from tests.conftest import RedisServer, wait_for
 from tests.harness import running_worker, stream_entries
 from tests.ops.apicheck import DOC, Api, serving

@@ -10,12 +10,12 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
-from providers.echo import EchoProvider
-from schemas.result import WebhookJob
-from streams import keys as k
-from streams.keys import TASK_GROUP, Keys
-from streams.producer import Producer, ProducerConfig
-from streams.webhook_store import AttemptRecord, WebhookDeadLetter
+from sop_llm.providers.echo import EchoProvider
+from sop_llm.schemas.result import WebhookJob
+from sop_llm.streams import keys as k
+from sop_llm.streams.keys import TASK_GROUP, Keys
+from sop_llm.streams.producer import Producer, ProducerConfig
+from sop_llm.streams.webhook_store import AttemptRecord, WebhookDeadLetter
 from tests.conftest import wait_for
 from tests.harness import echo_registry, running_worker, wait_results, xadd_task
 from tests.ops.apicheck import Api, serving
@@ -180,7 +180,7 @@ async def test_a_dead_letter_selection_is_checked(
 
 
 def _job(task_id: str) -> WebhookJob:
-    from schemas.result import TaskResult, TaskState
+    from sop_llm.schemas.result import TaskResult, TaskState
 
     result = TaskResult(task_id=task_id, state=TaskState.COMPLETED, finished_at=1)
     return WebhookJob(

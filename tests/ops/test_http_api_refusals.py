@@ -10,11 +10,11 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
-from schemas.errors import ErrorCode
-from schemas.result import DeadLetter
-from streams.entries import text
-from streams.keys import Keys
-from streams.producer import Producer, ProducerConfig
+from sop_llm.schemas.errors import ErrorCode
+from sop_llm.schemas.result import DeadLetter
+from sop_llm.streams.entries import text
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.producer import Producer, ProducerConfig
 from tests.conftest import RedisServer, wait_for
 from tests.ops.apicheck import serving
 

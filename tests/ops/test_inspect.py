@@ -12,10 +12,10 @@ import pytest
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
-from ops.cli import inspect
-from ops.settings import Settings
-from providers.echo import EchoProvider
-from streams.keys import TASK_GROUP, Keys
+from sop_llm.ops.cli import inspect
+from sop_llm.ops.settings import Settings
+from sop_llm.providers.echo import EchoProvider
+from sop_llm.streams.keys import TASK_GROUP, Keys
 from tests.harness import echo_registry, running_worker, wait_results, xadd_task
 
 

@@ -12,16 +12,16 @@ from jsonschema import Draft202012Validator
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
-from gpu.admission import Admission, AdmissionConfig
-from gpu.semaphore import Device, GpuSemaphore, SemaphoreConfig
-from gpu.snapshot import gpu_snapshot
-from ops.asyncapi import asyncapi_document
-from ops.gpu_setup import device_keys
-from ops.openapi import openapi_document, render
-from ops.settings import Settings
-from ops.sidecar import Sidecar
-from streams.keys import Keys
-from streams.producer import Producer, ProducerConfig
+from sop_llm.gpu.admission import Admission, AdmissionConfig
+from sop_llm.gpu.semaphore import Device, GpuSemaphore, SemaphoreConfig
+from sop_llm.gpu.snapshot import gpu_snapshot
+from sop_llm.ops.asyncapi import asyncapi_document
+from sop_llm.ops.gpu_setup import device_keys
+from sop_llm.ops.openapi import openapi_document, render
+from sop_llm.ops.settings import Settings
+from sop_llm.ops.sidecar import Sidecar
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.producer import Producer, ProducerConfig
 from tests.conftest import ROOT
 from tests.gpu.fakes import GIB, FakeGpu
 from tests.harness import running_worker
@@ -91,7 +91,7 @@ _OPEN_PATHS = {"/health/live", "/", "/console/{name}", "/docs", "/docs/{name}"}
 
 def test_openapi_doc_is_current() -> None:
     current = (ROOT / "docs" / "openapi.json").read_text()
-    assert current == render(), "regenerate: python -m ops.openapi docs/openapi.json"
+    assert current == render(), "regenerate: python -m sop_llm.ops.openapi docs/openapi.json"
 
 
 def test_document_structure() -> None:

@@ -16,17 +16,17 @@ from aiohttp import web
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
-from handlers.webhooks import WebhookConfig, WebhookSender
-from ops import replay
-from ops.cli import replay as replay_cli
-from ops.replay_select import Candidate, Filters, entry_matches, parse_time
-from ops.settings import Settings
-from providers.echo import EchoProvider
-from providers.errors import BadRequestError
-from schemas.result import TaskState
-from streams.entries import entries_from_range
-from streams.keys import DEFAULT_PARTITIONS, Keys
-from streams.status import read_status
+from sop_llm.handlers.webhooks import WebhookConfig, WebhookSender
+from sop_llm.ops import replay
+from sop_llm.ops.cli import replay as replay_cli
+from sop_llm.ops.replay_select import Candidate, Filters, entry_matches, parse_time
+from sop_llm.ops.settings import Settings
+from sop_llm.providers.echo import EchoProvider
+from sop_llm.providers.errors import BadRequestError
+from sop_llm.schemas.result import TaskState
+from sop_llm.streams.entries import entries_from_range
+from sop_llm.streams.keys import DEFAULT_PARTITIONS, Keys
+from sop_llm.streams.status import read_status
 from tests.conftest import drop_namespace, wait_for
 from tests.fakes import ScriptedProvider
 from tests.harness import echo_registry, running_worker, wait_results, xadd_task

@@ -21,11 +21,11 @@ from pydantic import SecretStr
 from redis.asyncio import Redis
 from schemathesis.core.failures import Failure
 
-from ops.openapi import openapi_document
-from ops.sidecar import Sidecar
-from streams.keys import Keys
-from streams.producer import Producer, ProducerConfig
-from streams.topology import ensure_groups
+from sop_llm.ops.openapi import openapi_document
+from sop_llm.ops.sidecar import Sidecar
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.producer import Producer, ProducerConfig
+from sop_llm.streams.topology import ensure_groups
 from tests.conftest import ROOT
 from tests.harness import running_worker
 from tests.ops.apicheck import settings_for

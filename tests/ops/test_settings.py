@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from ops.settings import Settings, redact_url
+from sop_llm.ops.settings import Settings, redact_url
 
 
 def test_names_fixed_by_the_architecture(monkeypatch: pytest.MonkeyPatch) -> None:

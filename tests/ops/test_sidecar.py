@@ -20,11 +20,11 @@ from pydantic import SecretStr
 from redis.asyncio import Redis
 from yarl import URL
 
-from ops.gpu_setup import build_gpu_runtime
-from ops.settings import Settings
-from ops.sidecar import Sidecar
-from streams.keys import TASK_GROUP, Keys
-from streams.producer import Producer, ProducerConfig
+from sop_llm.ops.gpu_setup import build_gpu_runtime
+from sop_llm.ops.settings import Settings
+from sop_llm.ops.sidecar import Sidecar
+from sop_llm.streams.keys import TASK_GROUP, Keys
+from sop_llm.streams.producer import Producer, ProducerConfig
 from tests.conftest import RedisServer, wait_for
 from tests.harness import running_worker
 

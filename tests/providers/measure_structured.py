@@ -23,12 +23,12 @@ import jsonschema
 from llama_cpp import Llama
 from llama_cpp.llama_grammar import LlamaGrammar
 
-from providers.base import GenerationRequest
-from providers.errors import ProviderError
-from providers.factory import build_provider
-from providers.structured import schema_instruction, validate_output
-from schemas.models import ModelSpec
-from schemas.task import JsonSchemaSpec, ResponseFormat
+from sop_llm.providers.base import GenerationRequest
+from sop_llm.providers.errors import ProviderError
+from sop_llm.providers.factory import build_provider
+from sop_llm.providers.structured import schema_instruction, validate_output
+from sop_llm.schemas.models import ModelSpec
+from sop_llm.schemas.task import JsonSchemaSpec, ResponseFormat
 from tests.providers.tinygguf import write_tiny_gguf
 
 SCHEMA: dict[str, Any] = {

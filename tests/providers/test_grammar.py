@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from providers.errors import BadRequestError
-from providers.grammar import int_bounds, int_range, literal, schema_to_gbnf
+from sop_llm.providers.errors import BadRequestError
+from sop_llm.providers.grammar import int_bounds, int_range, literal, schema_to_gbnf
 
 
 def as_regex(expr: str) -> re.Pattern[str]:

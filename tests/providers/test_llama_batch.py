@@ -15,12 +15,12 @@ from pydantic import ValidationError
 
 pytest.importorskip("llama_cpp")
 
-from providers.base import GenerationRequest
-from providers.configured import ConfiguredProvider
-from providers.factory import build_provider
-from providers.llama_batch import LlamaBatchProvider
-from schemas.models import ModelSpec
-from schemas.task import JsonSchemaSpec, ResponseFormat
+from sop_llm.providers.base import GenerationRequest
+from sop_llm.providers.configured import ConfiguredProvider
+from sop_llm.providers.factory import build_provider
+from sop_llm.providers.llama_batch import LlamaBatchProvider
+from sop_llm.schemas.models import ModelSpec
+from sop_llm.schemas.task import JsonSchemaSpec, ResponseFormat
 
 PROMPTS = (
     "Hello world",

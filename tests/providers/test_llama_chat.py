@@ -11,14 +11,14 @@ import pytest
 
 pytest.importorskip("llama_cpp")
 
-from handlers.policy import Fail, RetryPolicy
-from providers.base import GenerationRequest
-from providers.configured import ConfiguredProvider
-from providers.errors import ProviderError
-from providers.factory import build_provider
-from schemas.errors import ErrorCode
-from schemas.models import ModelSpec
-from schemas.task import ChatMessage, ResponseFormat
+from sop_llm.handlers.policy import Fail, RetryPolicy
+from sop_llm.providers.base import GenerationRequest
+from sop_llm.providers.configured import ConfiguredProvider
+from sop_llm.providers.errors import ProviderError
+from sop_llm.providers.factory import build_provider
+from sop_llm.schemas.errors import ErrorCode
+from sop_llm.schemas.models import ModelSpec
+from sop_llm.schemas.task import ChatMessage, ResponseFormat
 
 
 @pytest.fixture
@@ -125,7 +125,7 @@ async def test_a_broken_template_fails_chat_tasks_only(
 async def test_prompts_are_evaluated_in_fixed_chunks_and_only_whole_ones_are_reused(
     tiny: ConfiguredProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from providers.llama_cpp import LlamaCppProvider
+    from sop_llm.providers.llama_cpp import LlamaCppProvider
 
     inner = tiny.inner
     assert isinstance(inner, LlamaCppProvider)

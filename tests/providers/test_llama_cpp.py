@@ -16,13 +16,13 @@ import pytest
 
 pytest.importorskip("llama_cpp")
 
-from providers.base import Delta, Generation, GenerationRequest, stream
-from providers.configured import ConfiguredProvider
-from providers.errors import ProviderError
-from providers.factory import build_provider
-from schemas.errors import ErrorCode
-from schemas.models import ModelSpec
-from schemas.task import ChatMessage, JsonSchemaSpec, ResponseFormat
+from sop_llm.providers.base import Delta, Generation, GenerationRequest, stream
+from sop_llm.providers.configured import ConfiguredProvider
+from sop_llm.providers.errors import ProviderError
+from sop_llm.providers.factory import build_provider
+from sop_llm.schemas.errors import ErrorCode
+from sop_llm.schemas.models import ModelSpec
+from sop_llm.schemas.task import ChatMessage, JsonSchemaSpec, ResponseFormat
 
 PERSON: dict[str, Any] = {
     "type": "object",
@@ -199,8 +199,8 @@ async def test_a_grammar_that_does_not_parse_is_a_bad_request(tiny: ConfiguredPr
 
 
 async def test_building_reads_the_header_and_loading_is_on_demand(tiny_gguf: Path) -> None:
-    from providers.base import Loadable
-    from providers.llama_cpp import LlamaCppProvider
+    from sop_llm.providers.base import Loadable
+    from sop_llm.providers.llama_cpp import LlamaCppProvider
 
     spec = ModelSpec(
         name="tiny", provider="llama_cpp", path=str(tiny_gguf), context_window=1024,
@@ -224,13 +224,13 @@ async def test_building_reads_the_header_and_loading_is_on_demand(tiny_gguf: Pat
 
 
 async def test_a_cpu_model_needs_no_device_memory(tiny: ConfiguredProvider) -> None:
-    from providers.llama_cpp import LlamaCppProvider
+    from sop_llm.providers.llama_cpp import LlamaCppProvider
 
     assert isinstance(tiny.inner, LlamaCppProvider) and tiny.inner.estimated_bytes() == 0
 
 
 def test_a_missing_or_broken_file_is_refused_when_built(tmp_path: Path) -> None:
-    from providers.factory import ModelConfigError
+    from sop_llm.providers.factory import ModelConfigError
 
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"not a gguf file")

@@ -11,11 +11,11 @@ import pytest
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
-from ops.cli.models import register, run_command
-from ops.settings import Settings
-from schemas.models import ModelSpec
-from streams.keys import Keys
-from streams.models import VERSION_FIELD, ModelStore
+from sop_llm.ops.cli.models import register, run_command
+from sop_llm.ops.settings import Settings
+from sop_llm.schemas.models import ModelSpec
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.models import VERSION_FIELD, ModelStore
 
 
 def gpt(**fields: object) -> ModelSpec:

@@ -9,15 +9,15 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from providers.base import GenerationRequest
-from providers.configured import ConfiguredProvider
-from providers.errors import ProviderError
-from providers.factory import ModelConfigError
-from providers.loader import ModelLoader, load_registry
-from providers.registry import ModelRegistry
-from providers.specs import load_specs_file, merge_specs, parse_specs
-from schemas.models import ModelSpec
-from schemas.task import TaskEvent
+from sop_llm.providers.base import GenerationRequest
+from sop_llm.providers.configured import ConfiguredProvider
+from sop_llm.providers.errors import ProviderError
+from sop_llm.providers.factory import ModelConfigError
+from sop_llm.providers.loader import ModelLoader, load_registry
+from sop_llm.providers.registry import ModelRegistry
+from sop_llm.providers.specs import load_specs_file, merge_specs, parse_specs
+from sop_llm.schemas.models import ModelSpec
+from sop_llm.schemas.task import TaskEvent
 from tests.providers.wire import FakeServer, json_reply, oa_completion
 
 ENV = {"KEY_A": "sk-a"}

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from providers.base import GenerationRequest
-from providers.errors import BadRequestError, error_for_status
-from providers.sanitize import (
+from sop_llm.providers.base import GenerationRequest
+from sop_llm.providers.errors import BadRequestError, error_for_status
+from sop_llm.providers.sanitize import (
     ECHO_CHARS,
     MAX_ERROR_CHARS,
     REDACTED,
@@ -19,8 +19,8 @@ from providers.sanitize import (
     Redaction,
     sanitize,
 )
-from schemas.errors import ErrorCode
-from schemas.task import ChatMessage
+from sop_llm.schemas.errors import ErrorCode
+from sop_llm.schemas.task import ChatMessage
 
 KEY = "TopSecretValue-42"  # not key-shaped: only the configured secret can find it
 PROMPT = 'My card is 4417 1234 5678 9113.\nPlease "summarise" my last statement for me.'

@@ -7,17 +7,17 @@ import time
 
 import pytest
 
-from providers.base import Generation, GenerationRequest
-from providers.errors import BadRequestError, SchemaInvalidError, parse_retry_after
-from providers.structured import (
+from sop_llm.providers.base import Generation, GenerationRequest
+from sop_llm.providers.errors import BadRequestError, SchemaInvalidError, parse_retry_after
+from sop_llm.providers.structured import (
     check_schema,
     generate_validated,
     validate_output,
     with_instruction,
 )
-from providers.text import TextAssembler
-from schemas.result import Usage
-from schemas.task import ChatMessage
+from sop_llm.providers.text import TextAssembler
+from sop_llm.schemas.result import Usage
+from sop_llm.schemas.task import ChatMessage
 
 SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
 

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from providers.base import GenerationRequest
-from providers.errors import ProviderError
-from providers.factory import build_provider
-from schemas.errors import ErrorCode
-from schemas.models import ModelSpec
+from sop_llm.providers.base import GenerationRequest
+from sop_llm.providers.errors import ProviderError
+from sop_llm.providers.factory import build_provider
+from sop_llm.schemas.errors import ErrorCode
+from sop_llm.schemas.models import ModelSpec
 from tests.providers.wire import FakeServer, Reply, an_message, oa_completion
 
 # past the 100 connections the SDKs' default httpx client keeps alive

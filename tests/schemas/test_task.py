@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from schemas.task import (
+from sop_llm.schemas.task import (
     DEADLINE_MAX_MS,
     DEADLINE_MIN_MS,
     TaskEvent,

@@ -15,10 +15,10 @@ from typing import Any, cast
 import pytest
 from redis.asyncio import Redis
 
-from streams.control import control_events
-from streams.keys import Keys
-from streams.producer import Producer, ProducerConfig
-from streams.tokens import read_tokens
+from sop_llm.streams.control import control_events
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.producer import Producer, ProducerConfig
+from sop_llm.streams.tokens import read_tokens
 
 
 class Swallowing(Redis):

@@ -9,8 +9,8 @@ import json
 from redis.asyncio import Redis
 from redis.typing import EncodableT, FieldT
 
-from streams.control import control_events
-from streams.keys import Keys
+from sop_llm.streams.control import control_events
+from sop_llm.streams.keys import Keys
 
 
 def cancel(task_id: str) -> dict[FieldT, EncodableT]:

@@ -14,9 +14,9 @@ from faststream.redis.parser import BinaryMessageFormatV1
 from hypothesis import given
 from hypothesis import strategies as st
 
-from schemas.errors import ErrorCode, InvalidTaskError
-from streams.entries import Entry
-from streams.envelopes import (
+from sop_llm.schemas.errors import ErrorCode, InvalidTaskError
+from sop_llm.streams.entries import Entry
+from sop_llm.streams.envelopes import (
     FIELD_ENVELOPE,
     MAGIC,
     MAX_CORRELATION_ID,

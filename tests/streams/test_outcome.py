@@ -7,13 +7,13 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from schemas.errors import ErrorCode
-from schemas.result import DeadLetter, TaskResult, TaskState, WebhookJob
-from streams.entries import Entry, entries_from_read
-from streams.keys import TASK_GROUP, Keys
-from streams.leases import Lease, Reclaimer
-from streams.outcome import Finish, Outcomes, Start
-from streams.topology import ensure_groups
+from sop_llm.schemas.errors import ErrorCode
+from sop_llm.schemas.result import DeadLetter, TaskResult, TaskState, WebhookJob
+from sop_llm.streams.entries import Entry, entries_from_read
+from sop_llm.streams.keys import TASK_GROUP, Keys
+from sop_llm.streams.leases import Lease, Reclaimer
+from sop_llm.streams.outcome import Finish, Outcomes, Start
+from sop_llm.streams.topology import ensure_groups
 from tests.harness import stream_entries
 
 

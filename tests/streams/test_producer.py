@@ -6,7 +6,7 @@ import pytest
 import redis.exceptions
 from redis.asyncio import Redis
 
-from schemas.errors import (
+from sop_llm.schemas.errors import (
     BrokerError,
     BrokerUnavailableError,
     DuplicateTaskIdError,
@@ -15,9 +15,9 @@ from schemas.errors import (
     SopError,
     WaitTimeoutError,
 )
-from schemas.result import TaskState
-from streams.keys import Keys
-from streams.producer import Producer, ProducerConfig
+from sop_llm.schemas.result import TaskState
+from sop_llm.streams.keys import Keys
+from sop_llm.streams.producer import Producer, ProducerConfig
 from tests.conftest import free_port
 from tests.harness import running_worker, stream_entries, wait_results
 

@@ -4,10 +4,10 @@ import time
 
 from redis.asyncio import Redis
 
-from streams.entries import entries_from_range, text
-from streams.keys import TASK_GROUP, Keys
-from streams.retention import Retention, trim_all, trim_stream
-from streams.topology import ensure_groups
+from sop_llm.streams.entries import entries_from_range, text
+from sop_llm.streams.keys import TASK_GROUP, Keys
+from sop_llm.streams.retention import Retention, trim_all, trim_stream
+from sop_llm.streams.topology import ensure_groups
 
 
 async def test_trim_by_age_never_past_pending_or_undelivered(client: Redis, keys: Keys) -> None:
