@@ -1,7 +1,10 @@
 """Inference backends behind one ``Provider`` protocol, the model registry and its loading.
 
-The SDK adapters (``providers.openai``, ``providers.anthropic``, ``providers.llama_cpp``) are
-imported only when a spec needs them: import them from their modules, not from here.
+``__all__`` names what a provider author may rely on: the protocol, what it exchanges and the
+error tree (a scripted model for tests is in ``sop_llm.testing``). The registry, the loader and
+the factory are the worker's internals, imported from their own modules. The SDK adapters
+(``providers.openai``, ``providers.anthropic``, ``providers.llama_cpp``) are imported only when
+a spec needs them: import them from their modules, not from here.
 """
 
 from sop_llm.providers.base import (
@@ -14,7 +17,6 @@ from sop_llm.providers.base import (
     StreamItem,
     stream,
 )
-from sop_llm.providers.configured import ConfiguredProvider
 from sop_llm.providers.echo import EchoProvider
 from sop_llm.providers.errors import (
     AuthError,
@@ -29,17 +31,12 @@ from sop_llm.providers.errors import (
     RateLimitedError,
     SchemaInvalidError,
 )
-from sop_llm.providers.factory import ModelConfigError, build_provider
-from sop_llm.providers.loader import LoadReport, ModelLoader, load_registry
-from sop_llm.providers.registry import ModelBinding, ModelRegistry
-from sop_llm.providers.specs import load_specs_file, merge_specs
 
 __all__ = [
     "AuthError",
     "BadRequestError",
     "Capabilities",
     "Closeable",
-    "ConfiguredProvider",
     "ContentFilterError",
     "ContextLengthError",
     "Delta",
@@ -47,11 +44,6 @@ __all__ = [
     "Generation",
     "GenerationRequest",
     "InternalProviderError",
-    "LoadReport",
-    "ModelBinding",
-    "ModelConfigError",
-    "ModelLoader",
-    "ModelRegistry",
     "ModelUnavailableError",
     "OverloadedError",
     "Provider",
@@ -60,9 +52,5 @@ __all__ = [
     "RateLimitedError",
     "SchemaInvalidError",
     "StreamItem",
-    "build_provider",
-    "load_registry",
-    "load_specs_file",
-    "merge_specs",
     "stream",
 ]

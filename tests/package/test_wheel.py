@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -22,11 +23,16 @@ pytestmark = pytest.mark.slow  # builds a wheel: a few seconds, and PyPI for the
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    build = tmp_path_factory.mktemp("build")
+    # built from a copy: setuptools writes build/ into the tree it builds, and a build/ left
+    # from an earlier layout would put stale packages into the wheel
+    tree = tmp_path_factory.mktemp("tree") / "sop-llm"
+    skip = shutil.ignore_patterns(
+        ".git", ".venv*", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".schemathesis"
+    )
+    shutil.copytree(ROOT, tree, symlinks=True, ignore=skip)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-q", "-w", str(out)],
+        [sys.executable, "-m", "pip", "wheel", str(tree), "--no-deps", "-q", "-w", str(out)],
         check=True, capture_output=True, timeout=300,
-        env={**os.environ, "TMPDIR": str(build)},
     )  # fmt: skip
     [found] = out.glob("sop_llm-*.whl")
     return found
