@@ -61,7 +61,7 @@ def before(path: Path, seeds: range, max_tokens: int) -> int:
     ok = 0
     for seed in seeds:
         out = llm.create_completion(prompt, max_tokens=max_tokens, seed=seed, grammar=grammar)
-        ok += strictly_valid(out["choices"][0]["text"])  # type: ignore[index]
+        ok += strictly_valid(out["choices"][0]["text"])  # type: ignore[index, unused-ignore]
     llm.close()
     return ok
 
