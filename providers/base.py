@@ -28,10 +28,6 @@ class Capabilities:
     structured_output: StructuredKind | None = None
     needs_gpu_slot: bool = False
     max_concurrency: int = 1
-    instant: bool = False
-    """The provider is also :class:`Instant`: it answers at once, in-process, with no I/O and
-    no waiting. The worker then runs a read batch of its tasks inside the batch (no task each)
-    and writes each outcome with the task's start, in one round trip."""
 
 
 @dataclass(slots=True)
@@ -92,7 +88,8 @@ DeltaSink = Callable[[str], None]
 class Provider(Protocol):
     """A backend. ``generate`` is cancellable (asyncio cancellation stops it between tokens;
     when it returns or raises, the backend is idle again); ``on_delta`` receives text as it is
-    produced, on the event loop's thread. Errors raise :class:`ProviderError` (see
+    produced, on the event loop's thread; ``request.spent`` counts the tokens used as they are
+    (a cut-short call's usage comes from it). Errors raise :class:`ProviderError` (see
     ``providers/errors.py`` for the tree). :func:`stream` gives the same call as an iterator.
     """
 
@@ -105,13 +102,6 @@ class Provider(Protocol):
     async def generate(
         self, request: GenerationRequest, *, on_delta: DeltaSink | None = None
     ) -> Generation: ...
-
-
-class Instant(Protocol):
-    """A provider that can answer synchronously (``Capabilities.instant``). ``answer`` gives
-    what ``generate`` without ``on_delta`` would, and raises the same errors."""
-
-    def answer(self, request: GenerationRequest) -> Generation: ...
 
 
 @runtime_checkable

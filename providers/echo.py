@@ -2,7 +2,7 @@
 
 It answers with exactly ``max_tokens`` tokens (default 16): the prompt's words in order,
 cycling when they run out, at ``tokens_per_s`` tokens per second (0: no delay, and then it is
-an instant provider: the worker runs its tasks inside the read batch).
+the same path as any model).
 """
 
 from __future__ import annotations
@@ -22,9 +22,7 @@ class EchoProvider:
         if tokens_per_s < 0:
             raise ValueError("tokens_per_s must be >= 0")
         self._tokens_per_s = tokens_per_s
-        self._capabilities = Capabilities(
-            streaming=True, max_concurrency=slots, instant=tokens_per_s == 0
-        )
+        self._capabilities = Capabilities(streaming=True, max_concurrency=slots)
 
     @property
     def name(self) -> str:
@@ -33,10 +31,6 @@ class EchoProvider:
     @property
     def capabilities(self) -> Capabilities:
         return self._capabilities
-
-    def answer(self, request: GenerationRequest) -> Generation:
-        words, tokens = _tokens(request)
-        return _generation(words, tokens)
 
     async def generate(
         self, request: GenerationRequest, *, on_delta: DeltaSink | None = None

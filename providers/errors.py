@@ -23,7 +23,6 @@ from typing import ClassVar
 
 from sop_llm.providers.sanitize import NO_REDACTION, Redaction, sanitize
 from sop_llm.schemas.errors import ErrorCode, SopError
-from sop_llm.schemas.result import Usage
 
 # cap on a server's Retry-After hint: a bogus "retry in a year" must not park a task forever
 MAX_RETRY_AFTER_S = 3600.0
@@ -34,10 +33,10 @@ class ProviderError(SopError):
 
     ``retryable`` tells the policy layer whether another attempt may help (defaults to the
     class's answer); ``retry_after`` is the backend's own hint in seconds; ``status`` the HTTP
-    status when there was one; ``raw_text`` the model output that failed validation; ``usage``
-    the tokens the failed work used (both attempts of a schema repair). The message is
-    sanitised; a raiser whose message quotes the backend passes the request's ``redaction``
-    (its API key, its texts) so that none of it survives.
+    status when there was one; ``raw_text`` the model output that failed validation (the
+    tokens the failed work used are in the request's ``spent``). The message is sanitised; a
+    raiser whose message quotes the backend passes the request's ``redaction`` (its API key,
+    its texts) so that none of it survives.
     """
 
     code: ErrorCode = ErrorCode.INTERNAL
@@ -52,7 +51,6 @@ class ProviderError(SopError):
         retry_after: float | None = None,
         status: int | None = None,
         raw_text: str | None = None,
-        usage: Usage | None = None,
         redaction: Redaction = NO_REDACTION,
     ) -> None:
         super().__init__(sanitize(message, redaction), code=code)
@@ -60,7 +58,6 @@ class ProviderError(SopError):
         self.retry_after = retry_after
         self.status = status
         self.raw_text = raw_text
-        self.usage = usage
 
 
 class RateLimitedError(ProviderError):

@@ -176,6 +176,5 @@ async def generate_validated(
         raise SchemaInvalidError(
             f"output does not match the JSON Schema after one repair attempt: {exc}",
             raw_text=second.text,
-            usage=usage,
         ) from exc
     return Generation(text=checked.text, finish_reason=second.finish_reason, usage=usage)

@@ -52,31 +52,7 @@ class ScriptedProvider:
         for i, word in enumerate(words):
             if self._per_token_s:
                 await asyncio.sleep(self._per_token_s)
+            request.spent.output_tokens += 1  # counted as it goes, as providers do
             if on_delta is not None:
                 on_delta(word if i == 0 else " " + word)
-        return Generation(text=outcome, finish_reason="stop", usage=Usage(output_tokens=len(words)))
-
-
-class InstantProvider(ScriptedProvider):
-    """A :class:`ScriptedProvider` that is also instant: ``answers`` scripts ``answer`` the way
-    ``outcomes`` scripts ``generate`` (an exception is raised, a string is the answer)."""
-
-    def __init__(
-        self,
-        answers: list[BaseException | str],
-        outcomes: list[BaseException | str] | None = None,
-        *,
-        slots: int = 8,
-    ) -> None:
-        super().__init__(outcomes or ["from generate"], slots=slots)
-        self._answers = answers
-        self._capabilities = Capabilities(max_concurrency=slots, instant=True)
-        self.answered: list[GenerationRequest] = []
-
-    def answer(self, request: GenerationRequest) -> Generation:
-        outcome = self._answers[min(len(self.answered), len(self._answers) - 1)]
-        self.answered.append(request)
-        if isinstance(outcome, BaseException):
-            raise outcome
-        words = outcome.split()
         return Generation(text=outcome, finish_reason="stop", usage=Usage(output_tokens=len(words)))

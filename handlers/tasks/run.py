@@ -271,7 +271,7 @@ class TaskRunner:
                 text="".join(parts), usage=_spent(request, parts),
             )  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - the policy decides; unexpected ones are logged there
-            usage = getattr(exc, "usage", None) or _spent(request, parts)
+            usage = _spent(request, parts)
             await self._finish.attempt_failed(
                 p, attempts, started, limit, exc, earlier, usage=usage
             )

@@ -88,3 +88,40 @@ async def test_add_wait_names_the_workers_that_did_not_answer_in_time(
 
 async def _workers(client: Redis, keys: Keys, n: int) -> bool:
     return len([w for w in await worker_models(client, keys) if w.version >= 0]) == n
+
+
+async def test_add_wait_with_no_live_worker_returns_at_once_and_says_so(
+    redis_url: str, namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = Settings(redis_url=SecretStr(redis_url), namespace=namespace)
+    add = parse("add", "--name", "lonely", "--provider", "echo", "--wait", "20")
+    assert await run_command(settings, add) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["serving"] == []
+    assert "no live worker serves pool 'default'" in captured.err
+
+
+async def test_remove_wait_names_a_worker_that_still_serves_the_model(
+    client: Redis,
+    redis_url: str,
+    namespace: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A model also declared in a worker's models file stays served after its runtime spec
+    goes: `remove --wait` says which worker and exits 1."""
+    settings = Settings(redis_url=SecretStr(redis_url), namespace=namespace)
+    keys = Keys(namespace)
+    models = tmp_path / "models.toml"
+    models.write_text('[models.both]\nprovider = "echo"\n')
+    env = worker_env(redis_url, namespace, models_poll_s=1, block_ms=200, models_file=models)
+    with terminating(spawn_cli(["worker"], env, tmp_path / "w.log")):
+        await wait_for(lambda: _workers(client, keys, 1), 30)
+        assert (
+            await run_command(settings, parse("add", "--name", "both", "--provider", "echo")) == 0
+        )
+        capsys.readouterr()
+        assert await run_command(settings, parse("remove", "both", "--wait", "20")) == 1
+    captured = capsys.readouterr()
+    assert len(json.loads(captured.out)["serving"]) == 1
+    assert "is still served by " in captured.err and "models file" in captured.err

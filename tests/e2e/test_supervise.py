@@ -8,8 +8,10 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
 from redis.asyncio import Redis
 
+from sop_llm.ops.supervise import child_env
 from sop_llm.schemas.result import TaskState
 from sop_llm.streams.keys import Keys
 from sop_llm.streams.models import worker_models
@@ -55,3 +57,10 @@ async def _count(client: Redis, keys: Keys, n: int) -> bool:
 async def _replaced(client: Redis, keys: Keys, gone: str) -> bool:
     now = await _workers(client, keys)
     return gone not in now and len(now) == 2
+
+
+def test_each_child_gets_a_metrics_port_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SOP_METRICS_PORT", "9464")
+    assert [child_env(i)["SOP_METRICS_PORT"] for i in range(3)] == ["9464", "9465", "9466"]
+    monkeypatch.delenv("SOP_METRICS_PORT")
+    assert "SOP_METRICS_PORT" not in child_env(1)
