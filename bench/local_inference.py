@@ -172,7 +172,7 @@ async def run_sop(
             raise RuntimeError(f"task did not complete: {result.model_dump_json()}")
         side.texts[p] = result.text or ""
         results.append(result)
-    tokens = sum(r.usage.output_tokens for r in results if r.usage is not None)
+    tokens = sum(r.usage.output_tokens or 0 for r in results if r.usage is not None)
     side.tokens += tokens
     side.gen_tps.append(tokens / (sum(r.run_ms for r in results) / 1000))
     side.e2e_tps.append(tokens / wall)
@@ -315,7 +315,7 @@ async def sop_batch(producer: Producer, prompts: list[str], max_tokens: int) -> 
     wall = time.perf_counter() - began
     if any(r.state != TaskState.COMPLETED or r.usage is None for r in results):
         raise RuntimeError("a task did not complete")
-    return sum(r.usage.output_tokens for r in results if r.usage is not None) / wall
+    return sum(r.usage.output_tokens or 0 for r in results if r.usage is not None) / wall
 
 
 async def high_ttft(producer: Producer, n: int, max_tokens: int) -> tuple[float, float]:

@@ -147,8 +147,12 @@ async def _to_sandbox(
     return failed
 
 
-def _usage_line(label: str, usage: tuple[int, int] | None, run_ms: int | None, what: str) -> str:
-    tokens = f"tokens in {usage[0]} / out {usage[1]}" if usage else "tokens -"
+def _usage_line(
+    label: str, usage: tuple[int | None, int | None] | None, run_ms: int | None, what: str
+) -> str:
+    # an unknown count (the backend reported none) reads "?"
+    i, o = ("?" if n is None else n for n in usage) if usage else ("", "")
+    tokens = f"tokens in {i} / out {o}" if usage else "tokens -"
     ms = f"run {run_ms} ms" if run_ms is not None else "run -"
     return f"{label:<9} {what}  {tokens}  {ms}"
 

@@ -38,19 +38,32 @@ class Spent:
 
     input_tokens: int = 0
     output_tokens: int = 0
+    input_unknown: bool = False
+    """A call's count was not reported (the total is unknown, not the known part)."""
+    output_unknown: bool = False
 
     def add(self, usage: Usage) -> None:
         """Count a whole call's usage (a provider that learns it only at the end)."""
-        self.input_tokens += usage.input_tokens
-        self.output_tokens += usage.output_tokens
+        if usage.input_tokens is None:
+            self.input_unknown = True
+        else:
+            self.input_tokens += usage.input_tokens
+        if usage.output_tokens is None:
+            self.output_unknown = True
+        else:
+            self.output_tokens += usage.output_tokens
 
     def usage(self, *, at_least_output: int = 0) -> Usage | None:
         """As a :class:`Usage`; ``None`` when nothing was counted. ``at_least_output``: the
         deltas seen, for a provider that does not count as it goes."""
         output = max(self.output_tokens, at_least_output)
-        if not (self.input_tokens or output):
+        unknown = self.input_unknown or self.output_unknown
+        if not (self.input_tokens or output or unknown):
             return None
-        return Usage(input_tokens=self.input_tokens, output_tokens=output)
+        return Usage(
+            input_tokens=None if self.input_unknown else self.input_tokens,
+            output_tokens=None if self.output_unknown and not output else output,
+        )
 
 
 @dataclass(slots=True)

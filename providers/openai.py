@@ -246,17 +246,21 @@ class OpenAIProvider:
                 "server does so while another request waits: declare concurrency 1 for it)"
             )
         if usage is None or (parts and not usage.output_tokens):
-            # the server reports no usage in streams: count a token per content chunk
-            usage = Usage(input_tokens=usage.input_tokens if usage else 0, output_tokens=len(parts))
+            # the server reports no usage in streams: count a token per content chunk; the
+            # prompt's count stays unknown (no tokenizer for a remote model here)
+            usage = Usage(
+                input_tokens=usage.input_tokens if usage else None, output_tokens=len(parts)
+            )
         return Generation(
             text="".join(parts), finish_reason=_finish(finish, self._name), usage=usage
         )
 
 
 def _usage(usage: openai.types.CompletionUsage | None) -> Usage:
+    """The reply's counts; one the server left out is unknown (``None``), not 0."""
     if usage is None:
-        return Usage()
-    return Usage(input_tokens=usage.prompt_tokens or 0, output_tokens=usage.completion_tokens or 0)
+        return Usage(input_tokens=None, output_tokens=None)
+    return Usage(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens)
 
 
 def _finish(reason: str | None, name: str) -> FinishReason:

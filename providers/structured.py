@@ -18,7 +18,7 @@ import jsonschema
 from jsonschema.exceptions import SchemaError
 from jsonschema.validators import validator_for
 
-from sop_llm.providers.base import DeltaSink, Generation, GenerationRequest
+from sop_llm.providers.base import DeltaSink, Generation, GenerationRequest, Spent
 from sop_llm.providers.errors import BadRequestError, SchemaInvalidError
 from sop_llm.schemas.result import Usage
 from sop_llm.schemas.task import ChatMessage, ResponseFormat
@@ -141,10 +141,10 @@ def repair_request(request: GenerationRequest, bad_text: str, reason: str) -> Ge
 
 
 def _sum(a: Usage, b: Usage) -> Usage:
-    return Usage(
-        input_tokens=a.input_tokens + b.input_tokens,
-        output_tokens=a.output_tokens + b.output_tokens,
-    )
+    spent = Spent()
+    spent.add(a)
+    spent.add(b)
+    return spent.usage() or Usage()
 
 
 async def generate_validated(

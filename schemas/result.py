@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, JsonValue
+from pydantic import Field, JsonValue, SerializerFunctionWrapHandler, model_serializer
 
 from sop_llm.schemas.errors import ErrorCode
 from sop_llm.schemas.wire import StrictModel
@@ -32,11 +32,23 @@ FinishReason = Literal["stop", "length", "cancelled", "deadline", "error"]
 
 
 class Usage(StrictModel):
-    input_tokens: Annotated[int, Field(ge=0)] = 0
-    output_tokens: Annotated[int, Field(ge=0)] = 0
+    """Tokens a task used. ``null``: unknown, the backend reported no count and none could be
+    made (an OpenAI-compatible server that sends no usage: see docs/providers.md); never a
+    made-up 0. Both keys are always written, ``null`` included."""
+
+    input_tokens: Annotated[int, Field(ge=0)] | None = 0
+    output_tokens: Annotated[int, Field(ge=0)] | None = 0
+
+    @model_serializer(mode="wrap")
+    def _both_keys(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # kept through exclude_none, with which results are written: unknown reads null
+        return {**handler(self), "input_tokens": self.input_tokens,
+                "output_tokens": self.output_tokens}  # fmt: skip
 
     @property
-    def total_tokens(self) -> int:
+    def total_tokens(self) -> int | None:
+        if self.input_tokens is None or self.output_tokens is None:
+            return None
         return self.input_tokens + self.output_tokens
 
 

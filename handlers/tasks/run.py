@@ -333,8 +333,10 @@ class TaskRunner:
         if self._metrics is None:
             return
         m = self._metrics.model(model)
-        m.tokens_in.inc(gen.usage.input_tokens)
-        m.tokens_out.inc(gen.usage.output_tokens)
+        if gen.usage.input_tokens is not None:
+            m.tokens_in.inc(gen.usage.input_tokens)
+        if gen.usage.output_tokens is not None:
+            m.tokens_out.inc(gen.usage.output_tokens)
         if elapsed_s > 0 and gen.usage.output_tokens:
             m.tokens_per_s.observe(gen.usage.output_tokens / elapsed_s)
 

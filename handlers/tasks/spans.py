@@ -120,11 +120,12 @@ def genai_request_attributes(
 
 
 def genai_response_attributes(gen: Generation, content: bool) -> dict[str, AttributeValue]:
-    attrs: dict[str, AttributeValue] = {
-        "gen_ai.usage.input_tokens": gen.usage.input_tokens,
-        "gen_ai.usage.output_tokens": gen.usage.output_tokens,
-        "gen_ai.response.finish_reasons": [gen.finish_reason],
-    }
+    attrs: dict[str, AttributeValue] = {"gen_ai.response.finish_reasons": [gen.finish_reason]}
+    # a count the backend did not report is left out, not recorded as 0
+    if gen.usage.input_tokens is not None:
+        attrs["gen_ai.usage.input_tokens"] = gen.usage.input_tokens
+    if gen.usage.output_tokens is not None:
+        attrs["gen_ai.usage.output_tokens"] = gen.usage.output_tokens
     if content:
         attrs["gen_ai.output.messages"] = json.dumps([{"role": "assistant", "content": gen.text}])
     return attrs

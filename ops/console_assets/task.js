@@ -53,7 +53,7 @@ export function taskView(root, taskId) {
         row("attempts", String(s.attempts)), row("created", when(s.created_at)), row("started", when(s.started_at)),
         row("finished", when(s.finished_at)), row("queued for", r.queued_ms !== undefined ? age(r.queued_ms) : null),
         row("ran for", r.run_ms !== undefined ? age(r.run_ms) : null), row("finish reason", r.finish_reason),
-        row("tokens", r.usage ? `${r.usage.input_tokens} in, ${r.usage.output_tokens} out` : null),
+        row("tokens", r.usage ? `${r.usage.input_tokens ?? "?"} in, ${r.usage.output_tokens ?? "?"} out` : null),
         row("error", r.error ? r.error.code + ": " + r.error.message : null), row("duplicate of", s.duplicate_of),
         row("webhook", s.webhook ? `${s.webhook.state}, ${s.webhook.attempts} attempt(s)` +
           (s.webhook.last_status_code ? ", last HTTP " + s.webhook.last_status_code : "") +

@@ -37,7 +37,7 @@ export function outcomesView(root) {
       ], found.results.map((r) => h("tr", { dataset: { task: r.task_id, state: r.state } },
         cell("finished", when(r.finished_at)), h("td", {}, taskLink(r.task_id)),
         cell("state", h("span", { class: "state " + r.state }, r.state)), cell("model", r.model),
-        cell("finish", r.finish_reason), cell("tokens", r.usage ? r.usage.output_tokens : null, true),
+        cell("finish", r.finish_reason), cell("tokens", r.usage ? r.usage.output_tokens ?? "?" : null, true),
         cell("queued", age(r.queued_ms), true), cell("run", age(r.run_ms), true), cell("worker", r.worker),
         cell("error", r.error ? r.error.code + ": " + r.error.message : null))), "no outcome matches"));
       return found.length + " outcomes kept";

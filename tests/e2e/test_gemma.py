@@ -152,7 +152,7 @@ async def test_a_chat_runs_through_the_specs_template_and_ends_at_its_turn(
     assert result.finish_reason == "stop", result.text
     text = result.text or ""
     assert re.fullmatch(r"[A-Z][a-z]{1,11}", text), text
-    assert result.usage is not None and result.usage.output_tokens <= 12
+    assert result.usage is not None and (result.usage.output_tokens or 99) <= 12
 
 
 async def test_a_chat_for_a_model_without_a_template_fails_naming_the_setting(
@@ -229,7 +229,7 @@ async def test_a_cancel_stops_a_long_generation(producer: Producer) -> None:
     took = time.monotonic() - asked
     assert result.state == TaskState.CANCELLED
     assert took < 2.0, took
-    assert result.usage is not None and result.usage.output_tokens > 0  # what it generated
+    assert result.usage is not None and (result.usage.output_tokens or 0) > 0  # what it generated
 
 
 async def test_a_high_task_runs_next_on_the_busy_model(producer: Producer) -> None:

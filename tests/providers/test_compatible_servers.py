@@ -4,6 +4,7 @@ ends as one clear outcome, decided by the policy, with one request per attempt."
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from sop_llm.providers.errors import IncompleteStreamError, ProviderError
 from sop_llm.providers.factory import build_provider
 from sop_llm.schemas.errors import ErrorCode
 from sop_llm.schemas.models import ModelSpec
+from sop_llm.schemas.result import TaskResult, TaskState, Usage
 from sop_llm.schemas.task import JsonSchemaSpec, ResponseFormat
 from tests.providers.wire import FakeServer, json_reply, oa_chunks, oa_completion, sse_reply
 
@@ -123,9 +125,26 @@ async def test_a_stream_without_usage_counts_a_token_per_content_chunk(
     gen = await p.generate(request, on_delta=lambda _: None)
     await p.aclose()
     assert gen.text == "Hello world" and gen.finish_reason == "stop"
-    # the prompt's tokens are unknown; the output is counted, never reported as 0
-    assert (gen.usage.input_tokens, gen.usage.output_tokens) == (0, 3)
-    assert (request.spent.input_tokens, request.spent.output_tokens) == (0, 3)
+    # the prompt's tokens are unknown (None, written as null); the output is counted; never 0
+    assert (gen.usage.input_tokens, gen.usage.output_tokens) == (None, 3)
+    assert request.spent.usage() == Usage(input_tokens=None, output_tokens=3)
+    assert json.loads(TaskResult(task_id="t", state=TaskState.COMPLETED, usage=gen.usage, finished_at=1)
+                      .model_dump_json(exclude_none=True))["usage"] == {
+        "input_tokens": None, "output_tokens": 3}  # fmt: skip
+
+
+async def test_a_plain_reply_without_usage_reports_unknown_counts(server: FakeServer) -> None:
+    reply = oa_completion("Hello")
+    del reply["usage"]
+    server.script(json_reply(reply))
+    p = compatible(server)
+    request = GenerationRequest(model="local", prompt="hi")
+    gen = await p.generate(request)
+    await p.aclose()
+    assert gen.text == "Hello"
+    assert (gen.usage.input_tokens, gen.usage.output_tokens) == (None, None)
+    assert gen.usage.total_tokens is None
+    assert request.spent.usage() == Usage(input_tokens=None, output_tokens=None)
 
 
 async def test_a_plain_request_takes_the_usage_of_the_reply(server: FakeServer) -> None:

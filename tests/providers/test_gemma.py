@@ -108,7 +108,7 @@ async def test_a_chat_with_the_specs_template_stops_at_end_of_turn(gemma_path: P
         stop_ids = inner._model.chat.stop_ids
     finally:
         await provider.aclose()
-    assert gen.finish_reason == "stop" and gen.usage.output_tokens < 32
+    assert gen.finish_reason == "stop" and (gen.usage.output_tokens or 99) < 32
     assert 0 < len(gen.text) <= 12
     vocab = llama_cpp.Llama(model_path=str(gemma_path), vocab_only=True, verbose=False)
     try:
