@@ -28,6 +28,9 @@ class Capabilities:
     structured_output: StructuredKind | None = None
     needs_gpu_slot: bool = False
     max_concurrency: int = 1
+    reserved: int = 0
+    """Generations it runs beyond ``max_concurrency``, kept for tasks of the pool's first
+    partition once the others are all in use (a batching model's spare sequence)."""
 
 
 @dataclass(slots=True)

@@ -41,6 +41,7 @@ class ConfiguredProvider:
             structured_output=caps.structured_output,
             needs_gpu_slot=caps.needs_gpu_slot or spec.gpu_slots is not None,
             max_concurrency=spec.concurrency or caps.max_concurrency,
+            reserved=caps.reserved,
         )
 
     @property

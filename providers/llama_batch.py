@@ -30,11 +30,16 @@ import llama_cpp
 
 from sop_llm.providers.base import Capabilities, DeltaSink, Generation, GenerationRequest, Spent
 from sop_llm.providers.errors import InternalProviderError
-from sop_llm.providers.gguf_shape import GgufShape
+from sop_llm.providers.gguf_shape import GgufShape, estimate_bytes
 from sop_llm.providers.llama_chat import chat_format
 from sop_llm.providers.llama_cpp import _CHUNK, LlamaCppProvider, LlamaOptions, _Job, _Model
 from sop_llm.providers.text import TextAssembler
 from sop_llm.schemas.result import FinishReason, Usage
+
+RESERVED = 1
+"""Sequences beyond ``parallel``, for ``high`` tasks only (the worker gives one to a task of
+the pool's first partition when the other N are busy): a ``high`` task arriving at a full
+batch joins at the next step instead of waiting for a sequence to end."""
 
 # llama-cpp-python's sampler chain at a temperature above 0 (Llama._init_sampler's defaults)
 _TOP_K = 40
@@ -219,12 +224,19 @@ class LlamaBatchProvider(LlamaCppProvider):
 
     def __init__(self, *, name: str, options: LlamaOptions, shape: GgufShape) -> None:
         super().__init__(name=name, options=options, shape=shape)
+        # the KV cache holds the reserved sequence too
+        self._estimate = estimate_bytes(
+            shape,
+            n_gpu_layers=options.n_gpu_layers,
+            n_ctx=options.n_ctx * (options.parallel + RESERVED),
+        )
         self._engine: _Engine | None = None
         self._capabilities = Capabilities(
             streaming=True,
             structured_output="grammar",
             needs_gpu_slot=True,
             max_concurrency=options.parallel,
+            reserved=RESERVED,
         )
 
     def _open(self) -> _Model:
@@ -247,7 +259,9 @@ class LlamaBatchProvider(LlamaCppProvider):
                 f"{self._name}: cannot load {options.path}: {exc}", retryable=False
             ) from exc
         try:
-            self._engine = _Engine(llm, parallel=options.parallel, n_ctx=options.n_ctx, chunk=chunk)
+            self._engine = _Engine(
+                llm, parallel=options.parallel + RESERVED, n_ctx=options.n_ctx, chunk=chunk
+            )
         except BaseException:
             llm.close()
             raise

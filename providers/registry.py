@@ -28,6 +28,11 @@ class ModelBinding:
     def needs_gpu_slot(self) -> bool:
         return self.provider.capabilities.needs_gpu_slot
 
+    @property
+    def reserved(self) -> int:
+        """Slots beyond ``concurrency`` for the pool's first partition only."""
+        return self.provider.capabilities.reserved
+
     def in_use(self) -> _InUse:
         """Held by each task that runs on this binding (its provider stays open meanwhile)."""
         return _InUse(self)

@@ -93,17 +93,24 @@ class PoolReader:
         self._next_aging_check = 0.0
         self._promoted: str | None = None
 
+    def first(self, entry: Entry) -> bool:
+        """``entry`` is of the first partition (``high``) of a pool that has several."""
+        return len(self.streams) > 1 and entry.stream == self.streams[0]
+
     def score(self, entry: Entry) -> int:
         """The entry's place in line for its model (lower goes first)."""
         rank = self._ranks.get(entry.stream, len(self._ranks))
         return rank * RANK_MS + entry.timestamp_ms
 
-    async def read(self, count: int, parked: Mapping[str, int]) -> Read:
+    async def read(
+        self, count: int, parked: Mapping[str, int], *, first_only: bool = False
+    ) -> Read:
         """Up to ``parked[model]`` parked entries of each model named, then up to ``count`` new
-        ones, without blocking. Groups missing after a restart or FLUSHALL are created again."""
+        ones, without blocking (``first_only``: from the first partition only). Groups missing
+        after a restart or FLUSHALL are created again."""
         try:
             await self._check_aging()
-            return await self._read(count, parked)
+            return await self._read(count, parked, first_only)
         except Exception as exc:
             if not is_missing_group(exc):
                 raise
@@ -111,10 +118,12 @@ class PoolReader:
             await ensure_groups(self._client, self.streams, self._group)
             return Read([], None, set())
 
-    async def _read(self, count: int, parked: Mapping[str, int]) -> Read:
+    async def _read(self, count: int, parked: Mapping[str, int], first_only: bool) -> Read:
         order = self.streams
         first_limit = 0
-        if self._promoted is not None:
+        if first_only:
+            order = self.streams[:1]
+        elif self._promoted is not None:
             order = [self._promoted, *(s for s in self.streams if s != self._promoted)]
             first_limit = 1
         models = [m for m, n in parked.items() if n > 0]
@@ -140,16 +149,18 @@ class PoolReader:
             return Read(entries, None, drained)  # there may be more: read again before waiting
         return Read(entries, text(last[-1]), drained)
 
-    async def block(self) -> list[Entry]:
-        """New entries, blocking up to ``block_ms`` until one arrives: at most
+    async def block(self, *, first_only: bool = False) -> list[Entry]:
+        """New entries (``first_only``: of the first partition), blocking up to ``block_ms``
+        until one arrives: at most
         :data:`BLOCK_COUNT` from each partition that has some (a blocked read is served by the
         first partition that receives an entry; it cannot be held to a size, so it loads at
         most that many entries per partition, and one over the size limit becomes a stub at
         once). Cancelling it may leave what it was delivered pending here, to be adopted later
         (``Reclaimer.orphans``)."""
         try:
+            streams = self.streams[:1] if first_only else self.streams
             reply = await self._client.xreadgroup(
-                self._group, self._consumer, dict.fromkeys(self.streams, ">"), count=BLOCK_COUNT,
+                self._group, self._consumer, dict.fromkeys(streams, ">"), count=BLOCK_COUNT,
                 block=self.block_ms,
             )  # fmt: skip
         except Exception as exc:

@@ -68,7 +68,7 @@ class RedisIncidents:
 
     def recovered(self) -> None:
         if self._since is not None:
-            down = round(time.monotonic() - self._since, 1)
+            down = round(time.monotonic() - self._since, 3)
             self._since = None
             _log.info("redis reachable again", extra={"redis": self.target, "down_s": down})
 

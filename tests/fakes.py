@@ -20,10 +20,11 @@ class ScriptedProvider:
         *,
         per_token_s: float = 0.0,
         slots: int = 8,
+        reserved: int = 0,
     ) -> None:
         self._outcomes = outcomes
         self._per_token_s = per_token_s
-        self._capabilities = Capabilities(max_concurrency=slots)
+        self._capabilities = Capabilities(max_concurrency=slots, reserved=reserved)
         self.calls: list[float] = []
         self.requests: list[GenerationRequest] = []
 

@@ -6,6 +6,10 @@ entry is validated (``prepare``); those whose model has a free slot start at onc
 and the rest are parked for the next free slot of their model on any worker. With nothing to
 read, the pass waits for a new entry, a parked one, or a freed slot of a model that has parked
 entries. A worker holds no task for a model beyond that model's slots: all others are parked.
+
+A model's reserved slots (``slots.py``) go to entries of the pool's first partition only: with
+every other slot taken, the pass reads only that partition (the others' entries stay in their
+streams), so a ``high`` task arriving at a full model starts at once.
 """
 
 from __future__ import annotations
@@ -14,8 +18,8 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import Awaitable, Coroutine
+from typing import Any, TypeVar
 
 from sop_llm.handlers.tasks.config import WorkerConfig
 from sop_llm.handlers.tasks.prepare import Prepared, prepare, readable_task_id
@@ -33,6 +37,8 @@ from sop_llm.streams.models import ModelStore
 from sop_llm.streams.topology import Backoff
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class PoolIntake:
@@ -64,13 +70,23 @@ class PoolIntake:
         self._freed = asyncio.Event()
         self._unknown_since: dict[str, float] = {}
         self._blocked: asyncio.Future[list[Entry]] | None = None
+        self._blocked_first: asyncio.Future[list[Entry]] | None = None
+        """A blocked read of the first partition only (while only reserved slots are free)."""
         self._parked: asyncio.Future[None] | None = None
         self._wake_id: str | None = None
         self._must_read = True
         self.ready = False
+        self._reached = False
+        """A Redis call went through since the last pass ended."""
         self.clock = CallClock()
         """The pool's Redis reads out now (a stalled worker's tell)."""
         budget.listen(self._released)
+
+    async def _call(self, what: str, call: Awaitable[T]) -> T:
+        """A Redis call of the intake: timed (a stalled worker's tell), and noted as reached."""
+        result = await self.clock.timed(what, call)
+        self._reached = True
+        return result
 
     def models_changed(self) -> None:
         """The registry changed: a model just loaded may have parked entries waiting for it."""
@@ -91,14 +107,25 @@ class PoolIntake:
     async def run(self, stop: asyncio.Event, tg: asyncio.TaskGroup) -> None:
         """Read and start until ``stop`` is set."""
         backoff = Backoff(base=0.05, cap=2.0)
+        quiet_retry = True
         try:
             while not stop.is_set():
                 try:
                     await self._pass(stop, tg)
-                    INCIDENTS.recovered()
-                    self.ready = True
-                    backoff.reset()
+                    if self._reached:  # not a pass that only waited for a freed slot
+                        self._reached = False
+                        INCIDENTS.recovered()
+                        self.ready = True
+                        backoff.reset()
+                        quiet_retry = True
                 except TRANSIENT_ERRORS as exc:
+                    self._must_read = True
+                    if quiet_retry and not INCIDENTS.ongoing:
+                        # the first error after calls went through (a pooled connection the
+                        # server closed while this intake had nothing to read, after a restart)
+                        # is tried again at once before it counts as an incident
+                        quiet_retry = False
+                        continue
                     INCIDENTS.trouble(exc, "read")
                     self.ready = False
                     self._must_read = True
@@ -112,20 +139,28 @@ class PoolIntake:
             # the blocked reads end within block_ms: let them (a cut redis-py command costs its
             # connection); what they were delivered stays pending here, and the lease is dropped
             # at shutdown, so another worker takes it at once
-            reads = [f for f in (self._blocked, self._parked) if f is not None and not f.done()]
+            reads = [
+                f
+                for f in (self._blocked, self._blocked_first, self._parked)
+                if f is not None and not f.done()
+            ]
             if reads:
                 _, late = await asyncio.wait(reads, timeout=self._reader.block_ms / 1000 + 1)
                 for f in late:
                     f.cancel()
 
     async def _pass(self, stop: asyncio.Event, tg: asyncio.TaskGroup) -> None:
+        await self._route_blocked(tg)  # first: what it starts takes slots
         self._freed.clear()
         free = self._free()
         # new entries only for the free slots of real models: the slots of invalid entries are
         # extra, kept for the ones that arrive among the others
         count = sum(n for m, n in free.items() if m != INVALID_MODEL)
-        await self._route_blocked(tg)
         if not count:
+            reserved = sum(self._budget.free_reserved(m) for m in self._registry.names())
+            if reserved:
+                await self._first_partition(reserved, stop, tg)
+                return
             await _first(stop.wait(), self._freed.wait(), also=self._blocked)
             # the tasks of one terminal write release their slots in the same tick: let them
             # all, so that the next read takes what they freed
@@ -133,7 +168,7 @@ class PoolIntake:
             return
         if self._must_read or self._wake_id is None:
             self._wake.clear()
-            read = await self.clock.timed("read", self._reader.read(count, free))
+            read = await self._call("read", self._reader.read(count, free))
             self.ready = True  # it reached Redis (not only once the pass is over)
             self._maybe_parked -= read.drained
             # what a blocked read brought meanwhile goes into the same choice, best first
@@ -145,6 +180,23 @@ class PoolIntake:
             self._wake_id, self._must_read = read.wake_id, False
         await self._idle(self._wake_id, stop)
 
+    async def _first_partition(
+        self, count: int, stop: asyncio.Event, tg: asyncio.TaskGroup
+    ) -> None:
+        """Only reserved slots are free: read the first partition alone, else wait in a blocked
+        read of it (or for a freed slot)."""
+        read = await self._call("read", self._reader.read(count, {}, first_only=True))
+        if read.entries:
+            await self._route(read.entries, tg)
+            return
+        if self._blocked_first is None:
+            self._blocked_first = asyncio.ensure_future(
+                self._call("blocking read", self._reader.block(first_only=True))
+            )
+            self._blocked_first.add_done_callback(_seen)
+        await _first(stop.wait(), self._freed.wait(), also=self._blocked_first)
+        await asyncio.sleep(0)
+
     async def _idle(self, wake_id: str, stop: asyncio.Event) -> None:
         """Nothing to read: block in ``XREADGROUP`` for a new entry (it delivers it at once) and
         in ``XREAD`` for an entry parked elsewhere, and stop waiting as well when a slot frees
@@ -154,18 +206,18 @@ class PoolIntake:
             self._must_read = True  # a slot freed for a model with parked entries: read now
             return
         if self._blocked is None:
-            self._blocked = asyncio.ensure_future(
-                self.clock.timed("blocking read", self._reader.block())
-            )
+            self._blocked = asyncio.ensure_future(self._call("blocking read", self._reader.block()))
             self._blocked.add_done_callback(_seen)
         if self._parked is None:
             self._parked = asyncio.ensure_future(
-                self.clock.timed("blocking read", self._reader.parked_since(wake_id))
+                self._call("blocking read", self._reader.parked_since(wake_id))
             )
             self._parked.add_done_callback(_seen)
         local = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
         try:
             waits: set[asyncio.Future[Any]] = {self._blocked, self._parked, *local}
+            if self._blocked_first is not None:
+                waits.add(self._blocked_first)
             await asyncio.wait(
                 waits,
                 timeout=self._reader.block_ms / 1000 + 5,
@@ -192,12 +244,16 @@ class PoolIntake:
             await self._route(entries, tg)
 
     def _blocked_entries(self) -> list[Entry]:
-        """What the blocked read brought, once it is back (then a new one may start)."""
+        """What the blocked reads brought, once back (then new ones may start)."""
+        entries: list[Entry] = []
+        if self._blocked_first is not None and self._blocked_first.done():
+            first, self._blocked_first = self._blocked_first, None
+            entries = first.result()  # raises what the read raised
         blocked = self._blocked
         if blocked is None or not blocked.done():
-            return []
+            return entries
         self._blocked = None
-        entries = blocked.result()  # raises what the read raised
+        entries += blocked.result()
         per_stream = collections.Counter(e.stream for e in entries)
         if per_stream and max(per_stream.values()) >= BLOCK_COUNT:
             self._must_read = True  # a partition gave all it could: there may be more
@@ -214,7 +270,7 @@ class PoolIntake:
         if wait_for_models:
             unknown = {p.model for p in prepared if p.event and not self._registry.get(p.model)}
             if unknown:
-                coming = await self.clock.timed("read", self._store.registered(unknown))
+                coming = await self._call("read", self._store.registered(unknown))
         by_model: dict[str, list[Prepared]] = {}
         for p in prepared:
             known = p.event is not None and (p.model in coming or self._registry.get(p.model))
@@ -223,7 +279,7 @@ class PoolIntake:
         for model, ps in by_model.items():
             ps.sort(key=lambda p: self._reader.score(p.entry))
             for p in ps:
-                slot = self._budget.take(self.pool, model)
+                slot = self._budget.take(self.pool, model, first=self._reader.first(p.entry))
                 if slot is None:
                     parked.append((p.entry, model))
                 else:
@@ -231,7 +287,7 @@ class PoolIntake:
         if parked:
             self._maybe_parked.update(model for _, model in parked)
             # on failure the entries stay pending here and are adopted again later
-            await self.clock.timed("park", self._reader.park(parked))
+            await self._call("park", self._reader.park(parked))
 
     def _prepare(self, entry: Entry) -> Prepared:
         """The entry validated, or refused with a clear reason; never raises, so that one entry
@@ -293,7 +349,7 @@ class PoolIntake:
             if now - since >= self._config.unknown_model_grace_s
         }
         if due:
-            read = await self.clock.timed("read", self._reader.read(0, due))
+            read = await self._call("read", self._reader.read(0, due))
             log.warning(
                 "parked entries of a model no longer served",
                 extra={"models": sorted(due), "count": len(read.entries)},

@@ -63,7 +63,9 @@ class Worker:
         self._registry = registry
         self._streams = config.streams(keys)
         self.budget = SlotBudget(
-            capacity=self._capacity, pool_caps={p: config.pool_cap(p) for p in config.pools}
+            capacity=self._capacity,
+            pool_caps={p: config.pool_cap(p) for p in config.pools},
+            reserved=self._reserved,
         )
         self._lease = Lease(
             client=client, keys=keys, consumer=config.consumer, ttl_ms=config.lease_ttl_ms,
@@ -107,6 +109,10 @@ class Worker:
     def _capacity(self, model: str) -> int:
         binding = self._registry.get(model)
         return binding.concurrency if binding is not None else 0
+
+    def _reserved(self, model: str) -> int:
+        binding = self._registry.get(model)
+        return binding.reserved if binding is not None else 0
 
     @property
     def consumer(self) -> str:

@@ -128,9 +128,11 @@ async def test_a_stream_without_usage_counts_a_token_per_content_chunk(
     # the prompt's tokens are unknown (None, written as null); the output is counted; never 0
     assert (gen.usage.input_tokens, gen.usage.output_tokens) == (None, 3)
     assert request.spent.usage() == Usage(input_tokens=None, output_tokens=3)
-    assert json.loads(TaskResult(task_id="t", state=TaskState.COMPLETED, usage=gen.usage, finished_at=1)
-                      .model_dump_json(exclude_none=True))["usage"] == {
-        "input_tokens": None, "output_tokens": 3}  # fmt: skip
+    written = TaskResult(task_id="t", state=TaskState.COMPLETED, usage=gen.usage, finished_at=1)
+    assert json.loads(written.model_dump_json(exclude_none=True))["usage"] == {
+        "input_tokens": None,
+        "output_tokens": 3,
+    }
 
 
 async def test_a_plain_reply_without_usage_reports_unknown_counts(server: FakeServer) -> None:

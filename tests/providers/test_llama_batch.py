@@ -60,6 +60,7 @@ def test_parallel_is_the_models_concurrency_and_gpu_slots(tiny_gguf: Path) -> No
     provider = build_provider(spec(tiny_gguf, 4), env={})
     assert isinstance(provider.inner, LlamaBatchProvider)
     assert provider.capabilities.max_concurrency == 4 and provider.capabilities.needs_gpu_slot
+    assert provider.capabilities.reserved == 1  # a spare sequence for high tasks
     assert spec(tiny_gguf, 4, concurrency=4, gpu_slots=4).parallel == 4
     with pytest.raises(ValidationError, match="concurrency must equal parallel"):
         spec(tiny_gguf, 4, concurrency=2)
@@ -98,6 +99,28 @@ async def test_a_sequence_joins_the_running_batch(
     assert not first.done()  # it joined, it did not wait for the long one
     assert late.text == (await one.generate(req("1, 2, 3,", max_tokens=10, temperature=0))).text
     assert (await first).text == (await one.generate(long)).text
+
+
+async def test_the_reserved_sequence_runs_beside_a_full_batch(
+    pair: tuple[ConfiguredProvider, ConfiguredProvider],
+) -> None:
+    """parallel = 4 holds a fifth sequence (the worker gives it to high tasks only): five
+    generations decode together, each giving the text it gives alone."""
+    one, four = pair
+    prompts = [*PROMPTS, "Once upon a time"]
+    seen: list[list[str]] = [[] for _ in prompts]
+    running = [
+        asyncio.create_task(
+            four.generate(req(p, max_tokens=60, temperature=0), on_delta=seen[i].append)
+        )
+        for i, p in enumerate(prompts)
+    ]
+    async with asyncio.timeout(20):
+        while not all(seen):
+            await asyncio.sleep(0.005)
+    assert not any(t.done() for t in running)  # all five had tokens out while none had ended
+    alone = [await one.generate(req(p, max_tokens=60, temperature=0)) for p in prompts]
+    assert [(await t).text for t in running] == [g.text for g in alone]
 
 
 async def test_grammar_stop_and_streaming_inside_a_batch(
