@@ -41,6 +41,7 @@ else:
 
 MODEL = "gemma"
 BARE = "gemma-bare"  # the same file, no template in its spec
+BATCH = "gemma-batch"  # the same file, two sequences decoded together (and the spare)
 # Gemma's own chat format (the base model's file carries no template)
 GEMMA_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
@@ -86,6 +87,8 @@ def gemma_worker(
         f"context_window = 2048\nn_threads = 2\nchat_template = {json.dumps(GEMMA_TEMPLATE)}\n"
         f'[models.{BARE}]\nprovider = "llama_cpp"\npath = "{model_path}"\n'
         "context_window = 512\nn_threads = 1\n"
+        f'[models.{BATCH}]\nprovider = "llama_cpp"\npath = "{model_path}"\n'
+        "context_window = 512\nn_threads = 2\nparallel = 2\n"
     )
     namespace = f"gemma{uuid.uuid4().hex[:12]}"
     port = free_port()
@@ -244,6 +247,32 @@ async def test_a_high_task_runs_next_on_the_busy_model(producer: Producer) -> No
     assert all(r.state == TaskState.COMPLETED for r in done.values())
     finished = sorted(done, key=lambda t: done[t].finished_at or 0)
     assert finished[:2] == [first, high], finished
+
+
+async def test_a_high_task_joins_a_full_batch(producer: Producer) -> None:
+    """parallel = 2, both sequences busy with long low tasks and two more waiting: a high task
+    takes the spare sequence and streams its first token while the lows still run."""
+    lows = [
+        await producer.submit(BATCH, f"Low story {i}: once upon a time", max_tokens=200,
+                              temperature=0.0, priority="low", stream=True)
+        for i in range(4)
+    ]  # fmt: skip
+    for t in lows[:2]:
+        await anext(producer.stream(t))  # both sequences generate
+    began = time.monotonic()
+    high = await producer.submit(BATCH, "High task:", max_tokens=4, priority="high", stream=True)
+    await anext(producer.stream(high))
+    first_token_s = time.monotonic() - began
+    running = [await producer.status(t) for t in lows[:2]]
+    assert all(s is not None and s.state == TaskState.RUNNING for s in running)
+    result = await producer.wait(high, timeout=60)
+    for t in lows:
+        await producer.cancel(t)
+    ended = [await producer.wait(t, timeout=60) for t in lows]
+    print(f"\nhigh task's first token beside a full batch: {first_token_s:.2f} s")  # noqa: T201
+    assert result.state == TaskState.COMPLETED and result.queued_ms < 1000
+    assert first_token_s < 2.0, first_token_s
+    assert {r.state for r in ended} <= {TaskState.CANCELLED, TaskState.COMPLETED}
 
 
 async def test_temperature_zero_gives_the_same_text_whatever_ran_before(
