@@ -65,7 +65,7 @@ class Spent:
             return None
         return Usage(
             input_tokens=None if self.input_unknown else self.input_tokens,
-            output_tokens=None if self.output_unknown and not output else output,
+            output_tokens=None if self.output_unknown else output,
         )
 
 

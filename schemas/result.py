@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import inspect
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, JsonValue, SerializerFunctionWrapHandler, model_serializer
+from pydantic import (
+    Field,
+    GetJsonSchemaHandler,
+    JsonValue,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 from sop_llm.schemas.errors import ErrorCode
 from sop_llm.schemas.wire import StrictModel
@@ -40,10 +49,22 @@ class Usage(StrictModel):
     output_tokens: Annotated[int, Field(ge=0)] | None = 0
 
     @model_serializer(mode="wrap")
-    def _both_keys(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+    def _both_keys(self, handler: SerializerFunctionWrapHandler) -> dict[str, int | None]:
         # kept through exclude_none, with which results are written: unknown reads null
-        return {**handler(self), "input_tokens": self.input_tokens,
-                "output_tokens": self.output_tokens}  # fmt: skip
+        del handler  # both fields are written as they are
+        return {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens}
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        # as written (the serializer alone would say "any object")
+        count = {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "null"}]}
+        return {
+            "type": "object", "title": "Usage", "description": inspect.cleandoc(cls.__doc__ or ""),
+            "properties": {"input_tokens": count, "output_tokens": count},
+            "required": ["input_tokens", "output_tokens"], "additionalProperties": False,
+        }  # fmt: skip
 
     @property
     def total_tokens(self) -> int | None:

@@ -93,9 +93,14 @@ class PoolReader:
         self._next_aging_check = 0.0
         self._promoted: str | None = None
 
+    @property
+    def has_first(self) -> bool:
+        """The pool has several partitions, so its first (``high``) is one of a kind."""
+        return len(self.streams) > 1
+
     def first(self, entry: Entry) -> bool:
         """``entry`` is of the first partition (``high``) of a pool that has several."""
-        return len(self.streams) > 1 and entry.stream == self.streams[0]
+        return self.has_first and entry.stream == self.streams[0]
 
     def score(self, entry: Entry) -> int:
         """The entry's place in line for its model (lower goes first)."""
@@ -103,14 +108,21 @@ class PoolReader:
         return rank * RANK_MS + entry.timestamp_ms
 
     async def read(
-        self, count: int, parked: Mapping[str, int], *, first_only: bool = False
+        self,
+        count: int,
+        parked: Mapping[str, int],
+        *,
+        first_only: bool = False,
+        parked_first: Mapping[str, int] | None = None,
     ) -> Read:
         """Up to ``parked[model]`` parked entries of each model named, then up to ``count`` new
-        ones, without blocking (``first_only``: from the first partition only). Groups missing
-        after a restart or FLUSHALL are created again."""
+        ones, without blocking (``first_only``: from the first partition only). With
+        ``parked_first``, up to that many parked entries of the first partition for each model
+        named there (for its reserved slots). Groups missing after a restart or FLUSHALL are
+        created again."""
         try:
             await self._check_aging()
-            return await self._read(count, parked, first_only)
+            return await self._read(count, parked, first_only, parked_first or {})
         except Exception as exc:
             if not is_missing_group(exc):
                 raise
@@ -118,7 +130,13 @@ class PoolReader:
             await ensure_groups(self._client, self.streams, self._group)
             return Read([], None, set())
 
-    async def _read(self, count: int, parked: Mapping[str, int], first_only: bool) -> Read:
+    async def _read(
+        self,
+        count: int,
+        parked: Mapping[str, int],
+        first_only: bool,
+        parked_first: Mapping[str, int],
+    ) -> Read:
         order = self.streams
         first_limit = 0
         if first_only:
@@ -127,17 +145,22 @@ class PoolReader:
             order = [self._promoted, *(s for s in self.streams if s != self._promoted)]
             first_limit = 1
         models = [m for m, n in parked.items() if n > 0]
-        keys = [*order, self._wake, *(self._keys.parked(self.pool, m) for m in models)]
+        # (count, score bound) per parked set: any member, or the first partition's only
+        sets = [(m, parked[m], -1) for m in models]
+        sets += [(m, n, RANK_MS) for m, n in parked_first.items() if n > 0 and m not in parked]
+        keys = [*order, self._wake, *(self._keys.parked(self.pool, m) for m, _, _ in sets)]
         args: list[EncodableT] = [
             self._group, self._consumer, PARKED_CONSUMER, count, first_limit, len(order),
             RANK_MS, self._aging_ms, self._max_entry_bytes, self._read_budget_bytes,
         ]  # fmt: skip
-        args += [parked[m] for m in models]
+        for _, n, bound in sets:
+            args += [n, bound]
         taken, found, last = await READ_SCRIPT(self._client, keys, args)
         got = dict.fromkeys(models, 0)
         entries = []
         for number, stream, item, deliveries in taken:
-            got[models[int(number) - 1]] += 1
+            model = sets[int(number) - 1][0]
+            got[model] = got.get(model, 0) + 1
             entry = Entry.from_reply(text(stream), *item)
             entry.deliveries = int(deliveries)
             entries.append(entry)

@@ -150,8 +150,10 @@ return id
 # KEYS: the pool's partition streams in read order (n of them), the wake stream, then one
 #   parked set per model asked for
 # ARGV: group, consumer, parked consumer, count, first_limit, n, rank_ms, aging_ms, the size
-#   limit of an entry, the byte budget of the read, then one count per parked set (a parked
-#   score is rank * rank_ms + entry time)
+#   limit of an entry, the byte budget of the read, then per parked set a count and a score
+#   bound (a parked score is rank * rank_ms + entry time; with a bound >= 0 only members
+#   scored below it are taken, oldest first, with no aging: the first partition's, for a
+#   reserved slot; -1: any member, aging rule applied)
 # A parked member is "<stream> <entry id>"; taking it claims the entry from the parked consumer
 # with JUSTID (the delivery counter is not raised: parking is no delivery). A member whose entry
 # the parked consumer no longer holds (acknowledged by a cancel, trimmed) is dropped.
@@ -183,9 +185,15 @@ local function next_member(key)
 end
 local taken = {}
 for j = n + 2, #KEYS do
-  local want = tonumber(ARGV[10 + j - n - 1])
+  local want = tonumber(ARGV[10 + 2 * (j - n - 1) - 1])
+  local bound = tonumber(ARGV[10 + 2 * (j - n - 1)])
   while want > 0 do
-    local m = next_member(KEYS[j])
+    local m
+    if bound >= 0 then
+      m = redis.call('ZRANGEBYSCORE', KEYS[j], '-inf', '(' .. bound, 'LIMIT', 0, 1)[1]
+    else
+      m = next_member(KEYS[j])
+    end
     if not m then break end
     redis.call('ZREM', KEYS[j], m)
     local sep = string.find(m, ' [^ ]*$')

@@ -18,19 +18,18 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 from sop_llm.handlers.tasks.config import WorkerConfig
-from sop_llm.handlers.tasks.prepare import Prepared, prepare, readable_task_id
+from sop_llm.handlers.tasks.prepare import Prepared, prepare_entry
 from sop_llm.handlers.tasks.run import TaskRunner
 from sop_llm.handlers.tasks.slots import INVALID_MODEL, ModelSlot, SlotBudget
 from sop_llm.providers.registry import ModelRegistry
-from sop_llm.schemas.errors import ErrorCode
 from sop_llm.streams.clock import CallClock
 from sop_llm.streams.dispatch import BLOCK_COUNT, PoolReader
 from sop_llm.streams.entries import Entry
-from sop_llm.streams.errors import INCIDENTS, TRANSIENT_ERRORS, describe
+from sop_llm.streams.errors import INCIDENTS, TRANSIENT_ERRORS
 from sop_llm.streams.keys import Keys
 from sop_llm.streams.leases import Reclaimer
 from sop_llm.streams.models import ModelStore
@@ -120,6 +119,7 @@ class PoolIntake:
                         quiet_retry = True
                 except TRANSIENT_ERRORS as exc:
                     self._must_read = True
+                    self._reached = False
                     if quiet_retry and not INCIDENTS.ongoing:
                         # the first error after calls went through (a pooled connection the
                         # server closed while this intake had nothing to read, after a restart)
@@ -157,18 +157,20 @@ class PoolIntake:
         # extra, kept for the ones that arrive among the others
         count = sum(n for m, n in free.items() if m != INVALID_MODEL)
         if not count:
-            reserved = sum(self._budget.free_reserved(m) for m in self._registry.names())
+            reserved = self._reserved_free()
             if reserved:
                 await self._first_partition(reserved, stop, tg)
                 return
-            await _first(stop.wait(), self._freed.wait(), also=self._blocked)
+            await _first(stop.wait(), self._freed.wait(), also=self._blocked_reads())
             # the tasks of one terminal write release their slots in the same tick: let them
             # all, so that the next read takes what they freed
             await asyncio.sleep(0)
             return
         if self._must_read or self._wake_id is None:
             self._wake.clear()
-            read = await self._call("read", self._reader.read(count, free))
+            read = await self._call(
+                "read", self._reader.read(count, free, parked_first=self._spares_for_parked())
+            )
             self.ready = True  # it reached Redis (not only once the pass is over)
             self._maybe_parked -= read.drained
             # what a blocked read brought meanwhile goes into the same choice, best first
@@ -180,12 +182,37 @@ class PoolIntake:
             self._wake_id, self._must_read = read.wake_id, False
         await self._idle(self._wake_id, stop)
 
+    def _reserved_free(self) -> int:
+        """Free reserved slots of this pool's models, when the pool has a first partition to
+        keep them for (with one partition they stay unused)."""
+        if not self._reader.has_first:
+            return 0
+        return sum(self._budget.free_reserved(b.name) for b in self._registry.bindings([self.pool]))
+
+    def _spares_for_parked(self) -> dict[str, int]:
+        """Free reserved slots of the models that may have parked entries: each takes a parked
+        entry of the first partition (the oldest) before a new one."""
+        if not self._reader.has_first:
+            return {}
+        spares = {
+            b.name: self._budget.free_reserved(b.name)
+            for b in self._registry.bindings([self.pool])
+            if b.name in self._maybe_parked
+        }
+        return {m: n for m, n in spares.items() if n}
+
+    def _blocked_reads(self) -> list[asyncio.Future[list[Entry]]]:
+        return [f for f in (self._blocked, self._blocked_first) if f is not None]
+
     async def _first_partition(
         self, count: int, stop: asyncio.Event, tg: asyncio.TaskGroup
     ) -> None:
         """Only reserved slots are free: read the first partition alone, else wait in a blocked
         read of it (or for a freed slot)."""
-        read = await self._call("read", self._reader.read(count, {}, first_only=True))
+        read = await self._call(
+            "read",
+            self._reader.read(count, {}, first_only=True, parked_first=self._spares_for_parked()),
+        )
         if read.entries:
             await self._route(read.entries, tg)
             return
@@ -194,7 +221,7 @@ class PoolIntake:
                 self._call("blocking read", self._reader.block(first_only=True))
             )
             self._blocked_first.add_done_callback(_seen)
-        await _first(stop.wait(), self._freed.wait(), also=self._blocked_first)
+        await _first(stop.wait(), self._freed.wait(), also=self._blocked_reads())
         await asyncio.sleep(0)
 
     async def _idle(self, wake_id: str, stop: asyncio.Event) -> None:
@@ -244,16 +271,24 @@ class PoolIntake:
             await self._route(entries, tg)
 
     def _blocked_entries(self) -> list[Entry]:
-        """What the blocked reads brought, once back (then new ones may start)."""
+        """What the blocked reads brought, once back (then new ones may start). A read's error
+        is raised once nothing another read brought would be lost with it."""
         entries: list[Entry] = []
+        error: BaseException | None = None
         if self._blocked_first is not None and self._blocked_first.done():
             first, self._blocked_first = self._blocked_first, None
-            entries = first.result()  # raises what the read raised
+            error = first.exception()
+            entries = [] if error is not None else first.result()
         blocked = self._blocked
-        if blocked is None or not blocked.done():
-            return entries
-        self._blocked = None
-        entries += blocked.result()
+        if blocked is not None and blocked.done():
+            self._blocked = None
+            error = error or blocked.exception()
+            if blocked.exception() is None:
+                entries += blocked.result()
+        if error is not None:
+            if not entries:
+                raise error
+            self._must_read = True  # routed now; the next read meets the trouble again
         per_stream = collections.Counter(e.stream for e in entries)
         if per_stream and max(per_stream.values()) >= BLOCK_COUNT:
             self._must_read = True  # a partition gave all it could: there may be more
@@ -290,38 +325,7 @@ class PoolIntake:
             await self._call("park", self._reader.park(parked))
 
     def _prepare(self, entry: Entry) -> Prepared:
-        """The entry validated, or refused with a clear reason; never raises, so that one entry
-        cannot fail the others of its read."""
-        cfg = self._config
-        if entry.oversize:
-            message = f"entry: {entry.oversize} bytes, over the limit of {cfg.max_entry_bytes}"
-            return self._refused(entry, ErrorCode.INVALID_EVENT, message)
-        if entry.deliveries > cfg.max_attempts:
-            # delivered again and again without reaching its start: maybe reading it is what
-            # ends the worker, so it is not read again
-            message = (
-                f"delivered {entry.deliveries} times without starting, over the limit of "
-                f"{cfg.max_attempts}"
-            )
-            return self._refused(entry, ErrorCode.MAX_ATTEMPTS, message)
-        try:
-            return prepare(
-                entry, keys=self._keys,
-                max_prompt_bytes=cfg.max_prompt_bytes, max_metadata_bytes=cfg.max_metadata_bytes,
-                webhook_allow=cfg.webhook_allow,
-            )  # fmt: skip
-        except Exception as exc:
-            log.exception("an entry could not be read")
-            return self._refused(entry, ErrorCode.INTERNAL, f"entry unreadable: {describe(exc)}")
-
-    def _refused(self, entry: Entry, code: ErrorCode, message: str) -> Prepared:
-        # an oversized entry came as a stub: its id is the one found near its start; any other
-        # is read by the bounded scan, which never raises
-        task_id = entry.task_id_hint() if entry.oversize else readable_task_id(entry.data or b"")
-        if task_id is None:
-            pool, partition = self._keys.parse_tasks_stream(entry.stream)
-            task_id = self._keys.derived_task_id(pool, partition, entry.entry_id)
-        return Prepared(entry, task_id, None, code, message)
+        return prepare_entry(entry, keys=self._keys, config=self._config)
 
     async def reclaim(self, tg: asyncio.TaskGroup) -> None:
         """Take what dead workers left, and this worker's own entries that nothing runs (their
@@ -357,14 +361,14 @@ class PoolIntake:
             await self._route(read.entries, tg, wait_for_models=False)
 
 
-async def _first(*waits: Coroutine[Any, Any, Any], also: asyncio.Future[Any] | None = None) -> None:
-    """Wait for the first of ``waits`` (and ``also``, which is left running), then cancel the
-    others."""
+async def _first(
+    *waits: Coroutine[Any, Any, Any], also: Sequence[asyncio.Future[Any]] = ()
+) -> None:
+    """Wait for the first of ``waits`` (and of ``also``, which are left running), then cancel
+    the others."""
     futures = [asyncio.ensure_future(w) for w in waits]
     try:
-        await asyncio.wait(
-            [*futures, *([also] if also is not None else [])], return_when=asyncio.FIRST_COMPLETED
-        )
+        await asyncio.wait([*futures, *also], return_when=asyncio.FIRST_COMPLETED)
     finally:
         for f in futures:
             f.cancel()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from typing import Final
 
 from pydantic import ValidationError
 
+from sop_llm.handlers.tasks.config import WorkerConfig
 from sop_llm.providers.base import GenerationRequest
 from sop_llm.schemas.errors import ErrorCode
 from sop_llm.schemas.task import (
@@ -20,8 +22,11 @@ from sop_llm.schemas.task import (
 from sop_llm.schemas.wire import EventType
 from sop_llm.streams.entries import Entry
 from sop_llm.streams.envelopes import FIELD_ENVELOPE, SHAPES
+from sop_llm.streams.errors import describe
 from sop_llm.streams.keys import Keys
 from sop_llm.streams.urlguard import AllowList, WebhookURLRefusedError, check_webhook_url
+
+log = logging.getLogger(__name__)
 
 _TASK_ID_RE = re.compile(TASK_ID_PATTERN)
 # a malformed payload's tokens: a whole string, the text between strings, or an unterminated
@@ -214,3 +219,38 @@ def _json_string(token: str, limit: int) -> str | None:
     except ValueError:
         return None
     return value if isinstance(value, str) else None
+
+
+def prepare_entry(entry: Entry, *, keys: Keys, config: WorkerConfig) -> Prepared:
+    """The entry validated, or refused with a clear reason; never raises, so that one entry
+    cannot fail the others of its read."""
+    if entry.oversize:
+        message = f"entry: {entry.oversize} bytes, over the limit of {config.max_entry_bytes}"
+        return _refused(entry, keys, ErrorCode.INVALID_EVENT, message)
+    if entry.deliveries > config.max_attempts:
+        # delivered again and again without reaching its start: maybe reading it is what ends
+        # the worker, so it is not read again
+        message = (
+            f"delivered {entry.deliveries} times without starting, over the limit of "
+            f"{config.max_attempts}"
+        )
+        return _refused(entry, keys, ErrorCode.MAX_ATTEMPTS, message)
+    try:
+        return prepare(
+            entry, keys=keys,
+            max_prompt_bytes=config.max_prompt_bytes,
+            max_metadata_bytes=config.max_metadata_bytes, webhook_allow=config.webhook_allow,
+        )  # fmt: skip
+    except Exception as exc:
+        log.exception("an entry could not be read")
+        return _refused(entry, keys, ErrorCode.INTERNAL, f"entry unreadable: {describe(exc)}")
+
+
+def _refused(entry: Entry, keys: Keys, code: ErrorCode, message: str) -> Prepared:
+    # an oversized entry came as a stub: its id is the one found near its start; any other is
+    # read by the bounded scan, which never raises
+    task_id = entry.task_id_hint() if entry.oversize else readable_task_id(entry.data or b"")
+    if task_id is None:
+        pool, partition = keys.parse_tasks_stream(entry.stream)
+        task_id = keys.derived_task_id(pool, partition, entry.entry_id)
+    return Prepared(entry, task_id, None, code, message)

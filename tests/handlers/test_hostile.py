@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from sop_llm.handlers.tasks import intake
+from sop_llm.handlers.tasks import prepare as prepare_module
 from sop_llm.handlers.tasks.prepare import Prepared
 from sop_llm.handlers.tasks.prepare import prepare as prepare_entry
 from sop_llm.providers.errors import ProviderError
@@ -188,7 +188,7 @@ async def test_an_entry_that_cannot_be_read_ends_alone(
             raise MemoryError("out of memory reading it")
         return real(entry, **kw)
 
-    monkeypatch.setattr(intake, "prepare", prepare)
+    monkeypatch.setattr(prepare_module, "prepare", prepare)
     await xadd_task(client, keys, {"task_id": "boom", "model": "echo", "prompt": "explode"})
     p = Producer(ProducerConfig(namespace=keys.namespace), client=client)
     good = [await p.submit("echo", f"good {i}", max_tokens=2) for i in range(5)]

@@ -114,3 +114,25 @@ async def test_with_one_partition_the_spare_stays_unused(client: Redis, keys: Ke
     assert all(r.state == TaskState.COMPLETED for r in done)
     # one after the other: no second task ever ran beside the first
     assert batch.calls[1] - batch.calls[0] >= 1.4
+
+
+async def test_a_parked_high_task_takes_the_spare_once_it_frees(client: Redis, keys: Keys) -> None:
+    """Beside echo, a second high task is parked while the spare is taken; when the spare frees
+    it takes it at once, before the ordinary slot frees."""
+    batch = ScriptedProvider(
+        lambda n: LONG if n == 0 else "a b c d", per_token_s=0.05, slots=1, reserved=1
+    )
+    registry = ModelRegistry()
+    registry.register("echo", EchoProvider(slots=64))
+    registry.register("batch", batch)
+    p = Producer(ProducerConfig(namespace=keys.namespace), client=client)
+    async with running_worker(client, keys, registry=registry, slots=None):
+        first = await p.submit("batch", "first", priority="low")
+        await wait_for(lambda: len(batch.calls) == 1, 5)
+        lows = [await p.submit("batch", f"low {i}", priority="low") for i in range(2)]
+        highs = [await p.submit("batch", f"high {i}", priority="high") for i in range(2)]
+        done = {t: await p.wait(t, timeout=30) for t in [first, *highs, *lows]}
+    assert all(r.state == TaskState.COMPLETED for r in done.values())
+    assert [r.prompt for r in batch.requests] == ["first", "high 0", "high 1", "low 0", "low 1"]
+    # "high 1" ran on the spare after "high 0" (0.2 s each), long before "first" (1.5 s) ended
+    assert batch.calls[2] - batch.calls[0] < 1.0, batch.calls
