@@ -45,6 +45,21 @@ def test_a_reserved_slot_is_for_the_first_partition_once_the_others_are_taken() 
     assert budget.free_reserved("batch") == 1 and budget.free("p", "batch") == 0
 
 
+def _beside_echo(batch: ScriptedProvider) -> ModelRegistry:
+    """The default layout: the batching model beside the built-in echo in one pool."""
+    registry = ModelRegistry()
+    registry.register("echo", EchoProvider(slots=64))
+    registry.register("batch", batch)
+    return registry
+
+
+async def _first_running(p: Producer, batch: ScriptedProvider) -> str:
+    """A low task holding the model's one ordinary slot."""
+    first = await p.submit("batch", "first", priority="low")
+    await wait_for(lambda: len(batch.calls) == 1, 5)
+    return first
+
+
 async def _parked(client: Redis, keys: Keys) -> int:
     return int(await client.zcard(keys.parked("default", "batch")))
 
@@ -53,13 +68,9 @@ async def test_a_high_task_starts_at_once_on_a_full_model_beside_echo(
     client: Redis, keys: Keys
 ) -> None:
     batch = ScriptedProvider(_two_long, per_token_s=0.05, slots=1, reserved=1)
-    registry = ModelRegistry()
-    registry.register("echo", EchoProvider(slots=64))
-    registry.register("batch", batch)
     p = Producer(ProducerConfig(namespace=keys.namespace), client=client)
-    async with running_worker(client, keys, registry=registry, slots=None):
-        first = await p.submit("batch", "first", priority="low")
-        await wait_for(lambda: len(batch.calls) == 1, 5)
+    async with running_worker(client, keys, registry=_beside_echo(batch), slots=None):
+        first = await _first_running(p, batch)
         lows = [await p.submit("batch", f"low {i}", priority="low") for i in range(3)]
         normal = await p.submit("batch", "normal")
         await wait_for(lambda: _parked_is(client, keys, 4), 5)  # none of them took the spare
@@ -122,13 +133,9 @@ async def test_a_parked_high_task_takes_the_spare_once_it_frees(client: Redis, k
     batch = ScriptedProvider(
         lambda n: LONG if n == 0 else "a b c d", per_token_s=0.05, slots=1, reserved=1
     )
-    registry = ModelRegistry()
-    registry.register("echo", EchoProvider(slots=64))
-    registry.register("batch", batch)
     p = Producer(ProducerConfig(namespace=keys.namespace), client=client)
-    async with running_worker(client, keys, registry=registry, slots=None):
-        first = await p.submit("batch", "first", priority="low")
-        await wait_for(lambda: len(batch.calls) == 1, 5)
+    async with running_worker(client, keys, registry=_beside_echo(batch), slots=None):
+        first = await _first_running(p, batch)
         lows = [await p.submit("batch", f"low {i}", priority="low") for i in range(2)]
         highs = [await p.submit("batch", f"high {i}", priority="high") for i in range(2)]
         done = {t: await p.wait(t, timeout=30) for t in [first, *highs, *lows]}
