@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from sop_llm.schemas.result import DeadLetter
@@ -20,24 +21,37 @@ class DeadEntry:
     letter: DeadLetter
 
 
-async def list_dead(
-    client: Redis, keys: Keys, *, count: int = 100, start: str = "-"
-) -> list[DeadEntry]:
-    entries = entries_from_range(
-        keys.dead, await client.xrange(keys.dead, min=start, max="+", count=count)
-    )
-    return [DeadEntry(e.entry_id, DeadLetter.model_validate_json(e.data or b"")) for e in entries]
+@dataclass(frozen=True, slots=True)
+class DeadScan:
+    entries: list[DeadEntry]
+    unreadable: list[str]
+    """The ids of dead letters that do not parse (damaged, or written by something else): left
+    out of ``entries``, never fatal to the others."""
+
+
+async def scan_dead(client: Redis, keys: Keys, *, page: int = 500) -> DeadScan:
+    """Every task dead letter, oldest first, in pages of ``page``."""
+    scan = DeadScan([], [])
+    start = "-"
+    while True:
+        entries = entries_from_range(
+            keys.dead, await client.xrange(keys.dead, min=start, max="+", count=page)
+        )
+        for e in entries:
+            try:
+                scan.entries.append(
+                    DeadEntry(e.entry_id, DeadLetter.model_validate_json(e.data or b""))
+                )
+            except ValidationError:
+                scan.unreadable.append(e.entry_id)
+        if len(entries) < page:
+            return scan
+        start = "(" + entries[-1].entry_id
 
 
 async def all_dead(client: Redis, keys: Keys, *, page: int = 500) -> list[DeadEntry]:
-    out: list[DeadEntry] = []
-    start = "-"
-    while True:
-        batch = await list_dead(client, keys, count=page, start=start)
-        out.extend(batch)
-        if len(batch) < page:
-            return out
-        start = "(" + batch[-1].entry_id
+    """Every readable task dead letter, oldest first (:func:`scan_dead` names the others)."""
+    return (await scan_dead(client, keys, page=page)).entries
 
 
 class NotRequeueable(ValueError):

@@ -8,7 +8,7 @@ import sys
 
 from sop_llm.ops.connect import redis_client_for
 from sop_llm.ops.settings import Settings
-from sop_llm.streams.dead import DeadEntry, NotRequeueable, all_dead, matcher, purge, requeue
+from sop_llm.streams.dead import DeadEntry, NotRequeueable, matcher, purge, requeue, scan_dead
 from sop_llm.streams.keys import Keys
 
 
@@ -53,10 +53,20 @@ async def run_dead(settings: Settings, args: argparse.Namespace) -> int:
     client = redis_client_for(settings)
     try:
         match = matcher(task_id=args.task_id, reason=args.reason, model=args.model)
-        chosen = [d for d in await all_dead(client, keys) if match(d)]
+        scan = await scan_dead(client, keys)
+        chosen = [d for d in scan.entries if match(d)]
+        # a letter that does not parse matches no filter; named by its id it can be purged
+        named = set(args.entry_ids or ())
+        unreadable = [i for i in scan.unreadable if i in named]
         if args.entry_ids:
             wanted = set(args.entry_ids)
             chosen = [d for d in chosen if d.entry_id in wanted]
+        if scan.unreadable and args.dead_command in ("list", "show"):
+            print(
+                f"sop-llm: {len(scan.unreadable)} dead letter(s) do not parse and are left out "
+                f"(purge them by id): {' '.join(scan.unreadable[:20])}",
+                file=sys.stderr,
+            )
         filtered = bool(args.entry_ids or args.task_id or args.reason or args.model)
         if args.dead_command in ("requeue", "purge") and not filtered and not args.all:
             print("sop-llm: name entry ids or a filter, or pass --all", file=sys.stderr)
@@ -69,7 +79,9 @@ async def run_dead(settings: Settings, args: argparse.Namespace) -> int:
             for d in chosen:
                 print(json.dumps({"id": d.entry_id, **d.letter.model_dump(mode="json")}, indent=2))
         elif args.dead_command == "requeue":
-            failed = 0
+            failed = len(unreadable)
+            for entry_id in unreadable:
+                print(f"sop-llm: not requeued: {entry_id} does not parse", file=sys.stderr)
             for d in chosen:
                 try:
                     new_id = await requeue(client, keys, d)
@@ -83,7 +95,8 @@ async def run_dead(settings: Settings, args: argparse.Namespace) -> int:
             return 1 if failed else 0
         else:
             print(
-                f"{await purge(client, keys, [d.entry_id for d in chosen])} dead letter(s) purged"
+                f"{await purge(client, keys, [d.entry_id for d in chosen] + unreadable)} "
+                "dead letter(s) purged"
             )
         return 0
     finally:
