@@ -111,6 +111,7 @@ def build_worker(
         aging_ms=settings.aging_ms,
         lease_ttl_ms=settings.lease_ttl_ms,
         reclaim_interval_ms=settings.reclaim_interval_ms,
+        unknown_model_grace_s=settings.unknown_model_grace_s,
         max_attempts=settings.max_attempts,
         status_ttl_s=settings.status_ttl_s,
         max_prompt_bytes=settings.max_prompt_bytes,

@@ -138,6 +138,12 @@ class Settings(BaseSettings):
     block_ms: int = Field(
         default=1_000, ge=1, description="Longest blocking read when every partition is empty."
     )
+    unknown_model_grace_s: float = Field(
+        default=30.0,
+        ge=0.0,
+        description="How long a task waits (queued, parked) for a model that is registered but "
+        "that no worker of its pool has loaded yet, before it ends model_not_found.",
+    )
     aging_ms: int = Field(
         default=30_000, ge=0, description="Aging rule threshold; 0 turns aging off."
     )
@@ -200,7 +206,7 @@ class Settings(BaseSettings):
     gpu_permits: int = Field(
         default=1,
         ge=1,
-        description="Tasks at a time per GPU device (1 for in-process llama.cpp; N for a server with N slots).",
+        description="Tasks at a time per GPU device (1 for in-process llama.cpp, N + 1 for one with parallel = N; N for a server with N slots).",
     )
     gpu_lease_ms: int = Field(
         default=10_000,

@@ -2,8 +2,11 @@ from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
+from redis.asyncio import Redis
 
+from sop_llm.ops.app import build_worker
 from sop_llm.ops.settings import Settings, redact_url
+from sop_llm.providers.registry import ModelRegistry
 
 
 def test_names_fixed_by_the_architecture(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -75,3 +78,9 @@ def test_a_sentinel_only_config_gives_a_producer_config(monkeypatch: pytest.Monk
     monkeypatch.delenv("SOP_REDIS_SENTINEL_MASTER")
     with pytest.raises(ValueError, match="SOP_REDIS_URL"):
         Settings().producer_config()
+
+
+def test_the_unknown_model_grace_reaches_the_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SOP_UNKNOWN_MODEL_GRACE_S", "2.5")
+    worker = build_worker(Settings(_env_file=None), Redis(), ModelRegistry())
+    assert worker._config.unknown_model_grace_s == 2.5
