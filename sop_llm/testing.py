@@ -49,16 +49,19 @@ from sop_llm.schemas.result import Usage
 from sop_llm.streams.keys import DEFAULT_PARTITIONS, Keys
 from sop_llm.streams.producer import Producer, ProducerConfig
 
-Script = str | Callable[[GenerationRequest], str] | BaseException
+Script = str | Callable[[GenerationRequest], str | BaseException] | BaseException
 
 __all__ = ["Script", "ScriptedModel", "TestExecutor"]
 
 
 class ScriptedModel:
-    """A model that answers as scripted; it streams its answer word by word."""
+    """A model that answers as scripted (a text, a function of the request giving a text or an
+    exception, or an exception to raise); it streams its answer word by word, ``per_token_s``
+    apart, counting its usage as it goes as real providers do."""
 
-    def __init__(self, script: Script, *, concurrency: int = 64) -> None:
+    def __init__(self, script: Script, *, concurrency: int = 64, per_token_s: float = 0.0) -> None:
         self._script = script
+        self._per_token_s = per_token_s
         self._capabilities = Capabilities(max_concurrency=concurrency)
         self.requests: list[GenerationRequest] = []
         """Every request it was asked, in order (what the task sent, after the defaults)."""
@@ -76,17 +79,17 @@ class ScriptedModel:
     ) -> Generation:
         self.requests.append(request)
         script = self._script
-        if isinstance(script, BaseException):
-            raise script
-        text = script if isinstance(script, str) else script(request)
+        text = script(request) if callable(script) else script
+        if isinstance(text, BaseException):
+            raise text
+        inputs = len(request.words_source().split())
+        request.spent.input_tokens += inputs  # the prompt, once "evaluated"
         words = text.split(" ")
         for i, word in enumerate(words):
+            await asyncio.sleep(self._per_token_s)
             request.spent.output_tokens += 1
             if on_delta is not None:
                 on_delta(word if i == 0 else " " + word)
-            await asyncio.sleep(0)
-        inputs = len(request.words_source().split())
-        request.spent.input_tokens += inputs
         return Generation(
             text=text,
             finish_reason="stop",

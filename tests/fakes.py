@@ -2,58 +2,37 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 
-from sop_llm.providers.base import Capabilities, DeltaSink, Generation, GenerationRequest
-from sop_llm.schemas.result import Usage
+from sop_llm.providers.base import Capabilities, GenerationRequest
+from sop_llm.testing import ScriptedModel
+
+Outcomes = list[BaseException | str] | Callable[[int], BaseException | str]
 
 
-class ScriptedProvider:
-    """Fails or succeeds as scripted: ``outcomes`` is consumed one per call; an exception is
-    raised, a string is generated (one token per word, ``per_token_s`` apart)."""
+class ScriptedProvider(ScriptedModel):
+    """The public :class:`~sop_llm.testing.ScriptedModel`, scripted per call: ``outcomes`` is
+    consumed one per call (the last one repeats) or called with the call's index; an exception
+    is raised, a string is generated (one token per word, ``per_token_s`` apart). ``calls``: the
+    time of each call."""
 
     def __init__(
         self,
-        outcomes: list[BaseException | str] | Callable[[int], BaseException | str],
+        outcomes: Outcomes,
         *,
         per_token_s: float = 0.0,
         slots: int = 8,
         reserved: int = 0,
     ) -> None:
+        super().__init__(self._next, concurrency=slots, per_token_s=per_token_s)
         self._outcomes = outcomes
-        self._per_token_s = per_token_s
         self._capabilities = Capabilities(max_concurrency=slots, reserved=reserved)
         self.calls: list[float] = []
-        self.requests: list[GenerationRequest] = []
 
-    @property
-    def name(self) -> str:
-        return "scripted"
-
-    @property
-    def capabilities(self) -> Capabilities:
-        return self._capabilities
-
-    async def generate(
-        self, request: GenerationRequest, *, on_delta: DeltaSink | None = None
-    ) -> Generation:
+    def _next(self, request: GenerationRequest) -> BaseException | str:
         n = len(self.calls)
         self.calls.append(time.monotonic())
-        self.requests.append(request)
-        outcome = (
-            self._outcomes(n)
-            if callable(self._outcomes)
-            else self._outcomes[min(n, len(self._outcomes) - 1)]
-        )
-        if isinstance(outcome, BaseException):
-            raise outcome
-        words = outcome.split()
-        for i, word in enumerate(words):
-            if self._per_token_s:
-                await asyncio.sleep(self._per_token_s)
-            request.spent.output_tokens += 1  # counted as it goes, as providers do
-            if on_delta is not None:
-                on_delta(word if i == 0 else " " + word)
-        return Generation(text=outcome, finish_reason="stop", usage=Usage(output_tokens=len(words)))
+        if callable(self._outcomes):
+            return self._outcomes(n)
+        return self._outcomes[min(n, len(self._outcomes) - 1)]

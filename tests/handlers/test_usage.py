@@ -32,12 +32,14 @@ PERSON = {
 }
 
 
+NEVER_JSON = ScriptedProvider(["this is not json at all"])
+
+
 def _registry() -> ModelRegistry:
     registry = ModelRegistry()
     registry.register("slow", EchoProvider(tokens_per_s=20))  # 50 ms a token
-    never_json = ScriptedProvider(["this is not json at all"])
     spec = ModelSpec(name="strict", provider="echo")
-    registry.register("strict", ConfiguredProvider(inner=never_json, spec=spec))
+    registry.register("strict", ConfiguredProvider(inner=NEVER_JSON, spec=spec))
     return registry
 
 
@@ -76,7 +78,10 @@ async def test_a_schema_invalid_answer_reports_both_attempts(client: Redis, keys
         result = await p.wait(task_id, timeout=10)
     assert result.state == TaskState.FAILED
     assert result.error is not None and result.error.code == ErrorCode.SCHEMA_INVALID
-    assert result.usage == Usage(input_tokens=0, output_tokens=2 * 6)  # the answer, twice
+    # both attempts: the prompt and then the repair request in, the answer twice out
+    [first, repair] = NEVER_JSON.requests[-2:]
+    asked = len(first.words_source().split()) + len(repair.words_source().split())
+    assert result.usage == Usage(input_tokens=asked, output_tokens=2 * 6)
 
 
 async def test_nothing_generated_reports_no_usage(client: Redis, keys: Keys) -> None:

@@ -226,7 +226,7 @@ async def test_run_prints_the_new_output_beside_the_recorded_one(
     )
     out = capsys.readouterr().out
     assert rc == 0
-    assert "recorded: completed (stop)  tokens in 0 / out 3" in out
+    assert "recorded: completed (stop)  tokens in 3 / out 3" in out
     assert "replay:   completed (length) with echo  tokens in 3 / out 3  run " in out
     assert "--- recorded\n+++ replay\n@@ -1 +1 @@\n-the old answer\n+alpha beta gamma" in out
 
