@@ -32,7 +32,14 @@ from sop_llm.providers.base import Capabilities, DeltaSink, Generation, Generati
 from sop_llm.providers.errors import InternalProviderError
 from sop_llm.providers.gguf_shape import GgufShape, estimate_bytes
 from sop_llm.providers.llama_chat import chat_format
-from sop_llm.providers.llama_cpp import _CHUNK, LlamaCppProvider, LlamaOptions, _Job, _Model
+from sop_llm.providers.llama_cpp import (
+    _CHUNK,
+    LlamaCppProvider,
+    LlamaOptions,
+    _Job,
+    _Model,
+    until_stopped,
+)
 from sop_llm.providers.text import TextAssembler
 from sop_llm.schemas.result import FinishReason, Usage
 
@@ -312,16 +319,5 @@ class LlamaBatchProvider(LlamaCppProvider):
                 done=concurrent.futures.Future(),
             )
             engine.submit(seq, self._executor)
-        future = asyncio.wrap_future(seq.done)
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            seq.cancel.set()  # it leaves the batch at the next step
-            while not future.done():
-                try:
-                    await asyncio.wait({future})
-                except asyncio.CancelledError:
-                    continue
-            if not future.cancelled():
-                future.exception()
-            raise
+        # cancelled, the sequence leaves the batch at the next step
+        return await until_stopped(asyncio.wrap_future(seq.done), seq.cancel)

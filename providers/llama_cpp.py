@@ -196,20 +196,7 @@ class LlamaCppProvider:
                 loop.call_soon_threadsafe(callback, text)
 
         future = loop.run_in_executor(self._executor, self._run, model, request, cancel, sink)
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            cancel.set()
-            # the thread stops at its next token; return only once it has, so the model is
-            # idle when the caller lets the next task in
-            while not future.done():
-                try:
-                    await asyncio.wait({future})
-                except asyncio.CancelledError:
-                    continue
-            if not future.cancelled():
-                future.exception()  # retrieved: an error after the cancel is of no interest
-            raise
+        return await until_stopped(future, cancel)
 
     # ---- in the model's thread -------------------------------------------------------
 
@@ -386,3 +373,21 @@ class LlamaCppProvider:
             llm.eval(piece)
             if len(piece) == chunk:
                 model.chunked = body[: start + chunk]
+
+
+async def until_stopped(future: asyncio.Future[Generation], cancel: threading.Event) -> Generation:
+    """The generation ``future`` runs in the model's thread. Cancelled, set ``cancel`` (the
+    thread stops at its next token or step) and return only once it has, so that the model is
+    idle when the caller lets the next task in; then cancelled."""
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        cancel.set()
+        while not future.done():
+            try:
+                await asyncio.wait({future})
+            except asyncio.CancelledError:
+                continue
+        if not future.cancelled():
+            future.exception()  # retrieved: an error after the cancel is of no interest
+        raise
