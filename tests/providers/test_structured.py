@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from sop_llm.providers.base import Generation, GenerationRequest
+from sop_llm.providers.base import Generation, GenerationRequest, Spent
 from sop_llm.providers.errors import BadRequestError, SchemaInvalidError, parse_retry_after
 from sop_llm.providers.structured import (
     check_schema,
@@ -122,3 +122,16 @@ def test_text_assembler_waits_for_whole_characters() -> None:
     assert sent == []
     text.add(euro[2:] + b"\xff")
     assert text.finish() == "€\ufffd" and "".join(sent) == "€\ufffd"
+
+
+def test_an_unknown_count_stays_unknown_across_attempts() -> None:
+    """A repair whose second call reported no usage: the total is unknown, not the first
+    call's count passed off as the whole."""
+    spent = Spent()
+    spent.add(Usage(input_tokens=7, output_tokens=5))
+    assert spent.usage() == Usage(input_tokens=7, output_tokens=5)
+    spent.add(Usage(input_tokens=None, output_tokens=None))
+    assert spent.usage() == Usage(input_tokens=None, output_tokens=None)
+    assert Spent().usage() is None  # nothing counted, nothing unknown: no usage at all
+    streamed = Spent(input_unknown=True)
+    assert streamed.usage(at_least_output=3) == Usage(input_tokens=None, output_tokens=3)
